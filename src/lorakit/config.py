@@ -1,0 +1,187 @@
+"""`LoraConfig`: what to adapt and how, with PEFT's field names and defaults.
+
+A LoRA adapter replaces a frozen weight ``W`` (out × in) by ``W + s · B A`` where ``A`` is r × in,
+``B`` is out × r and the scale ``s = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA).
+The fields below follow ``peft.LoraConfig`` so a PEFT user's config (and an ``adapter_config.json``
+written by PEFT) carries over unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+BIAS_MODES = ("none", "all", "lora_only")
+
+# Default targets by `config.model_type` when `target_modules` is None, as PEFT does.
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+}
+
+# Fields of PEFT's LoraConfig that select features lorakit does not implement: loading a config
+# that turns one on must fail loudly, not silently train or serve something else.
+UNSUPPORTED_WHEN_SET: dict[str, Any] = {
+    "use_dora": False,
+    "lora_bias": False,
+    "layer_replication": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_qalora": False,
+}
+
+
+@dataclass
+class LoraConfig:
+    """Hyper-parameters of one LoRA adapter (PEFT names and defaults).
+
+    Attributes:
+        r: rank of ``A`` (r × in) and ``B`` (out × r).
+        lora_alpha: numerator of the scale ``s = alpha / r`` (``alpha / sqrt(r)`` when ``use_rslora``).
+        lora_dropout: dropout probability applied to the adapter's input only, in [0, 1).
+        target_modules: module names to wrap. A list matches a module whose full name equals an entry
+            or ends with ``"." + entry``; a string is a regular expression that must match the full
+            name; ``"all-linear"`` wraps every ``nn.Linear``/``Conv1D`` except the output head.
+            ``None`` takes the usual default for the model type (e.g. ``q_proj, v_proj`` for Llama).
+        exclude_modules: names (same matching rules) never wrapped.
+        bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of wrapped layers).
+        modules_to_save: modules (e.g. a classifier head) trained in full and saved with the adapter.
+        fan_in_fan_out: the base stores its weight as in × out (GPT-2 ``Conv1D``); set automatically
+            for ``Conv1D`` layers.
+        init_lora_weights: ``True`` (A kaiming-uniform, B zero: the adapter starts as a no-op),
+            ``"gaussian"`` (A ~ N(0, 1/r²), B zero) or ``False`` (both random: for tests only).
+        use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+        layers_to_transform: only wrap modules inside these layer indices.
+        layers_pattern: name of the layer list (``"layers"``, ``"h"``...) used with ``layers_to_transform``.
+        rank_pattern: ``{regex: rank}`` overriding ``r`` for modules whose name matches.
+        alpha_pattern: ``{regex: alpha}`` overriding ``lora_alpha`` likewise.
+        task_type: PEFT's task type string (``"CAUSAL_LM"``, ``"SEQ_CLS"``...), kept for the file format.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    bias: Literal["none", "all", "lora_only"] = "none"
+    modules_to_save: list[str] | None = None
+    fan_in_fan_out: bool = False
+    init_lora_weights: bool | Literal["gaussian"] = True
+    use_rslora: bool = False
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.exclude_modules, (set, tuple)):
+            self.exclude_modules = sorted(self.exclude_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+        if isinstance(self.layers_to_transform, int):
+            self.layers_to_transform = [self.layers_to_transform]
+        if isinstance(self.layers_pattern, str):
+            self.layers_pattern = [self.layers_pattern]
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that holds an impossible value."""
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r <= 0:
+            raise ValueError(f"LoraConfig.r must be a positive integer (e.g. 8 or 16), got {self.r!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0:
+            raise ValueError(f"LoraConfig.lora_alpha must be > 0 (commonly r or 2*r), got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_MODES:
+            raise ValueError(f"LoraConfig.bias must be one of {', '.join(BIAS_MODES)}; got {self.bias!r}")
+        if self.init_lora_weights not in (True, False, "gaussian"):
+            raise ValueError(
+                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
+            )
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError("LoraConfig.layers_pattern is only used together with layers_to_transform")
+        for name, rank in self.rank_pattern.items():
+            if not isinstance(rank, int) or rank <= 0:
+                raise ValueError(f"LoraConfig.rank_pattern[{name!r}] must be a positive integer, got {rank!r}")
+        for name, alpha in self.alpha_pattern.items():
+            if not isinstance(alpha, (int, float)) or alpha <= 0:
+                raise ValueError(f"LoraConfig.alpha_pattern[{name!r}] must be > 0, got {alpha!r}")
+        for pattern in (*self.rank_pattern, *self.alpha_pattern):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"LoraConfig rank/alpha pattern {pattern!r} is not a valid regex: {err}") from None
+        if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
+            try:
+                re.compile(self.target_modules)
+            except re.error as err:
+                raise ValueError(f"LoraConfig.target_modules regex {self.target_modules!r} is invalid: {err}") from None
+
+    # -- per-module values -------------------------------------------------------------------------
+
+    def rank_for(self, module_name: str) -> int:
+        """Rank of the module ``module_name``: ``rank_pattern`` overrides ``r``."""
+        key = _pattern_key(self.rank_pattern, module_name)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def scaling(self, rank: int, alpha: float) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` for rsLoRA."""
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+    # -- serialisation -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_peft_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` payload, readable by ``peft.LoraConfig.from_pretrained``."""
+        d = self.to_dict()
+        d["inference_mode"] = True
+        d.update(peft_type="LORA", revision=None, **UNSUPPORTED_WHEN_SET)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoraConfig:
+        """Build from a dict (e.g. PEFT's ``adapter_config.json``), ignoring PEFT-only bookkeeping keys
+        but refusing PEFT features that lorakit does not implement."""
+        peft_type = d.get("peft_type", "LORA")
+        if peft_type != "LORA":
+            raise ValueError(f"adapter config has peft_type={peft_type!r}; lorakit loads LoRA adapters only")
+        for key, default in UNSUPPORTED_WHEN_SET.items():
+            if d.get(key, default) not in (default, {}, []):
+                raise ValueError(f"adapter config sets {key}={d[key]!r}, which lorakit does not support")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        for key in ("rank_pattern", "alpha_pattern"):
+            if kwargs.get(key) is None:
+                kwargs[key] = {}
+        return cls(**kwargs)
+
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    """The first pattern matching ``module_name`` as a whole name or as a trailing ``.``-suffix."""
+    for pattern in patterns:
+        if re.fullmatch(rf"(.*\.)?(?:{pattern})", module_name):
+            return pattern
+    return None

@@ -1,0 +1,276 @@
+"""Putting adapters into a model, choosing between them, and deciding what trains.
+
+    model = get_lora_model(model, LoraConfig(r=16, target_modules="all-linear"))   # wraps in place
+    add_adapter(model, other_config, "b"); set_adapter(model, ["default", "b"])     # outputs add up
+    with disable_adapter(model): base_logits = model(ids).logits
+
+Module matching follows PEFT: a list entry matches a module whose full name equals it or ends with
+``"." + entry``; a string is a regex over the full name; ``"all-linear"`` is every ``nn.Linear`` /
+``Conv1D`` except the output head. Trainability is decided by identity (the adapter's own
+parameters, ``modules_to_save`` copies, biases per ``bias``), never by substring match on names.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.config import DEFAULT_TARGETS, LoraConfig
+from lorakit.layers import (
+    SUPPORTED_TYPES,
+    LoraLayer,
+    ModulesToSave,
+    lora_class_for,
+    lora_layers,
+    saved_modules,
+)
+
+DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+# -- naming ----------------------------------------------------------------------------------------
+
+
+def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` without the adapters' own sub-modules (lora_A, modules_to_save copies)."""
+    skip: list[str] = []
+    for name, module in model.named_modules():
+        if any(name.startswith(s) for s in skip):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            skip.append(f"{name}." if name else "")
+        yield name, module
+
+
+def name_matches(name: str, spec: Sequence[str] | str) -> bool:
+    """PEFT's rule: a string is a full-name regex; list entries match exactly or as a ``.``-suffix."""
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(name == t or name.endswith(f".{t}") for t in spec)
+
+
+def layer_index(name: str, patterns: Sequence[str] | None) -> int | None:
+    """The block index in a name like ``model.layers.3.mlp.up_proj`` (3), or None."""
+    for pattern in patterns or DEFAULT_LAYER_PATTERNS:
+        match = re.search(rf"(?:^|\.){re.escape(pattern)}\.(\d+)(?:\.|$)", name)
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def output_head_name(model: nn.Module, task_type: str | None = None) -> str | None:
+    """Name of the output projection (``lm_head``), which ``all-linear`` leaves alone."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if head is not None:
+        return next((n for n, m in model.named_modules() if m is head), None)
+    if task_type == "SEQ_CLS":
+        return next((n for n in SEQ_CLS_HEADS if getattr(model, n, None) is not None), None)
+    return None
+
+
+def group_module_names(model: nn.Module) -> list[tuple[str, str, int]]:
+    """(name pattern with block indices as ``*``, type name, count), in model order."""
+    groups: dict[tuple[str, str], int] = {}
+    for name, module in base_modules(model):
+        if not name:
+            continue
+        key = (re.sub(r"\.\d+(?=\.|$)", ".*", name), type(module).__name__)
+        groups[key] = groups.get(key, 0) + 1
+    return [(pattern, type_name, count) for (pattern, type_name), count in groups.items()]
+
+
+def describe_targets(model: nn.Module, limit: int = 12) -> str:
+    """A short, grouped list of the wrappable module names, for error messages."""
+    leaves: dict[str, tuple[str, int]] = {}
+    for name, module in base_modules(model):
+        if isinstance(module, SUPPORTED_TYPES):
+            leaf = name.rsplit(".", 1)[-1]
+            type_name, count = leaves.get(leaf, (type(module).__name__, 0))
+            leaves[leaf] = (type_name, count + 1)
+    parts = [f"{leaf} ({t}{f' ×{c}' if c > 1 else ''})" for leaf, (t, c) in list(leaves.items())[:limit]]
+    more = f", … {len(leaves) - limit} more" if len(leaves) > limit else ""
+    return ", ".join(parts) + more
+
+
+def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules ``config`` wraps in ``model``; raises when nothing matches."""
+    spec = config.target_modules
+    if spec is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGETS:
+            raise ValueError(
+                f"LoraConfig.target_modules is not set and there is no default for model type "
+                f"{model_type!r}; set it, e.g. target_modules='all-linear'. Wrappable modules: {describe_targets(model)}"
+            )
+        spec = DEFAULT_TARGETS[model_type]
+    saved = config.modules_to_save or []
+    candidates = [(n, m) for n, m in base_modules(model) if n and not name_matches(n, saved)]
+    if spec == "all-linear":
+        head = output_head_name(model, config.task_type)
+        names = [n for n, m in candidates if isinstance(m, (nn.Linear, Conv1D)) and n != head]
+    else:
+        names = [n for n, _ in candidates if name_matches(n, spec)]
+    if config.exclude_modules:
+        names = [n for n in names if not name_matches(n, config.exclude_modules)]
+    if config.layers_to_transform is not None:
+        names = [n for n in names if layer_index(n, config.layers_pattern) in config.layers_to_transform]
+    if not names:
+        raise ValueError(
+            f"target_modules={spec!r} matched no module of {type(model).__name__}. "
+            f"Wrappable modules: {describe_targets(model)}. Use these names, a regex string or 'all-linear'; "
+            f"`lorakit inspect` lists them all."
+        )
+    if isinstance(spec, list):
+        unmatched = [t for t in spec if not any(n == t or n.endswith(f".{t}") for n in names)]
+        if unmatched:
+            warnings.warn(f"target_modules entries {unmatched} matched no module and were ignored", stacklevel=3)
+    return names
+
+
+# -- adapters --------------------------------------------------------------------------------------
+
+
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """``{adapter name: LoraConfig}`` of the adapters in ``model`` (empty for a plain model)."""
+    return model.__dict__.setdefault("lora_configs", {})
+
+
+def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default", *,
+                trainable: bool = True) -> list[str]:
+    """Inject adapter ``adapter_name`` into ``model`` in place; returns the wrapped module names.
+
+    The new adapter is not made active (see ``set_adapter``). Base parameters are frozen; the
+    adapter's parameters train when ``trainable``.
+    """
+    configs = adapter_configs(model)
+    if adapter_name in configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
+    targets = resolve_targets(model, config)
+    if not configs:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            cls = lora_class_for(type(module))
+            if cls is None:
+                kinds = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
+                raise ValueError(f"module {name!r} is a {type(module).__name__}; LoRA supports {kinds}")
+            module = cls.from_base(module)
+            _replace(model, name, module)
+        rank, alpha = config.rank_for(name), config.alpha_for(name)
+        module.update_layer(adapter_name, rank, alpha, config.scaling(rank, alpha),
+                            config.lora_dropout, config.init_lora_weights)
+        for p in module.adapter_parameters(adapter_name):
+            p.requires_grad_(trainable)
+    for name, module in list(base_modules(model)):
+        if name and config.modules_to_save and name_matches(name, config.modules_to_save):
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave.from_base(module)
+                _replace(model, name, module)
+            for p in module.add_copy(adapter_name).parameters():
+                p.requires_grad_(trainable)
+    if trainable and config.bias != "none":
+        for _, module in base_modules(model):
+            if isinstance(module, ModulesToSave):
+                continue
+            wrapped = isinstance(module, LoraLayer) and adapter_name in module.r
+            bias = module._parameters.get("bias")
+            if bias is not None and (config.bias == "all" or wrapped):
+                bias.requires_grad_(True)
+    configs[adapter_name] = config
+    return targets
+
+
+def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Wrap ``model`` in place with one trainable adapter, make it active, and return the model."""
+    add_adapter(model, config, adapter_name)
+    set_adapter(model, adapter_name)
+    return model
+
+
+def _check_names(model: nn.Module, names: Sequence[str]) -> None:
+    known = adapter_configs(model)
+    for name in names:
+        if name not in known:
+            raise ValueError(f"no adapter named {name!r}; this model has {sorted(known) or 'none'}")
+
+
+def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make ``names`` the active adapters; with several, their updates add up."""
+    names = [names] if isinstance(names, str) else list(names)
+    _check_names(model, names)
+    for _, module in [*lora_layers(model), *saved_modules(model)]:
+        module.active_adapters = [n for n in names if n in module.adapter_names]
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    active: list[str] = []
+    for _, module in [*lora_layers(model), *saved_modules(model)]:
+        active += [n for n in module.active_adapters if n not in active]
+    return active
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; layers left with no adapter become plain base layers again."""
+    _check_names(model, [name])
+    for module_name, module in [*lora_layers(model), *saved_modules(model)]:
+        if name in getattr(module, "merged_adapters", ()):
+            raise ValueError(f"adapter {name!r} is merged into {module_name}; unmerge(model) before deleting it")
+        module.remove_adapter(name)
+        if not module.adapter_names:
+            _replace(model, module_name, module.to_base())
+    del adapter_configs(model)[name]
+
+
+@contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (merged adapters are unmerged, then re-merged)."""
+    from lorakit.merge import merge, merged_adapters, unmerge
+
+    merged = merged_adapters(model)
+    if merged:
+        unmerge(model)
+    modules = [m for _, m in [*lora_layers(model), *saved_modules(model)]]
+    for module in modules:
+        module.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.adapters_disabled = False
+        if merged:
+            merge(model, merged)
+
+
+# -- reporting -------------------------------------------------------------------------------------
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts, counted as PEFT does (packed 4-bit weights count twice)."""
+    trainable = total = 0
+    for _, param in model.named_parameters():
+        n = param.numel()
+        if type(param).__name__ == "Params4bit":
+            n *= 2 * getattr(getattr(param, "quant_storage", None), "itemsize", 1)
+        total += n
+        trainable += n if param.requires_grad else 0
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print ``trainable params: … || all params: … || trainable%: …`` in PEFT's exact form."""
+    trainable, total = count_parameters(model)
+    print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")

@@ -1,0 +1,186 @@
+"""Adapters on disk in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+Keys are PEFT's: ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (adapter name
+stripped), ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings, ``<module>.base_layer.bias`` for
+trained biases of wrapped layers, and ``<module>.<param>`` for ``modules_to_save`` copies. So an
+adapter saved here loads with ``peft.PeftModel.from_pretrained`` (and vLLM), and PEFT's load here.
+Only safetensors are read: pickle files can run code and are refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.inject import adapter_configs, add_adapter, base_modules, delete_adapter, set_adapter
+from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
+
+PREFIX = "base_model.model."
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
+
+
+class AdapterLoadError(ValueError):
+    """An adapter directory that cannot be loaded onto this model (message says why and what to do)."""
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[dict[str, nn.Parameter], set[str]]:
+    """``{PEFT key: live parameter}`` for adapter ``adapter_name``, and the keys that may be absent.
+
+    The same mapping serves saving (read the parameters) and loading (copy into them).
+    """
+    config = adapter_configs(model)[adapter_name]
+    keys: dict[str, nn.Parameter] = {}
+    optional: set[str] = set()
+    for name, module in base_modules(model):
+        path = PREFIX + name
+        if isinstance(module, LoraLayer) and adapter_name in module.r:
+            if isinstance(module, LoraEmbedding):
+                keys[f"{path}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
+                keys[f"{path}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
+            else:
+                keys[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
+                keys[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
+        if isinstance(module, ModulesToSave):
+            if adapter_name in module.modules_to_save:
+                for pname, p in module.modules_to_save[adapter_name].named_parameters():
+                    keys[f"{path}.{pname}"] = p
+            continue
+        bias = module._parameters.get("bias")
+        wrapped = isinstance(module, LoraLayer) and adapter_name in module.r
+        if bias is not None and (config.bias == "all" or (config.bias == "lora_only" and wrapped)):
+            key = f"{path}.base_layer.bias" if isinstance(module, LoraLayer) else f"{path}.bias"
+            keys[key] = bias
+            if config.bias == "lora_only":
+                optional.add(key)  # PEFT itself omits these; the base bias then stays as it is
+    return keys, optional
+
+
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
+    """Write adapter ``adapter_name`` to ``directory`` in PEFT's format (files replaced atomically)."""
+    if adapter_name not in adapter_configs(model):
+        raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(adapter_configs(model))}")
+    config = adapter_configs(model)[adapter_name]
+    params, _ = adapter_state_dict(model, adapter_name)
+    tensors = {k: p.detach().to("cpu").contiguous() for k, p in params.items()}
+    payload = config.to_peft_dict()
+    if payload["base_model_name_or_path"] is None:
+        payload["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(payload, indent=2, sort_keys=True)))
+    return directory
+
+
+def _atomic_write(path: Path, write: callable) -> None:  # type: ignore[valid-type]
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory: its config and tensors (no model needed)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise AdapterLoadError(f"adapter directory {directory} does not exist")
+    weights = directory / WEIGHTS_NAME
+    if not weights.exists():
+        pickled = [n for n in PICKLE_NAMES if (directory / n).exists()]
+        if pickled:
+            raise AdapterLoadError(
+                f"{directory / pickled[0]} is a pickle file, which can run arbitrary code; lorakit loads "
+                f"{WEIGHTS_NAME} only. Re-save it with PEFT's save_pretrained(safe_serialization=True)."
+            )
+        raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME}")
+    config_path = directory / CONFIG_NAME
+    if not config_path.exists():
+        raise AdapterLoadError(f"{directory} has no {CONFIG_NAME}")
+    try:
+        config = LoraConfig.from_dict(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise AdapterLoadError(f"{config_path}: {err}") from None
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise AdapterLoadError(f"{weights} is not a readable safetensors file: {err}") from None
+    return config, _normalise_peft_keys(tensors)
+
+
+def _normalise_peft_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """PEFT with ``bias='all'`` also writes the frozen originals of ``modules_to_save``; drop those."""
+    out = {}
+    for key, value in tensors.items():
+        if ".original_module." in key:
+            continue
+        out[key.replace(".modules_to_save.", ".")] = value
+    return out
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+    activate: bool = True,
+) -> nn.Module:
+    """Load a PEFT-format adapter onto ``model`` (in place) as ``adapter_name``.
+
+    Keys are checked strictly: a missing or unexpected key, or a shape mismatch, raises
+    ``AdapterLoadError`` naming the module and shapes, and leaves the model as it was.
+    """
+    config, tensors = read_adapter(directory)
+    if adapter_name in adapter_configs(model):
+        raise AdapterLoadError(f"adapter {adapter_name!r} is already loaded; pick another adapter_name")
+    config.inference_mode = not is_trainable
+    try:
+        add_adapter(model, config, adapter_name, trainable=is_trainable)
+    except ValueError as err:
+        raise AdapterLoadError(f"adapter {directory} does not fit this model: {err}") from None
+    try:
+        params, optional = adapter_state_dict(model, adapter_name)
+        missing = sorted(set(params) - set(tensors) - optional)
+        unexpected = sorted(set(tensors) - set(params))
+        if missing or unexpected:
+            raise AdapterLoadError(
+                f"adapter {directory} does not match the model: missing keys {_few(missing)}, "
+                f"unexpected keys {_few(unexpected)} (was it trained on another base model?)"
+            )
+        for key, param in params.items():
+            if key in tensors and tensors[key].shape != param.shape:
+                module = key[len(PREFIX):].rsplit(".", 1)[0]
+                raise AdapterLoadError(
+                    f"adapter {directory}: {module} has shape {tuple(tensors[key].shape)} in the file but "
+                    f"{tuple(param.shape)} in the model (different rank or base model?)"
+                )
+        with torch.no_grad():
+            for key, param in params.items():
+                if key in tensors:
+                    param.copy_(tensors[key].to(param.dtype))
+    except AdapterLoadError:
+        delete_adapter(model, adapter_name)
+        raise
+    if activate:
+        set_adapter(model, adapter_name)
+    return model
+
+
+def _few(keys: list[str], n: int = 3) -> str:
+    if not keys:
+        return "none"
+    shown = ", ".join(k[len(PREFIX):] if k.startswith(PREFIX) else k for k in keys[:n])
+    return f"{shown}{f' (+{len(keys) - n} more)' if len(keys) > n else ''}"

@@ -1,0 +1,393 @@
+"""LoRA layers: a frozen base layer plus, per adapter, a low-rank update.
+
+For an input ``x`` (…, in) each LoRA layer computes
+
+    y = base(x) + Σ_{a ∈ active} s_a · B_a(A_a(dropout_a(x)))        s_a = alpha_a / r_a  (or / sqrt(r_a))
+
+with ``A_a`` (r × in) and ``B_a`` (out × r). Merging folds ``s_a · B_a A_a`` into the base weight.
+
+Design: a LoRA layer *is* its base layer. ``LoraLinear.from_base(linear)`` builds an object of a
+subclass of the base's own class (``LoraLinear(nn.Linear)``, ``LoraConv1D(Conv1D)``...) that takes over
+the base's parameters under their original names (``weight``, ``bias``), so a base checkpoint loads
+unchanged, ``isinstance(layer, nn.Linear)`` still holds, and the base forward runs as written — also
+for quantized bases (bitsandbytes layers get a subclass made on the fly). ``to_base()`` returns a plain
+object of the original class: merged export leaves no wrapper behind.
+
+Adapters live in ``nn.ModuleDict``s keyed by adapter name, with PEFT's in-memory names
+(``lora_A.<name>.weight``, ``lora_B.<name>.weight``; ``lora_embedding_A.<name>`` for embeddings).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lorakit.kernels.lora import lora_linear
+
+# Attributes a LoRA layer adds to its base; removed again by `to_base`.
+_LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B")
+_LORA_ATTRS = ("r", "lora_alpha", "scaling", "active_adapters", "merged_adapters", "adapters_disabled")
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in fp32 on a low-precision or quantized base, in the base dtype otherwise."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+class LoraLayer:
+    """Mixin holding the adapters of one layer; concrete classes pair it with a base ``nn.Module``.
+
+    Subclasses implement ``_make_adapter`` (create A and B), ``_reset_adapter`` (initialise),
+    ``_lora_term`` (the update for an input) and ``delta_weight`` (``s · B A`` in the base's layout).
+    """
+
+    base_class: ClassVar[type[nn.Module]]
+    r: dict[str, int]
+    lora_alpha: dict[str, float]
+    scaling: dict[str, float]
+    active_adapters: list[str]
+    merged_adapters: list[str]
+    adapters_disabled: bool
+
+    # -- construction ------------------------------------------------------------------------------
+
+    @classmethod
+    def from_base(cls, base: nn.Module) -> LoraLayer:
+        """A LoRA layer that owns ``base``'s parameters, buffers and hooks (no copies)."""
+        layer = cls.__new__(cls)
+        state = dict(base.__dict__)
+        for key in ("_parameters", "_buffers", "_modules"):
+            state[key] = type(state[key])(state[key])
+        layer.__dict__.update(state)
+        nn.Module.__setattr__(layer, "lora_dropout", nn.ModuleDict())
+        layer.r, layer.lora_alpha, layer.scaling = {}, {}, {}
+        layer.active_adapters, layer.merged_adapters = [], []
+        layer.adapters_disabled = False
+        layer._init_adapter_containers()
+        return layer
+
+    def _init_adapter_containers(self) -> None:
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+
+    def to_base(self) -> nn.Module:
+        """A plain ``base_class`` object with this layer's base parameters (adapters dropped)."""
+        plain = self.base_class.__new__(self.base_class)
+        state = {k: v for k, v in self.__dict__.items() if k not in _LORA_ATTRS}
+        state["_modules"] = type(state["_modules"])(
+            (k, v) for k, v in state["_modules"].items() if k not in _LORA_MODULES
+        )
+        plain.__dict__.update(state)
+        return plain
+
+    def update_layer(
+        self, name: str, r: int, alpha: float, scaling: float, dropout: float, init: bool | str
+    ) -> None:
+        """Add (or replace) adapter ``name`` of rank ``r``, on the base weight's device."""
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
+        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._make_adapter(name, r)
+        if init is not False:
+            self._reset_adapter(name, init)
+        weight = self.base_weight
+        device = weight.device if weight.device.type != "meta" else None
+        for container in self._adapter_containers():
+            if name in container:
+                container[name].to(device=device, dtype=_adapter_dtype(weight))
+
+    def remove_adapter(self, name: str) -> None:
+        for container in (*self._adapter_containers(), self.lora_dropout):
+            if name in container:
+                del container[name]
+        for table in (self.r, self.lora_alpha, self.scaling):
+            table.pop(name, None)
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    def _adapter_containers(self) -> tuple[nn.Module, ...]:
+        return (self.lora_A, self.lora_B)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.r)
+
+    @property
+    def base_weight(self) -> torch.Tensor:
+        return self.weight  # type: ignore[attr-defined]
+
+    def adapter_parameters(self, name: str) -> list[nn.Parameter]:
+        return [p for c in self._adapter_containers() if name in c for p in _params(c[name])]
+
+    # -- kind-specific pieces ----------------------------------------------------------------------
+
+    def _make_adapter(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def _reset_adapter(self, name: str, init: bool | str) -> None:
+        """PEFT's initialisation: A kaiming-uniform (or N(0, 1/r²) for 'gaussian'), B zero."""
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / self.r[name])
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        nn.init.zeros_(b)
+
+    def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``s · B A`` shaped like the base weight, in the adapter's dtype."""
+        raise NotImplementedError
+
+    def merge_adapter(self, name: str) -> None:
+        """W ← W + s · B A (quantized layers override this)."""
+        with torch.no_grad():
+            self.base_weight.add_(self.delta_weight(name).to(self.base_weight.dtype))
+        self.merged_adapters.append(name)
+
+    def unmerge_adapter(self, name: str) -> None:
+        with torch.no_grad():
+            self.base_weight.sub_(self.delta_weight(name).to(self.base_weight.dtype))
+        self.merged_adapters.remove(name)
+
+    # -- forward -----------------------------------------------------------------------------------
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = super().forward(x, *args, **kwargs)  # type: ignore[misc]
+        if self.adapters_disabled:
+            return result
+        for name in self.active_adapters:
+            if name in self.r and name not in self.merged_adapters:
+                result = result + self._lora_term(name, x).to(result.dtype)
+        return result
+
+
+def _params(module: nn.Module | nn.Parameter) -> list[nn.Parameter]:
+    return [module] if isinstance(module, nn.Parameter) else list(module.parameters())
+
+
+class _LinearLora(LoraLayer):
+    """LoRA for layers computing ``x @ W.T`` (``nn.Linear``) or ``x @ W`` (GPT-2 ``Conv1D``)."""
+
+    in_features: int
+    out_features: int
+
+    def _make_adapter(self, name: str, r: int) -> None:
+        self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+
+    def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+        return lora_linear(x.to(a.dtype), a, b, self.scaling[name], p)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
+
+
+class LoraLinear(_LinearLora, nn.Linear):
+    """LoRA on ``nn.Linear``: weight (out, in), y = x Wᵀ + b + s · x Aᵀ Bᵀ."""
+
+    base_class = nn.Linear
+
+
+class LoraConv1D(_LinearLora, Conv1D):
+    """LoRA on GPT-2's ``Conv1D`` (fan_in_fan_out): weight stored (in, out), y = x W + b + s · x Aᵀ Bᵀ."""
+
+    base_class = Conv1D
+
+    @property
+    def in_features(self) -> int:  # type: ignore[override]
+        return self.weight.shape[0]
+
+    @property
+    def out_features(self) -> int:  # type: ignore[override]
+        return self.weight.shape[1]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return super().delta_weight(name).T  # (in, out)
+
+
+class LoraEmbedding(LoraLayer, nn.Embedding):
+    """LoRA on ``nn.Embedding`` (num, dim): y = E[x] + s · (Aᵀ[x]) Bᵀ with A (r, num), B (dim, r).
+
+    As in PEFT the factors are bare parameters (``lora_embedding_A``/``_B``), A starts at zero and
+    B is N(0, 1), and no dropout is applied.
+    """
+
+    base_class = nn.Embedding
+
+    def _init_adapter_containers(self) -> None:
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+
+    def _adapter_containers(self) -> tuple[nn.Module, ...]:
+        return (self.lora_embedding_A, self.lora_embedding_B)
+
+    def _make_adapter(self, name: str, r: int) -> None:
+        self.lora_embedding_A[name] = nn.Parameter(torch.randn(r, self.num_embeddings))
+        self.lora_embedding_B[name] = nn.Parameter(torch.randn(self.embedding_dim, r))
+
+    def _reset_adapter(self, name: str, init: bool | str) -> None:
+        nn.init.zeros_(self.lora_embedding_A[name])
+        nn.init.normal_(self.lora_embedding_B[name])
+
+    def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_embedding_A[name], self.lora_embedding_B[name]
+        after_a = F.embedding(x, a.T, self.padding_idx, self.max_norm, self.norm_type,
+                              self.scale_grad_by_freq, self.sparse)  # (..., r)
+        return (after_a @ b.T) * self.scaling[name]  # (..., dim)
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        return (self.lora_embedding_B[name] @ self.lora_embedding_A[name]).T * self.scaling[name]  # (num, dim)
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return LoraLayer.forward(self, x, *args, **kwargs)
+
+
+class _ConvLora(LoraLayer):
+    """LoRA on a convolution: A is a conv with the base's kernel, stride, padding and dilation
+    (in → r channels), B a 1×…×1 conv (r → out); the merged delta kernel is
+    ΔW[o, i, k…] = s · Σ_r B[o, r] A[r, i, k…]."""
+
+    in_channels: int
+    out_channels: int
+    kernel_size: tuple[int, ...]
+    groups: int
+
+    def _make_adapter(self, name: str, r: int) -> None:
+        if self.groups != 1:
+            raise ValueError(f"LoRA on grouped convolutions (groups={self.groups}) is not supported")
+        conv = self.base_class
+        self.lora_A[name] = conv(self.in_channels, r, self.kernel_size, self.stride, self.padding,  # type: ignore[call-arg]
+                                 self.dilation, bias=False, padding_mode=self.padding_mode)
+        ones = (1,) * len(self.kernel_size)
+        self.lora_B[name] = conv(r, self.out_channels, ones, ones, bias=False)  # type: ignore[call-arg]
+
+    def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.lora_A[name], self.lora_B[name]
+        return b(a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.scaling[name]
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in, k…), (out, r, 1…)
+        return torch.einsum("or,r...->o...", b.flatten(1), a) * self.scaling[name]
+
+
+class LoraConv1d(_ConvLora, nn.Conv1d):
+    base_class = nn.Conv1d
+
+
+class LoraConv2d(_ConvLora, nn.Conv2d):
+    base_class = nn.Conv2d
+
+
+class LoraConv3d(_ConvLora, nn.Conv3d):
+    base_class = nn.Conv3d
+
+
+# Base class → LoRA class. Exact types first; `lora_class_for` derives classes for subclasses of
+# nn.Linear (e.g. bitsandbytes' Linear4bit) on the fly.
+LORA_CLASSES: dict[type[nn.Module], type[LoraLayer]] = {
+    nn.Linear: LoraLinear,
+    Conv1D: LoraConv1D,
+    nn.Embedding: LoraEmbedding,
+    nn.Conv1d: LoraConv1d,
+    nn.Conv2d: LoraConv2d,
+    nn.Conv3d: LoraConv3d,
+}
+SUPPORTED_TYPES = tuple(LORA_CLASSES)
+
+
+def lora_class_for(base_cls: type[nn.Module]) -> type[LoraLayer] | None:
+    """The LoRA class for ``base_cls``, or None when LoRA cannot wrap it."""
+    if base_cls in LORA_CLASSES:
+        return LORA_CLASSES[base_cls]
+    if issubclass(base_cls, nn.Linear):
+        cls = type(f"Lora{base_cls.__name__}", (LoraLinear, base_cls), {"base_class": base_cls})
+        LORA_CLASSES[base_cls] = cls
+        return cls
+    return None
+
+
+class ModulesToSave:
+    """Mixin for a module trained in full and saved with the adapter (e.g. a classifier head).
+
+    The original keeps its parameters under their own names and stays frozen; each adapter gets a
+    trainable copy in ``modules_to_save.<adapter>`` (PEFT's in-memory name), used when active.
+    """
+
+    base_class: ClassVar[type[nn.Module]]
+    active_adapters: list[str]
+    adapters_disabled: bool
+    modules_to_save: nn.ModuleDict
+
+    @classmethod
+    def from_base(cls, base: nn.Module) -> ModulesToSave:
+        wrapped = saved_class_for(type(base)).__new__(saved_class_for(type(base)))
+        state = dict(base.__dict__)
+        for key in ("_parameters", "_buffers", "_modules"):
+            state[key] = type(state[key])(state[key])
+        wrapped.__dict__.update(state)
+        wrapped.modules_to_save = nn.ModuleDict()
+        wrapped.active_adapters, wrapped.adapters_disabled = [], False
+        return wrapped
+
+    def add_copy(self, name: str) -> nn.Module:
+        copy_ = copy.deepcopy(self.to_base())
+        for p in copy_.parameters():
+            p.requires_grad_(True)
+        self.modules_to_save[name] = copy_
+        return copy_
+
+    def to_base(self, adapter: str | None = None) -> nn.Module:
+        """The plain original module, or adapter ``adapter``'s trained copy."""
+        if adapter is not None:
+            return self.modules_to_save[adapter]
+        plain = self.base_class.__new__(self.base_class)
+        state = {k: v for k, v in self.__dict__.items() if k not in ("active_adapters", "adapters_disabled")}
+        state["_modules"] = type(state["_modules"])(
+            (k, v) for k, v in state["_modules"].items() if k != "modules_to_save"
+        )
+        plain.__dict__.update(state)
+        return plain
+
+    def remove_adapter(self, name: str) -> None:
+        if name in self.modules_to_save:
+            del self.modules_to_save[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return list(self.modules_to_save)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if not self.adapters_disabled:
+            for name in self.active_adapters:
+                if name in self.modules_to_save:
+                    return self.modules_to_save[name](*args, **kwargs)
+        return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+
+_SAVED_CLASSES: dict[type[nn.Module], type[ModulesToSave]] = {}
+
+
+def saved_class_for(base_cls: type[nn.Module]) -> type[ModulesToSave]:
+    if base_cls not in _SAVED_CLASSES:
+        _SAVED_CLASSES[base_cls] = type(f"Saved{base_cls.__name__}", (ModulesToSave, base_cls),
+                                        {"base_class": base_cls})
+    return _SAVED_CLASSES[base_cls]
+
+
+def lora_layers(model: nn.Module) -> list[tuple[str, LoraLayer]]:
+    """(name, layer) for every LoRA layer in ``model``."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+
+
+def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]

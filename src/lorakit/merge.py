@@ -1,0 +1,73 @@
+"""Folding adapters into the base weights and back out.
+
+``merge``: W ← W + Σ_a s_a B_a A_a for the active adapters (the forward then skips them: no
+overhead). ``unmerge`` subtracts the same deltas. ``merge_and_unload`` merges and returns the model
+with every LoRA layer replaced by a plain module of its original class, ready for
+``save_pretrained`` and for plain transformers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lorakit.inject import _replace, active_adapters, adapter_configs
+from lorakit.layers import lora_layers, saved_modules
+
+
+def merged_adapters(model: nn.Module) -> list[str]:
+    names: list[str] = []
+    for _, layer in lora_layers(model):
+        names += [n for n in layer.merged_adapters if n not in names]
+    return names
+
+
+def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, safe_merge: bool = False) -> None:
+    """Add the adapters' deltas (default: the active ones) into the base weights, in place.
+
+    With ``safe_merge`` each merged weight is computed out of place and checked first: a NaN or Inf
+    raises ``ValueError`` naming the module and adapter, and the model is left as it was.
+    """
+    names = list(adapter_names) if adapter_names is not None else active_adapters(model)
+    layers = lora_layers(model)
+    if safe_merge:
+        for module_name, layer in layers:
+            for name in names:
+                if name in layer.r and name not in layer.merged_adapters:
+                    merged = layer.base_weight.float() + layer.delta_weight(name).float()
+                    if not torch.isfinite(merged).all():
+                        raise ValueError(
+                            f"merging adapter {name!r} into {module_name} gives NaN/Inf weights; the adapter "
+                            f"is broken (check its training), nothing was merged"
+                        )
+    for _, layer in layers:
+        for name in names:
+            if name in layer.r and name not in layer.merged_adapters:
+                layer.merge_adapter(name)
+
+
+def unmerge(model: nn.Module) -> None:
+    """Subtract every merged adapter's delta again (last merged first)."""
+    for _, layer in lora_layers(model):
+        for name in reversed(list(layer.merged_adapters)):
+            layer.unmerge_adapter(name)
+
+
+def merge_and_unload(model: nn.Module, *, safe_merge: bool = False, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """Merge the active adapters and return ``model`` as a plain model of the original module types.
+
+    ``modules_to_save`` wrappers are replaced by the active adapter's trained copy.
+    """
+    names = list(adapter_names) if adapter_names is not None else active_adapters(model)
+    merge(model, names, safe_merge=safe_merge)
+    for module_name, layer in lora_layers(model):
+        _replace(model, module_name, layer.to_base())
+    for module_name, saved in saved_modules(model):
+        chosen = next((n for n in names if n in saved.modules_to_save), None)
+        _replace(model, module_name, saved.to_base(chosen))
+    adapter_configs(model).clear()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model

