@@ -33,10 +33,13 @@ class AdapterLoadError(ValueError):
     """An adapter directory that cannot be loaded onto this model (message says why and what to do)."""
 
 
-def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple[dict[str, nn.Parameter], set[str]]:
+def adapter_state_dict(
+    model: nn.Module, adapter_name: str = "default", *, loading: bool = False
+) -> tuple[dict[str, nn.Parameter], set[str]]:
     """``{PEFT key: live parameter}`` for adapter ``adapter_name``, and the keys that may be absent.
 
-    The same mapping serves saving (read the parameters) and loading (copy into them).
+    The same mapping serves saving (read the parameters) and loading (copy into them); when
+    ``loading``, it also accepts the extra keys PEFT writes.
     """
     config = adapter_configs(model)[adapter_name]
     keys: dict[str, nn.Parameter] = {}
@@ -47,6 +50,9 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> tuple
             if isinstance(module, LoraEmbedding):
                 keys[f"{path}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
                 keys[f"{path}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
+                if loading:  # PEFT also stores the whole embedding matrix (for resized vocabularies)
+                    keys[f"{path}.base_layer.weight"] = module.weight
+                    optional.add(f"{path}.base_layer.weight")
             else:
                 keys[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
                 keys[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
@@ -152,7 +158,7 @@ def load_adapter(
     except ValueError as err:
         raise AdapterLoadError(f"adapter {directory} does not fit this model: {err}") from None
     try:
-        params, optional = adapter_state_dict(model, adapter_name)
+        params, optional = adapter_state_dict(model, adapter_name, loading=True)
         missing = sorted(set(params) - set(tensors) - optional)
         unexpected = sorted(set(tensors) - set(params))
         if missing or unexpected:

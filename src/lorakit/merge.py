@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from lorakit.inject import _replace, active_adapters, adapter_configs
-from lorakit.layers import lora_layers, saved_modules
+from lorakit.layers import LoraLayer, lora_layers, saved_modules
 
 
 def merged_adapters(model: nn.Module) -> list[str]:
@@ -32,6 +32,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, safe_
     """
     names = list(adapter_names) if adapter_names is not None else active_adapters(model)
     layers = lora_layers(model)
+    _refuse_tied(model, layers, names)
     if safe_merge:
         for module_name, layer in layers:
             for name in names:
@@ -46,6 +47,25 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, safe_
         for name in names:
             if name in layer.r and name not in layer.merged_adapters:
                 layer.merge_adapter(name)
+
+
+def _refuse_tied(model: nn.Module, layers: list[tuple[str, LoraLayer]], names: Sequence[str]) -> None:
+    """Merging into a weight that another module shares (tied input/output embeddings) would
+    change that module too, so it is refused before anything is touched."""
+    owners: dict[int, list[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for pname, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append(f"{module_name}.{pname}" if module_name else pname)
+    for module_name, layer in layers:
+        if not any(n in layer.r and n not in layer.merged_adapters for n in names):
+            continue
+        others = [o.rsplit(".", 1)[0] for o in owners[id(layer.base_weight)] if o.rsplit(".", 1)[0] != module_name]
+        if others:
+            raise ValueError(
+                f"{module_name} shares its weight with {', '.join(sorted(set(others)))} (tied embeddings): merging "
+                f"would change both. Keep the adapter unmerged, or untie the weights before merging"
+            )
 
 
 def unmerge(model: nn.Module) -> None:
