@@ -75,13 +75,18 @@ def output_head_name(model: nn.Module, task_type: str | None = None) -> str | No
     return None
 
 
+def block_pattern(name: str) -> str:
+    """``model.layers.3.mlp`` → ``model.layers.*.mlp``."""
+    return re.sub(r"\.\d+(?=\.|$)", ".*", name)
+
+
 def group_module_names(model: nn.Module) -> list[tuple[str, str, int]]:
     """(name pattern with block indices as ``*``, type name, count), in model order."""
     groups: dict[tuple[str, str], int] = {}
     for name, module in base_modules(model):
         if not name:
             continue
-        key = (re.sub(r"\.\d+(?=\.|$)", ".*", name), type(module).__name__)
+        key = (block_pattern(name), type(module).__name__)
         groups[key] = groups.get(key, 0) + 1
     return [(pattern, type_name, count) for (pattern, type_name), count in groups.items()]
 

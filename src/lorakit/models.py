@@ -91,9 +91,14 @@ def ensure_converted(name: str) -> Path:
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # The weights are de-quantized floats now; drop the GGUF marker so they save as a plain model.
+        model.hf_quantizer = None
+        model.is_quantized = False
+        model.config.__dict__.pop("quantization_config", None)
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / _DONE).write_text(str(gguf))
+        tmp.chmod(0o755)
         if target.exists():
             shutil.rmtree(target)  # an incomplete earlier conversion
         os.replace(tmp, target)
