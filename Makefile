@@ -24,11 +24,11 @@ demo: $(STAMP)
 	$(BIN)/python -m lorakit demo
 
 test: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check .
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info
