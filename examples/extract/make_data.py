@@ -1,0 +1,93 @@
+"""Generate the bundled demo task: pull merchant, amount and ISO date out of an expense note as JSON.
+
+    user:      "Paid $45.20 at Golden Fork Bistro on 3 March 2025."
+    assistant: {"merchant": "Golden Fork Bistro", "amount": 45.20, "date": "2025-03-03"}
+
+The base SmolLM2-135M-Instruct answers in free text or with other keys, dates and number formats,
+so it scores near zero by exact match; a LoRA fine-tune learns the format and the normalisation
+(month names → numbers, "1,204.5 dollars" → 1204.50). Eval merchants are built from word lists
+disjoint from the training ones, so the eval set cannot be memorised from training rows.
+
+Run: python examples/extract/make_data.py  (fixed seed; writes train.jsonl and eval.jsonl here)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+SYSTEM = "Extract the expense as JSON."
+MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
+          "November", "December"]
+FIRST = {
+    "train": ["Blue", "Golden", "Red", "Silver", "Green", "Corner", "Sunny", "Old", "Little", "Lucky", "Urban",
+              "River", "Maple", "Harbor", "Copper", "Velvet", "Royal", "Happy", "North", "Crystal"],
+    "eval": ["Purple", "Iron", "Misty", "Cedar", "Amber", "Coral", "Quiet", "Bright", "Stone", "Willow"],
+}
+SECOND = {
+    "train": ["Bottle", "Fork", "Lantern", "Oak", "Anchor", "Leaf", "Bridge", "Garden", "Tiger", "Spoon",
+              "Crown", "Pine", "Wave", "Falcon", "Barrel"],
+    "eval": ["Kettle", "Owl", "Meadow", "Compass", "Feather", "Harvest", "Pebble", "Summit"],
+}
+KIND = {
+    "train": ["Coffee", "Bistro", "Books", "Pharmacy", "Market", "Bakery", "Hardware", "Cinema", "Taxi", "Hotel",
+              "Pizza", "Florist"],
+    "eval": ["Diner", "Grocers", "Deli", "Salon", "Garage", "Tea House"],
+}
+TEMPLATES = [
+    "Paid {amount} at {merchant} on {date}.",
+    "{date}: {merchant}, {amount}.",
+    "Spent {amount} at {merchant} ({date}).",
+    "{merchant} charged me {amount} on {date}.",
+    "Receipt from {merchant}, {date}, total {amount}.",
+    "On {date} I paid {merchant} {amount}.",
+    "{amount} to {merchant} on {date}",
+    "Expense: {merchant} / {amount} / {date}",
+]
+
+
+def fmt_amount(value: float, rng: random.Random) -> str:
+    whole = f"{value:,.2f}" if value >= 1000 and rng.random() < 0.5 else f"{value:.2f}"
+    style = rng.randrange(4)
+    if style == 0:
+        return f"${whole}"
+    if style == 1:
+        return f"{whole} USD"
+    if style == 2:
+        return f"{whole} dollars"
+    return f"USD {whole}"
+
+
+def fmt_date(y: int, m: int, d: int, rng: random.Random) -> str:
+    style = rng.randrange(4)
+    if style == 0:
+        return f"{MONTHS[m - 1]} {d}, {y}"
+    if style == 1:
+        return f"{d} {MONTHS[m - 1]} {y}"
+    if style == 2:
+        return f"{MONTHS[m - 1][:3]} {d} {y}"
+    return f"{y}-{m:02d}-{d:02d}"
+
+
+def example(split: str, rng: random.Random) -> dict:
+    merchant = f"{rng.choice(FIRST[split])} {rng.choice(SECOND[split])} {rng.choice(KIND[split])}"
+    value = round(rng.choice([rng.uniform(1, 60), rng.uniform(60, 400), rng.uniform(400, 3000)]), 2)
+    y, m, d = rng.choice([2023, 2024, 2025]), rng.randint(1, 12), rng.randint(1, 28)
+    note = rng.choice(TEMPLATES).format(amount=fmt_amount(value, rng), merchant=merchant, date=fmt_date(y, m, d, rng))
+    answer = json.dumps({"merchant": merchant, "amount": float(f"{value:.2f}"), "date": f"{y}-{m:02d}-{d:02d}"})
+    answer = answer.replace(f'"amount": {float(f"{value:.2f}")}', f'"amount": {value:.2f}')
+    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": note},
+                         {"role": "assistant", "content": answer}]}
+
+
+def main(out: Path = Path(__file__).parent, n_train: int = 1000, n_eval: int = 200, seed: int = 1234) -> None:
+    rng = random.Random(seed)
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        with (out / f"{split}.jsonl").open("w") as f:
+            for _ in range(n):
+                f.write(json.dumps(example(split, rng)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""Evaluation: token-level loss and perplexity, and generation-based exact match.
+
+Exact match greedily generates each example's answer from its prompt and compares it, stripped of
+surrounding whitespace, with the reference (the completion, the last assistant turn, or the row's
+``answer`` field).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.data import Example, collate
+from lorakit.loss import causal_lm_loss
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
+              autocast: Any = None) -> dict[str, float]:
+    """Mean cross-entropy over all supervised tokens of ``examples``, and its perplexity."""
+    was_training = model.training
+    model.eval()
+    device = device_of(model)
+    total, count = 0.0, 0
+    for k in range(0, len(examples), batch_size):
+        batch = {key: v.to(device) for key, v in collate([[e] for e in examples[k:k + batch_size]], pad_id).items()}
+        with autocast() if autocast else _null():
+            loss_sum, n = causal_lm_loss(model, batch)
+        total, count = total + float(loss_sum), count + n
+    model.train(was_training)
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+class _null:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def normalise(text: str) -> str:
+    return " ".join(text.strip().split())
+
+
+@torch.no_grad()
+def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
+                     batch_size: int = 16, chat: bool = True) -> list[str]:
+    """Greedy answers for rendered ``prompts`` (left-padded batches, stopping at EOS/end of turn)."""
+    was_training = model.training
+    model.eval()
+    device = device_of(model)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers = []
+    try:
+        for k in range(0, len(prompts), batch_size):
+            enc = tokenizer(list(prompts[k:k + batch_size]), return_tensors="pt", padding=True,
+                            add_special_tokens=not chat).to(device)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return answers
+
+
+def exact_match(model: nn.Module, tokenizer: Any, examples: Sequence[Example], *, max_new_tokens: int = 64,
+                batch_size: int = 16) -> tuple[float, list[tuple[Example, str]]]:
+    """Fraction of examples whose greedy answer equals the reference, and (example, answer) pairs."""
+    chat = bool(examples) and examples[0].prompt_is_chat
+    answers = generate_answers(model, tokenizer, [e.prompt for e in examples], max_new_tokens=max_new_tokens,
+                               batch_size=batch_size, chat=chat)
+    hits = sum(normalise(a) == normalise(e.reference) for e, a in zip(examples, answers))
+    return hits / max(len(examples), 1), list(zip(examples, answers))

@@ -1,0 +1,45 @@
+"""Causal-LM loss computed only where it counts.
+
+``labels`` (B, T) hold -100 except on trained tokens. Position t predicts token t+1, so the targets
+are ``labels[:, 1:]``. Instead of materialising the (B, T, V) logits, the transformer body runs once,
+its hidden states are gathered at the N supervised positions (N ≪ B·T for answer-only training),
+and only those pass through the output head: (N, H) → (N, V).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lorakit.data import IGNORE
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(body returning hidden states, output head) for a standard causal LM, or None when the model
+    post-processes its logits (soft-capping, scaling) and must run whole."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+        return None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    body = getattr(model, "base_model", None)
+    if head is None or body is None or body is model:
+        return None
+    return body, head
+
+
+def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies over supervised positions, number of those positions)."""
+    labels = batch["labels"]
+    targets = labels[:, 1:]
+    mask = targets != IGNORE  # (B, T-1)
+    n = int(mask.sum())
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    parts = split_head(model)
+    if parts is None:
+        logits = model(**inputs, use_cache=False).logits[:, :-1][mask]  # (N, V)
+    else:
+        body, head = parts
+        hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
+        logits = head(hidden[mask])  # (N, V)
+    return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), n

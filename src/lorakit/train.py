@@ -1,0 +1,318 @@
+"""The training loop behind ``lorakit train``.
+
+YAML + overrides → ``RunConfig`` → ``load_model`` → LoRA (or full fine-tuning) → examples → batches
+→ for each optimizer step: forward with the loss only at supervised positions, backward into the
+trainable parameters, clip, AdamW, schedule → metrics, eval, atomic checkpoints → the adapter in
+PEFT format, ``metrics.jsonl``, ``loss.png`` and a model card in ``output_dir``.
+
+Loss normalisation: each optimizer step minimises the mean cross-entropy over *all* supervised
+tokens of its micro-batches (sum of token losses / token count), so gradient accumulation and
+packing change nothing but speed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.checkpoint import (
+    TrainState,
+    complete_checkpoints,
+    load_checkpoint,
+    load_trainable,
+    prune_checkpoints,
+    save_checkpoint,
+    save_trainable,
+)
+from lorakit.data import DataOptions, Example, batches, collate, load_examples, pack, split_eval
+from lorakit.evaluate import eval_loss, exact_match
+from lorakit.inject import count_parameters, get_lora_model
+from lorakit.io import adapter_state_dict, read_adapter, save_adapter
+from lorakit.loss import causal_lm_loss
+from lorakit.models import load_model
+from lorakit.report import MetricsLog, plot_loss, write_model_card
+from lorakit.train_config import ConfigError, RunConfig, build_config, dump_config, load_config
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (non-finite loss or gradient); the message names the step."""
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    train_loss: float | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    trainable_params: int = 0
+    total_params: int = 0
+    interrupted: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ConfigError(f"model.dtype must be auto, float32, bfloat16 or float16; got {name!r}")
+    return table[name]
+
+
+def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
+    """Multiplier of the peak lr at step ``s``: linear warm-up, then cosine / linear decay to 0, or constant."""
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        if schedule == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) if schedule == "cosine" else max(0.0, 1 - progress)
+    return f
+
+
+def build_optimizer(params: Sequence[tuple[str, nn.Parameter]], cfg: Any) -> torch.optim.AdamW:
+    """AdamW; weight decay applies to matrices only (not to biases or norm weights)."""
+    decay = [p for _, p in params if p.ndim >= 2]
+    no_decay = [p for _, p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def _load_adapter_weights(model: nn.Module, directory: Path) -> None:
+    _, tensors = read_adapter(directory)
+    params, _ = adapter_state_dict(model)
+    with torch.no_grad():
+        for key, p in params.items():
+            p.copy_(tensors[key])
+
+
+class Trainer:
+    """One run: holds the model, data, optimizer and state; ``run()`` trains to the end."""
+
+    def __init__(self, config: RunConfig, progress: bool = True, log: Callable[[str], None] = print) -> None:
+        self.config, self.progress, self.log = config, progress, log
+        self.out = Path(config.output_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.device = resolve_device(config.model.device)
+        dtype = resolve_dtype(config.model.dtype, self.device)
+        self.model, self.tokenizer = load_model(config.model.name, dtype=dtype, device=self.device)
+        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda" else None
+        self._load_data()
+        if config.method == "lora":
+            get_lora_model(self.model, config.lora_config())
+        else:
+            for p in self.model.parameters():
+                p.requires_grad_(True)
+        if config.train.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.config.use_cache = False
+        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        t = config.train
+        self.optimizer = build_optimizer(self.params, t)
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.rows) / t.batch_size) / t.grad_accum)
+        self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch
+        warmup = t.warmup_steps if t.warmup_steps > 0 else round(t.warmup_ratio * self.total_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.schedule, warmup, self.total_steps))
+        self.state = TrainState(fingerprint=config.fingerprint())
+        self.trainable, self.total = count_parameters(self.model)
+
+    # -- set-up ------------------------------------------------------------------------------------
+
+    def _load_data(self) -> None:
+        d = self.config.data
+        self.opts = DataOptions(max_seq_len=d.max_seq_len, overlong=d.overlong, train_on_inputs=d.train_on_inputs,
+                                chat_template=d.chat_template, system_prompt=d.system_prompt)
+        self.train_examples = load_examples(d.train, self.tokenizer, self.opts)
+        stats = dict(self.opts.stats)
+        if d.eval:
+            self.eval_examples = load_examples(d.eval, self.tokenizer, self.opts)
+        elif d.eval_fraction > 0:
+            self.train_examples, self.eval_examples = split_eval(self.train_examples, d.eval_fraction, self.config.seed)
+        else:
+            self.eval_examples = []
+        if stats["truncated"] or stats["dropped"]:
+            verb = "truncated" if d.overlong == "truncate" else "dropped"
+            self.log(f"data: {stats['truncated'] + stats['dropped']} training examples over max_seq_len="
+                     f"{d.max_seq_len} or with nothing to train were {verb}")
+        self.rows = pack(self.train_examples, d.max_seq_len) if d.packing else [[e] for e in self.train_examples]
+
+    def _resume(self) -> bool:
+        mode = self.config.train.resume
+        ckpt_dir = self.out / "checkpoints"
+        if mode == "never":
+            return False
+        path = Path(mode) if mode != "auto" else (complete_checkpoints(ckpt_dir) or [None])[-1]
+        if path is None:
+            return False
+        if not path.exists():
+            raise ConfigError(f"train.resume: checkpoint {path} does not exist")
+        loader = _load_adapter_weights if self.config.method == "lora" else load_trainable
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, loader)
+        if state.fingerprint != self.state.fingerprint:
+            raise ConfigError(
+                f"{path} was written by a run with a different config; resume with the same config, or use a new "
+                f"output_dir (or train.resume=never to start over)"
+            )
+        self.state = state
+        self.log(f"resumed from {path} (step {state.step}, epoch {state.epoch})")
+        return True
+
+    # -- the loop ----------------------------------------------------------------------------------
+
+    def _step(self, group: Sequence[Sequence[Sequence[Example]]]) -> tuple[float, float, int]:
+        """One optimizer step over micro-batches ``group``: returns (mean loss, grad norm, tokens)."""
+        pad = self.tokenizer.pad_token_id
+        n_total = sum(e.n_supervised for mb in group for row in mb for e in row)
+        loss_total = 0.0
+        for micro in group:
+            batch = {k: v.to(self.device) for k, v in collate(micro, pad).items()}
+            with self.autocast() if self.autocast else contextlib.nullcontext():
+                loss_sum, _ = causal_lm_loss(self.model, batch)
+            if not torch.isfinite(loss_sum):
+                raise TrainingError(self._nonfinite("loss"))
+            (loss_sum / n_total).backward()
+            loss_total += float(loss_sum.detach())
+        max_norm = self.config.train.max_grad_norm if self.config.train.max_grad_norm > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], max_norm))
+        if not math.isfinite(grad_norm):
+            raise TrainingError(self._nonfinite("gradient"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_total / n_total, grad_norm, n_total
+
+    def _nonfinite(self, what: str) -> str:
+        last = complete_checkpoints(self.out / "checkpoints")
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+        return (f"non-finite {what} at step {self.state.step + 1}; training stopped and {where}. "
+                f"Lower train.lr or set train.max_grad_norm")
+
+    def _save_model(self, model: nn.Module, directory: Path) -> None:
+        if self.config.method == "lora":
+            save_adapter(model, directory)
+        else:
+            save_trainable(model, directory)
+
+    def checkpoint(self) -> Path:
+        ckpt_dir = self.out / "checkpoints"
+        path = save_checkpoint(ckpt_dir, self.model, self.optimizer, self.scheduler, self.state, self._save_model)
+        prune_checkpoints(ckpt_dir, self.config.train.save_total_limit)
+        return path
+
+    def evaluate(self) -> dict[str, float]:
+        if not self.eval_examples:
+            return {}
+        e = self.config.eval
+        examples = self.eval_examples[: e.max_examples] if e.max_examples > 0 else self.eval_examples
+        metrics = eval_loss(self.model, examples, self.tokenizer.pad_token_id, e.batch_size, self.autocast)
+        if e.generate:
+            metrics["exact_match"], _ = exact_match(self.model, self.tokenizer, examples,
+                                                    max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
+        return metrics
+
+    def run(self) -> TrainResult:
+        cfg, t = self.config, self.config.train
+        resumed = self._resume()
+        metrics = MetricsLog(self.out / "metrics.jsonl", self.state.step if resumed else None, t.tensorboard)
+        (self.out / "config.yaml").write_text(dump_config(cfg))
+        self.log(f"lorakit train: {cfg.method} on {cfg.model.name} ({self.device}), "
+                 f"trainable {self.trainable:,d} / {self.total:,d} params ({100 * self.trainable / self.total:.2f}%)")
+        self.log(f"data: {len(self.train_examples)} train examples in {len(self.rows)} rows, "
+                 f"{len(self.eval_examples)} eval; batch {t.batch_size} × accumulation {t.grad_accum} = "
+                 f"{t.batch_size * t.grad_accum} rows per step, {self.total_steps} steps")
+        start, last_loss, final_eval, interrupted = time.perf_counter(), None, {}, False
+        bar = _progress(self.total_steps, self.state.step, self.progress)
+        self.model.train()
+        try:
+            while self.state.step < self.total_steps:
+                epoch_batches = batches(self.rows, t.batch_size, self.state.epoch, cfg.seed)
+                groups = [epoch_batches[k:k + t.grad_accum] for k in range(0, len(epoch_batches), t.grad_accum)]
+                for index in range(self.state.step_in_epoch, len(groups)):
+                    tick = time.perf_counter()
+                    lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
+                    loss, grad_norm, tokens = self._step(groups[index])
+                    elapsed = time.perf_counter() - tick
+                    s = self.state
+                    s.step, s.step_in_epoch, s.tokens = s.step + 1, index + 1, s.tokens + tokens
+                    last_loss = loss
+                    epoch_f = s.epoch + s.step_in_epoch / len(groups)
+                    if s.step % max(1, t.logging_steps) == 0 or s.step == self.total_steps:
+                        metrics.log({"step": s.step, "epoch": round(epoch_f, 4), "loss": loss, "lr": lr,
+                                     "grad_norm": grad_norm, "tokens": s.tokens, "tokens_per_s": tokens / elapsed})
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+                    if s.step_in_epoch == len(groups):
+                        s.epoch, s.step_in_epoch = s.epoch + 1, 0
+                    if cfg.eval.steps > 0 and s.step % cfg.eval.steps == 0 and s.step < self.total_steps:
+                        metrics.log({"step": s.step, "epoch": round(epoch_f, 4), **self.evaluate()})
+                        plot_loss(metrics.records, self.out / "loss.png")
+                        self.model.train()
+                    epoch_end = s.step_in_epoch == 0
+                    if (t.save_steps > 0 and s.step % t.save_steps == 0) or epoch_end:
+                        self.checkpoint()
+                    if s.step >= self.total_steps:
+                        break
+        except KeyboardInterrupt:
+            interrupted = True
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.state.step > 0:
+                path = self.checkpoint()
+                self.log(f"\ninterrupted: saved {path}; run again with train.resume=auto to continue")
+        finally:
+            bar.close()
+        if not interrupted:
+            final_eval = self.evaluate()
+            if final_eval:
+                metrics.log({"step": self.state.step, "epoch": self.state.epoch, **final_eval})
+            self._finish(metrics, final_eval, last_loss)
+        metrics.close()
+        return TrainResult(self.out, self.state.step, last_loss, final_eval, self.state.tokens,
+                           time.perf_counter() - start, self.trainable, self.total, interrupted)
+
+    def _finish(self, metrics: MetricsLog, final_eval: dict[str, float], last_loss: float | None) -> None:
+        if self.config.method == "lora":
+            save_adapter(self.model, self.out)
+        else:
+            self.model.save_pretrained(self.out / "model")
+            self.tokenizer.save_pretrained(self.out / "model")
+        plot_loss(metrics.records, self.out / "loss.png")
+        summary = {"steps": self.state.step, "train_loss": last_loss, **final_eval,
+                   "trainable_params": self.trainable, "total_params": self.total}
+        write_model_card(self.out / "README.md", dump_config(self.config), summary, self.config.model.name,
+                         self.config.method)
+
+
+def _progress(total: int, initial: int, enabled: bool) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True, disable=not enabled, unit="step")
+
+
+def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = None, *,
+          progress: bool = True) -> TrainResult:
+    """Run a training job from a ``RunConfig``, a config dict or a YAML path (+ dotted overrides)."""
+    if isinstance(config, (str, Path)):
+        config = load_config(config, overrides)
+    elif isinstance(config, dict):
+        config = build_config(config)
+    return Trainer(config, progress=progress).run()

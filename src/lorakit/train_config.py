@@ -1,0 +1,264 @@
+"""The training run's configuration: YAML + ``key=value`` overrides → typed, validated sections.
+
+    model:  {name: smollm2-135m-instruct}
+    lora:   {r: 16, lora_alpha: 16, target_modules: all-linear}     # any LoraConfig field
+    method: lora                                                     # or full (full fine-tuning)
+    data:   {train: examples/extract/train.jsonl, eval: examples/extract/eval.jsonl, max_seq_len: 256}
+    train:  {epochs: 1, batch_size: 8, lr: 1.0e-3}
+    eval:   {steps: 50, generate: true}
+    output_dir: runs/extract
+    seed: 0
+
+Unknown keys are errors that name the key and the nearest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lorakit.config import LoraConfig
+from lorakit.models import DEFAULT_MODEL
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used (message names the key)."""
+
+
+@dataclass
+class ModelSection:
+    name: str = DEFAULT_MODEL
+    device: str = "auto"  # auto: cuda when available, else cpu
+    dtype: str = "auto"  # auto: float32 on cpu, bfloat16 on cuda
+
+
+@dataclass
+class DataSection:
+    train: str = ""
+    eval: str | None = None
+    eval_fraction: float = 0.0
+    max_seq_len: int = 512
+    overlong: str = "truncate"  # or drop
+    packing: bool = False
+    train_on_inputs: bool = False
+    chat_template: bool | str = "auto"
+    system_prompt: str | None = None
+
+
+@dataclass
+class TrainSection:
+    epochs: int = 1
+    max_steps: int = 0  # > 0 overrides epochs
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | linear | constant
+    warmup_ratio: float = 0.05
+    warmup_steps: int = 0  # > 0 overrides warmup_ratio
+    max_grad_norm: float = 1.0
+    gradient_checkpointing: bool = False
+    logging_steps: int = 1
+    save_steps: int = 0  # 0: only at each epoch end
+    save_total_limit: int = 2
+    resume: str = "auto"  # auto | never | path to a checkpoint directory
+    tensorboard: bool = False
+
+
+@dataclass
+class EvalSection:
+    steps: int = 0  # 0: only at the end
+    generate: bool = False
+    max_new_tokens: int = 64
+    batch_size: int = 16
+    max_examples: int = 0  # 0: all
+
+
+# The default LoRA recipe; chosen by the sweep recorded in the README.
+DEFAULT_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+
+@dataclass
+class RunConfig:
+    model: ModelSection = field(default_factory=ModelSection)
+    lora: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LORA))
+    method: str = "lora"  # lora | full
+    data: DataSection = field(default_factory=DataSection)
+    train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
+    output_dir: str = "runs/lorakit"
+    seed: int = 0
+
+    def lora_config(self) -> LoraConfig:
+        return LoraConfig(**self.lora)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """Hash of everything that shapes the run's trajectory (not logging, eval or resume settings)."""
+        d = self.to_dict()
+        for key in ("logging_steps", "save_steps", "save_total_limit", "resume", "tensorboard", "max_steps", "epochs"):
+            d["train"].pop(key)
+        d.pop("eval")
+        d.pop("output_dir")
+        return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def validate(self) -> None:
+        if self.method not in ("lora", "full"):
+            raise ConfigError(f"method must be 'lora' or 'full', got {self.method!r}")
+        if not self.data.train:
+            raise ConfigError("data.train is not set: give a .jsonl/.json/.csv/.parquet file or a directory")
+        t = self.train
+        checks = [
+            (t.lr > 0, "train.lr must be > 0"),
+            (t.batch_size >= 1, "train.batch_size must be >= 1"),
+            (t.grad_accum >= 1, "train.grad_accum must be >= 1"),
+            (t.epochs >= 1 or t.max_steps > 0, "train.epochs must be >= 1 (or set train.max_steps)"),
+            (t.schedule in ("cosine", "linear", "constant"), "train.schedule must be cosine, linear or constant"),
+            (0 <= t.warmup_ratio < 1, "train.warmup_ratio must be in [0, 1)"),
+            (len(t.betas) == 2 and all(0 <= b < 1 for b in t.betas), "train.betas must be two numbers in [0, 1)"),
+            (self.data.overlong in ("truncate", "drop"), "data.overlong must be truncate or drop"),
+            (self.data.max_seq_len >= 8, "data.max_seq_len must be >= 8"),
+            (0 <= self.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.method == "lora":
+            self.lora_config()  # LoraConfig validates itself
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection}
+SCALARS = ("method", "output_dir", "seed")
+
+
+def _valid_keys() -> list[str]:
+    keys = [f"{s}.{f.name}" for s, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
+    keys += [f"lora.{f.name}" for f in dataclasses.fields(LoraConfig)]
+    return keys + list(SCALARS)
+
+
+def _unknown(key: str) -> ConfigError:
+    near = difflib.get_close_matches(key, _valid_keys(), n=1, cutoff=0.5)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def set_key(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b`` in a nested dict."""
+    parts = dotted.split(".")
+    node = raw
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """``["lora.r=16", "train.lr=1e-4"]`` → ``[("lora.r", 16), ("train.lr", 0.0001)]`` (values as YAML)."""
+    out = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4)")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError:
+            value = text
+        if isinstance(value, str) and _looks_numeric(value):
+            value = float(value)
+        out.append((key.strip(), value))
+    return out
+
+
+def _looks_numeric(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def build_config(raw: dict[str, Any]) -> RunConfig:
+    """A validated ``RunConfig`` from a nested dict; unknown keys are errors."""
+    raw = dict(raw or {})
+    kwargs: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            cls = SECTIONS[key]
+            names = {f.name: f for f in dataclasses.fields(cls)}
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key!r} must be a section (a mapping), got {value!r}")
+            for sub in value:
+                if sub not in names:
+                    raise _unknown(f"{key}.{sub}")
+            kwargs[key] = cls(**{k: _coerce(names[k], v, f"{key}.{k}") for k, v in value.items()})
+        elif key == "lora":
+            if not isinstance(value, dict):
+                raise ConfigError(f"'lora' must be a section (a mapping), got {value!r}")
+            names = {f.name for f in dataclasses.fields(LoraConfig)}
+            for sub in value:
+                if sub not in names:
+                    raise _unknown(f"lora.{sub}")
+            kwargs["lora"] = {**DEFAULT_LORA, **value}
+        elif key in SCALARS:
+            kwargs[key] = value
+        else:
+            raise _unknown(key)
+    config = RunConfig(**kwargs)
+    config.validate()
+    return config
+
+
+def _coerce(f: dataclasses.Field, value: Any, key: str) -> Any:
+    """YAML gives ``1e-3`` as a string; coerce numbers where the field is numeric."""
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(default, bool) or value is None:
+        return value
+    if isinstance(default, float) and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be a number, got {value!r}") from None
+    if isinstance(default, int) and not isinstance(value, bool) and isinstance(value, (int, float, str)):
+        try:
+            number = float(value)
+        except ValueError:
+            raise ConfigError(f"{key} must be an integer, got {value!r}") from None
+        if number != int(number):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(number)
+    return value
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` (YAML), apply dotted overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the config must be a mapping of sections")
+    for key, value in parse_overrides(overrides or []):
+        set_key(raw, key, value)
+    return build_config(raw)
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)
