@@ -6,10 +6,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from lorakit.errors import LorakitError
 from lorakit.models import DEFAULT_MODEL
 
 # Errors a user can fix (bad config, bad file, unknown model): printed as one line, no traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (LorakitError, ValueError, FileNotFoundError)
 
 
 def _targets(args: argparse.Namespace) -> list[str] | str | None:
@@ -65,6 +66,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train from a YAML config with dotted overrides; or show the resolved config / one example."""
+    from lorakit.train_config import dump_config, load_config
+
+    config = load_config(args.config, args.overrides)
+    if args.print_config:
+        print(dump_config(config), end="")
+        return 0
+    if args.show_example is not None:
+        from lorakit.data import DataOptions, load_examples, show_example
+        from lorakit.models import load_model
+
+        _, tokenizer = load_model(config.model.name)
+        d = config.data
+        opts = DataOptions(max_seq_len=d.max_seq_len, overlong=d.overlong, train_on_inputs=d.train_on_inputs,
+                           chat_template=d.chat_template, system_prompt=d.system_prompt)
+        examples = load_examples(d.train, tokenizer, opts)
+        if not 0 <= args.show_example < len(examples):
+            raise ValueError(f"--show-example must be in 0..{len(examples) - 1}")
+        print(show_example(examples[args.show_example], tokenizer))
+        return 0
+    from lorakit.train import Trainer
+
+    result = Trainer(config).run()
+    if result.interrupted:
+        return 130
+    print(f"done: {result.steps} steps in {result.elapsed_s:.0f}s, final train loss {result.train_loss:.4f}")
+    for key, value in result.metrics.items():
+        print(f"  {key}: {value:.4f}")
+    out = result.output_dir
+    print(f"adapter: {out}  metrics: {out / 'metrics.jsonl'}  plot: {out / 'loss.png'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Eval loss, perplexity and exact match of a model (with optional adapters) on a data file."""
+    from lorakit.evaluate import evaluate_file
+
+    metrics = evaluate_file(args.model, args.data, adapters=args.adapter or [], generate=not args.no_generate,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
+                            max_examples=args.max_examples)
+    for key, value in metrics.items():
+        print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA fine-tuning for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -74,6 +121,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-modules", help="comma-separated names (exact or suffix) or 'all-linear'")
     p.add_argument("--target-regex", help="a regex matched against full module names")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("train", help="fine-tune from a YAML config (lorakit train CONFIG.yaml key=value ...)")
+    p.add_argument("config", nargs="?", help="YAML config file")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 train.lr=1e-4")
+    p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--show-example", type=int, metavar="N", help="print training example N token by token")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a model (and adapters) on a data file")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--adapter", action="append", help="adapter directory (repeatable)")
+    p.add_argument("--data", required=True, help="data file or directory")
+    p.add_argument("--no-generate", action="store_true", help="skip generation-based exact match")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-examples", type=int, default=0)
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("demo", help="load the embedded model, wrap it with LoRA and answer one prompt")
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -86,8 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except USER_ERRORS as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err
-        print(f"lorakit: error: {message}", file=sys.stderr)
+        print(f"lorakit: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lorakit: interrupted", file=sys.stderr)

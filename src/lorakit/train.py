@@ -34,6 +34,7 @@ from lorakit.checkpoint import (
     save_trainable,
 )
 from lorakit.data import DataOptions, Example, batches, collate, load_examples, pack, split_eval
+from lorakit.errors import LorakitError
 from lorakit.evaluate import eval_loss, exact_match
 from lorakit.inject import count_parameters, get_lora_model
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter
@@ -43,7 +44,7 @@ from lorakit.report import MetricsLog, plot_loss, write_model_card
 from lorakit.train_config import ConfigError, RunConfig, build_config, dump_config, load_config
 
 
-class TrainingError(RuntimeError):
+class TrainingError(LorakitError, RuntimeError):
     """Training cannot go on (non-finite loss or gradient); the message names the step."""
 
 

@@ -25,10 +25,11 @@ from typing import Any
 import yaml
 
 from lorakit.config import LoraConfig
+from lorakit.errors import LorakitError
 from lorakit.models import DEFAULT_MODEL
 
 
-class ConfigError(ValueError):
+class ConfigError(LorakitError, ValueError):
     """A config file or override that cannot be used (message names the key)."""
 
 

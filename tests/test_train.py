@@ -1,0 +1,271 @@
+"""The trainer on a tiny model: exact resume after SIGKILL, accumulation, errors, outputs."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import lorakit
+from conftest import write_jsonl
+from lorakit.checkpoint import complete_checkpoints
+from lorakit.train import Trainer, TrainingError, train
+from lorakit.train_config import ConfigError, build_config, load_config
+
+
+def rows(n: int, seed: int = 0) -> list[dict]:
+    import random
+
+    r = random.Random(seed)
+    out = []
+    for i in range(n):
+        a, b = r.randint(1, 99), r.randint(1, 99)
+        out.append({"messages": [{"role": "system", "content": "Add."}, {"role": "user", "content": f"{a}+{b}"},
+                                 {"role": "assistant", "content": str(a + b)}]} if i % 2 else
+                   {"prompt": f"What is {a} plus {b}?", "completion": f"{a} plus {b} is {a + b}."})
+    return out
+
+
+@pytest.fixture
+def run_config(tiny_model_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", rows(24))
+    write_jsonl(tmp_path / "eval.jsonl", rows(6, seed=1))
+
+    def make(**sections) -> dict:
+        cfg = {
+            "model": {"name": str(tiny_model_dir)},
+            "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
+            "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_seq_len": 96},
+            "train": {"epochs": 2, "batch_size": 4, "lr": 1e-2, "save_steps": 3, "logging_steps": 1},
+            "eval": {"steps": 4, "batch_size": 8},
+            "output_dir": str(tmp_path / "out"),
+            "seed": 3,
+        }
+        for key, value in sections.items():
+            if isinstance(value, dict):
+                cfg.setdefault(key, {}).update(value)
+            else:
+                cfg[key] = value
+        return cfg
+
+    return make
+
+
+def adapter_tensors(directory):
+    return load_file(os.path.join(directory, "adapter_model.safetensors"))
+
+
+def assert_identical(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_training_reduces_loss_and_writes_outputs(run_config):
+    result = train(run_config(), progress=False)
+    out = result.output_dir
+    assert {"adapter_config.json", "adapter_model.safetensors", "config.yaml", "metrics.jsonl", "loss.png",
+            "README.md"} <= {p.name for p in out.iterdir()}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train_losses = [r["loss"] for r in records if "loss" in r]
+    assert len(train_losses) == result.steps == 12
+    assert train_losses[-1] < train_losses[0]
+    assert {"step", "epoch", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"} <= records[0].keys()
+    evals = [r for r in records if "eval_loss" in r]
+    assert [r["step"] for r in evals] == [4, 8, 12] and evals[-1]["eval_ppl"] == pytest.approx(
+        torch.tensor(evals[-1]["eval_loss"]).exp().item(), rel=1e-6)
+    assert [p.name for p in complete_checkpoints(out / "checkpoints")] == ["checkpoint-9", "checkpoint-12"]
+    assert "eval_loss" in (out / "README.md").read_text()
+    assert yaml.safe_load((out / "config.yaml").read_text())["lora"]["r"] == 4
+
+
+def test_adapter_loads_in_lorakit_and_peft_with_equal_outputs(run_config, tiny_model_dir):
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    out = train(run_config(train={"epochs": 1}), progress=False).output_dir
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, 1000, (2, 12))
+    ours = lorakit.load_adapter(copy.deepcopy(base), out)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), out).eval()
+    with torch.no_grad():
+        a, b, c = ours(ids).logits, theirs(ids).logits, base(ids).logits
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert (a - c).abs().max() > 1e-4
+
+
+def test_grad_accumulation_matches_a_larger_batch(run_config, tmp_path):
+    common = {"epochs": 1, "save_steps": 0}
+    lora = {"lora_dropout": 0.0}
+    big = train(run_config(train={**common, "batch_size": 4}, lora=lora, output_dir=str(tmp_path / "a")), progress=False)
+    acc = train(run_config(train={**common, "batch_size": 2, "grad_accum": 2}, lora=lora,
+                           output_dir=str(tmp_path / "b")), progress=False)
+    assert big.steps == acc.steps == 6
+    a, b = adapter_tensors(big.output_dir), adapter_tensors(acc.output_dir)
+    for k in a:  # Adam moves each weight by ~lr = 1e-2 per step; summation order differs at ~1e-7
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
+
+
+def test_packing_trains_the_same_as_unpacked(run_config, tmp_path):
+    common = {"train": {"epochs": 1, "batch_size": 24, "save_steps": 0}, "lora": {"lora_dropout": 0.0}}
+    plain = train(run_config(**common, output_dir=str(tmp_path / "a")), progress=False)
+    packed = train(run_config(**common, data={"packing": True, "max_seq_len": 96}, output_dir=str(tmp_path / "b")),
+                   progress=False)
+    assert plain.steps == packed.steps == 1
+    assert abs(plain.train_loss - packed.train_loss) <= 1e-5
+
+
+def _run_cli(config_path, *extra):
+    return subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(config_path), *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_sigkill_then_resume_is_bit_identical(run_config, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", rows(160))
+    cfg = run_config(train={"epochs": 2, "batch_size": 2, "save_steps": 5, "save_total_limit": 2},
+                     eval={"steps": 0}, output_dir=str(tmp_path / "killed"))
+    (tmp_path / "killed.yaml").write_text(yaml.safe_dump(cfg))
+    reference = train({**cfg, "output_dir": str(tmp_path / "whole")}, progress=False)
+    assert reference.steps == 160
+
+    proc = _run_cli(tmp_path / "killed.yaml")
+    ckpts = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (ckpts / "checkpoint-20").exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run must be killed mid-training"
+    done = complete_checkpoints(ckpts)
+    assert done and int(done[-1].name.split("-")[1]) < 160
+
+    resumed = _run_cli(tmp_path / "killed.yaml", "train.resume=auto")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    assert f"resumed from {done[-1]}" in out
+    assert_identical(adapter_tensors(tmp_path / "killed"), adapter_tensors(reference.output_dir))
+    records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
+    assert steps == sorted(steps) and steps[-1] == 160 and len(steps) == len(set(steps))
+
+
+def test_half_written_checkpoint_is_never_picked(run_config, tmp_path):
+    cfg = run_config(train={"epochs": 1, "save_steps": 2})
+    train(cfg, progress=False)
+    ckpts = tmp_path / "out" / "checkpoints"
+    (ckpts / "checkpoint-999").mkdir()  # no COMPLETE marker: a crash mid-write
+    (ckpts / "checkpoint-999" / "adapter_model.safetensors").write_bytes(b"garbage")
+    assert complete_checkpoints(ckpts)[-1].name == "checkpoint-6"
+    result = train(cfg, progress=False)  # resume=auto picks checkpoint-6 (the end): nothing left to do
+    assert result.steps == 6
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(run_config, monkeypatch):
+    import lorakit.train as train_module
+
+    real, calls = train_module.causal_lm_loss, {"n": 0}
+
+    def poisoned(model, batch):
+        calls["n"] += 1
+        loss, n = real(model, batch)
+        return (loss * float("nan"), n) if calls["n"] == 5 else (loss, n)
+
+    monkeypatch.setattr(train_module, "causal_lm_loss", poisoned)
+    cfg = run_config(train={"epochs": 1, "save_steps": 3}, eval={"steps": 0})
+    with pytest.raises(TrainingError, match=r"non-finite loss at step 5; .*checkpoint-3"):
+        train(cfg, progress=False)
+    ckpt = complete_checkpoints(cfg_out := __import__("pathlib").Path(cfg["output_dir"]) / "checkpoints")
+    assert [p.name for p in ckpt] == ["checkpoint-3"] and (cfg_out / "checkpoint-3" / "COMPLETE").exists()
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint(run_config, monkeypatch, tmp_path):
+    import lorakit.train as train_module
+
+    cfg = run_config(train={"epochs": 1, "save_steps": 0}, eval={"steps": 0}, lora={"lora_dropout": 0.0})
+    reference = train({**cfg, "output_dir": str(tmp_path / "ref")}, progress=False)
+    real, calls = train_module.causal_lm_loss, {"n": 0}
+
+    def interrupt(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(model, batch)
+
+    monkeypatch.setattr(train_module, "causal_lm_loss", interrupt)
+    result = train(cfg, progress=False)
+    assert result.interrupted and result.steps == 3
+    assert [p.name for p in complete_checkpoints(result.output_dir / "checkpoints")] == ["checkpoint-3"]
+    monkeypatch.setattr(train_module, "causal_lm_loss", real)
+    resumed = train(cfg, progress=False)
+    assert resumed.steps == 6
+    assert_identical(adapter_tensors(resumed.output_dir), adapter_tensors(reference.output_dir))
+
+
+def test_resume_with_another_config_is_refused(run_config):
+    cfg = run_config(train={"epochs": 1, "save_steps": 2})
+    train(cfg, progress=False)
+    cfg["train"]["lr"] = 5e-3
+    with pytest.raises(ConfigError, match="different config"):
+        train(cfg, progress=False)
+
+
+def test_full_fine_tuning_saves_a_plain_model(run_config, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    result = train(run_config(method="full", train={"epochs": 1, "lr": 1e-3}), progress=False)
+    assert result.trainable_params == result.total_params
+    tuned = AutoModelForCausalLM.from_pretrained(result.output_dir / "model")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+
+
+def test_unknown_key_names_the_nearest_valid_one(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr' \(did you mean 'train\.lr'\?\)"):
+        build_config({"train": {"lrr": 1}})
+    with pytest.raises(ConfigError, match=r"'lora\.rank'.*'lora\.r'"):
+        build_config({"lora": {"rank": 4}})
+    (tmp_path / "c.yaml").write_text("data: {train: x.jsonl}\n")
+    cfg = load_config(tmp_path / "c.yaml", ["lora.r=32", "train.lr=1e-4", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.lora["r"] == 32 and cfg.train.lr == 1e-4 and cfg.lora["target_modules"] == ["q_proj", "v_proj"]
+    with pytest.raises(ValueError, match=r"LoraConfig\.r"):
+        load_config(tmp_path / "c.yaml", ["lora.r=0"])
+    with pytest.raises(ConfigError, match="not key=value"):
+        load_config(tmp_path / "c.yaml", ["lora.r"])
+
+
+def test_cli_print_config_show_example_and_errors(run_config, tmp_path):
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(run_config()))
+    printed = subprocess.run([sys.executable, "-m", "lorakit", "train", str(tmp_path / "c.yaml"), "lora.r=16",
+                              "--print-config"], capture_output=True, text=True, check=True).stdout
+    assert yaml.safe_load(printed)["lora"]["r"] == 16
+    shown = subprocess.run([sys.executable, "-m", "lorakit", "train", str(tmp_path / "c.yaml"), "--show-example", "1"],
+                           capture_output=True, text=True, check=True).stdout
+    assert "trained ([trained] ·masked·)" in shown and "[<|im_end|>]" in shown
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{oops\n')
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "train", str(tmp_path / "c.yaml"), f"data.train={bad}"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and f"lorakit: error: {bad}:2: invalid JSON" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_trainer_builds_warmup_and_schedules(run_config):
+    trainer = Trainer(build_config(run_config(train={"epochs": 1, "warmup_steps": 2, "schedule": "linear"})),
+                      progress=False)
+    lrs = []
+    for _ in range(6):
+        lrs.append(trainer.scheduler.get_last_lr()[0])
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    peak = 1e-2
+    assert lrs[0] == pytest.approx(peak / 3) and lrs[1] == pytest.approx(2 * peak / 3)
+    assert lrs[2] == pytest.approx(peak) and lrs[5] == pytest.approx(peak * 1 / 4)
