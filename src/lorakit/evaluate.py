@@ -66,7 +66,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *
         for k in range(0, len(prompts), batch_size):
             enc = tokenizer(list(prompts[k:k + batch_size]), return_tensors="pt", padding=True,
                             add_special_tokens=not chat).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
                                  pad_token_id=tokenizer.pad_token_id)
             answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:

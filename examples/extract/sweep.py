@@ -1,0 +1,62 @@
+"""The sweep behind lorakit's default LoRA recipe, on the bundled extraction task.
+
+Each run trains 1 epoch on examples/extract/train.jsonl and scores exact match on the 200 held-out
+rows; results (with peak RSS and wall time) are appended to examples/extract/sweep.jsonl.
+
+    python examples/extract/sweep.py                 # every run below not yet in sweep.jsonl
+    python examples/extract/sweep.py full lora-r16   # just these
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "sweep.jsonl"
+
+RUNS: dict[str, list[str]] = {
+    # full fine-tuning: the quality and memory reference
+    "full": ["method=full", "train.lr=2e-5"],
+    # the seeds' recipe (r=16, alpha=32, dropout 0.05, lr 2e-4, all seven projections)
+    "seeds": ["lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0.05", "train.lr=2e-4"],
+    # the default (no overrides) and one-factor changes around it
+    "default": [],
+    "lr-5e-4": ["train.lr=5e-4"],
+    "lr-5e-3": ["train.lr=5e-3"],
+    "r-8": ["lora.r=8", "lora.lora_alpha=8"],
+    "r-32": ["lora.r=32", "lora.lora_alpha=32"],
+    "alpha-2r": ["lora.lora_alpha=32"],
+    "dropout-0.05": ["lora.lora_dropout=0.05"],
+    "qv-only": ["lora.target_modules=[q_proj, v_proj]"],
+}
+
+
+def run(name: str, overrides: list[str]) -> dict:
+    out = Path("runs/sweep") / name
+    cmd = [sys.executable, "-m", "lorakit", "train", str(HERE / "config.yaml"), f"output_dir={out}",
+           "train.resume=never", "eval.steps=0", *overrides]
+    start = time.perf_counter()
+    subprocess.run(cmd, check=True)
+    wall = time.perf_counter() - start
+    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # of the largest child so far
+    final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    return {"run": name, "overrides": overrides, "exact_match": final.get("exact_match"),
+            "eval_loss": final.get("eval_loss"), "wall_s": round(wall, 1), "peak_rss_bytes": peak_rss}
+
+
+def main(names: list[str]) -> None:
+    done = {json.loads(line)["run"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
+    for name in names or [n for n in RUNS if n not in done]:
+        record = run(name, RUNS[name])
+        print(json.dumps(record))
+        with RESULTS.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
