@@ -130,12 +130,12 @@ def _run_cli(config_path, *extra):
 
 
 def test_sigkill_then_resume_is_bit_identical(run_config, tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", rows(160))
+    write_jsonl(tmp_path / "train.jsonl", rows(100))
     cfg = run_config(train={"epochs": 2, "batch_size": 2, "save_steps": 5, "save_total_limit": 2},
                      eval={"steps": 0}, output_dir=str(tmp_path / "killed"))
     (tmp_path / "killed.yaml").write_text(yaml.safe_dump(cfg))
     reference = train({**cfg, "output_dir": str(tmp_path / "whole")}, progress=False)
-    assert reference.steps == 160
+    assert reference.steps == 100
 
     proc = _run_cli(tmp_path / "killed.yaml")
     ckpts = tmp_path / "killed" / "checkpoints"
@@ -146,7 +146,7 @@ def test_sigkill_then_resume_is_bit_identical(run_config, tmp_path):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run must be killed mid-training"
     done = complete_checkpoints(ckpts)
-    assert done and int(done[-1].name.split("-")[1]) < 160
+    assert done and int(done[-1].name.split("-")[1]) < 100
 
     resumed = _run_cli(tmp_path / "killed.yaml", "train.resume=auto")
     out, err = resumed.communicate(timeout=300)
@@ -155,7 +155,7 @@ def test_sigkill_then_resume_is_bit_identical(run_config, tmp_path):
     assert_identical(adapter_tensors(tmp_path / "killed"), adapter_tensors(reference.output_dir))
     records = [json.loads(line) for line in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in records if "loss" in r]
-    assert steps == sorted(steps) and steps[-1] == 160 and len(steps) == len(set(steps))
+    assert steps == sorted(steps) and steps[-1] == 100 and len(steps) == len(set(steps))
 
 
 def test_half_written_checkpoint_is_never_picked(run_config, tmp_path):
@@ -269,3 +269,14 @@ def test_trainer_builds_warmup_and_schedules(run_config):
     peak = 1e-2
     assert lrs[0] == pytest.approx(peak / 3) and lrs[1] == pytest.approx(2 * peak / 3)
     assert lrs[2] == pytest.approx(peak) and lrs[5] == pytest.approx(peak * 1 / 4)
+
+
+def test_cli_eval_scores_base_and_adapter(run_config, tiny_model_dir, tmp_path):
+    out = train(run_config(train={"epochs": 1}), progress=False).output_dir
+    args = [sys.executable, "-m", "lorakit", "eval", "--model", str(tiny_model_dir), "--data",
+            str(tmp_path / "eval.jsonl"), "--max-new-tokens", "4"]
+    base = subprocess.run(args, capture_output=True, text=True, check=True).stdout
+    tuned = subprocess.run([*args, "--adapter", str(out)], capture_output=True, text=True, check=True).stdout
+    values = [dict(line.split(": ") for line in text.strip().splitlines()) for text in (base, tuned)]
+    assert all({"eval_loss", "eval_ppl", "exact_match", "examples"} <= v.keys() for v in values)
+    assert values[0]["examples"] == "6" and float(values[1]["eval_loss"]) < float(values[0]["eval_loss"])
