@@ -280,3 +280,15 @@ def test_cli_eval_scores_base_and_adapter(run_config, tiny_model_dir, tmp_path):
     values = [dict(line.split(": ") for line in text.strip().splitlines()) for text in (base, tuned)]
     assert all({"eval_loss", "eval_ppl", "exact_match", "examples"} <= v.keys() for v in values)
     assert values[0]["examples"] == "6" and float(values[1]["eval_loss"]) < float(values[0]["eval_loss"])
+
+
+def test_gradient_checkpointing_trains_identically(run_config, tmp_path):
+    common = {"lora": {"lora_dropout": 0.0}, "eval": {"steps": 0}}
+    plain = train(run_config(**common, train={"epochs": 1, "save_steps": 0}, output_dir=str(tmp_path / "a")),
+                  progress=False)
+    ckpt = train(run_config(**common, train={"epochs": 1, "save_steps": 0, "gradient_checkpointing": True},
+                            output_dir=str(tmp_path / "b")), progress=False)
+    a, b = adapter_tensors(plain.output_dir), adapter_tensors(ckpt.output_dir)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
+    assert plain.metrics["peak_memory_bytes"] > 0

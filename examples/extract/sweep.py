@@ -43,8 +43,9 @@ def run(name: str, overrides: list[str]) -> dict:
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - start
-    peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # of the largest child so far
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
+    # the run reports its own peak; the children's maximum is only right for the first run of a sweep
+    peak_rss = final.get("peak_memory_bytes") or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return {"run": name, "overrides": overrides, "exact_match": final.get("exact_match"),
             "eval_loss": final.get("eval_loss"), "wall_s": round(wall, 1), "peak_rss_bytes": peak_rss}
 

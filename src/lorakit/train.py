@@ -61,6 +61,15 @@ class TrainResult:
     interrupted: bool = False
 
 
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak resident memory of this process (CPU) or peak allocated CUDA memory (GPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -283,8 +292,8 @@ class Trainer:
             bar.close()
         if not interrupted:
             final_eval = self.evaluate()
-            if final_eval:
-                metrics.log({"step": self.state.step, "epoch": self.state.epoch, **final_eval})
+            final_eval["peak_memory_bytes"] = peak_memory_bytes(self.device)
+            metrics.log({"step": self.state.step, "epoch": self.state.epoch, **final_eval})
             self._finish(metrics, final_eval, last_loss)
         metrics.close()
         return TrainResult(self.out, self.state.step, last_loss, final_eval, self.state.tokens,
