@@ -292,3 +292,14 @@ def test_gradient_checkpointing_trains_identically(run_config, tmp_path):
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
     assert plain.metrics["peak_memory_bytes"] > 0
+
+
+def test_qlora_run_reports_base_memory_and_saves_a_peft_adapter(run_config, tiny_model_dir):
+    pytest.importorskip("bitsandbytes")
+    plain = train(run_config(train={"epochs": 1}, output_dir=str(__import__("pathlib").Path(
+        run_config()["output_dir"]).parent / "plain")), progress=False)
+    q = train(run_config(model={"quantize": "nf4"}, train={"epochs": 1}), progress=False)
+    assert q.metrics["base_weight_bytes"] < plain.metrics["base_weight_bytes"]
+    assert q.train_loss < 12 and set(adapter_tensors(q.output_dir)) == set(adapter_tensors(plain.output_dir))
+    with pytest.raises(ConfigError, match="needs method: lora"):
+        build_config(run_config(model={"quantize": "nf4"}, method="full"))

@@ -90,14 +90,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dump_config(config), end="")
         return 0
     if args.show_example is not None:
-        from lorakit.data import DataOptions, load_examples, show_example
+        from lorakit.data import load_examples, show_example
         from lorakit.models import load_model
 
         _, tokenizer = load_model(config.model.name)
-        d = config.data
-        opts = DataOptions(max_seq_len=d.max_seq_len, overlong=d.overlong, train_on_inputs=d.train_on_inputs,
-                           chat_template=d.chat_template, system_prompt=d.system_prompt)
-        examples = load_examples(d.train, tokenizer, opts)
+        examples = load_examples(config.data.train, tokenizer, config.data_options())
         if not 0 <= args.show_example < len(examples):
             raise ValueError(f"--show-example must be in 0..{len(examples) - 1}")
         print(show_example(examples[args.show_example], tokenizer))

@@ -3,7 +3,8 @@
 ``merge``: W ← W + Σ_a s_a B_a A_a for the active adapters (the forward then skips them: no
 overhead). ``unmerge`` subtracts the same deltas. ``merge_and_unload`` merges and returns the model
 with every LoRA layer replaced by a plain module of its original class, ready for
-``save_pretrained`` and for plain transformers.
+``save_pretrained`` and for plain transformers. A quantized (QLoRA) base is merged into its
+dequantized weights and exported as plain float ``nn.Linear`` layers, never written back to 4-bit.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 
 from lorakit.inject import _replace, active_adapters, adapter_configs
 from lorakit.layers import LoraLayer, lora_layers, saved_modules
+from lorakit.quant import is_quantized, unload_quantized
 
 
 def merged_adapters(model: nn.Module) -> list[str]:
@@ -33,6 +35,12 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, safe_
     names = list(adapter_names) if adapter_names is not None else active_adapters(model)
     layers = lora_layers(model)
     _refuse_tied(model, layers, names)
+    quantized = [n for n, layer in layers if is_quantized(layer) and any(a in layer.r for a in names)]
+    if quantized:
+        raise ValueError(
+            f"{quantized[0]} is quantized: merging into 4-bit/8-bit storage would lose the adapter's precision. "
+            f"Use merge_and_unload, which merges into the dequantized weights"
+        )
     if safe_merge:
         for module_name, layer in layers:
             for name in names:
@@ -81,9 +89,19 @@ def merge_and_unload(model: nn.Module, *, safe_merge: bool = False, adapter_name
     ``modules_to_save`` wrappers are replaced by the active adapter's trained copy.
     """
     names = list(adapter_names) if adapter_names is not None else active_adapters(model)
+    quantized = [(n, layer) for n, layer in lora_layers(model) if is_quantized(layer)]
+    for module_name, layer in quantized:
+        plain = unload_quantized(layer, names)
+        if safe_merge and not torch.isfinite(plain.weight).all():
+            raise ValueError(f"merging into {module_name} gives NaN/Inf weights; the adapter is broken")
+        _replace(model, module_name, plain)
     merge(model, names, safe_merge=safe_merge)
     for module_name, layer in lora_layers(model):
         _replace(model, module_name, layer.to_base())
+    for module_name, module in list(model.named_modules()):
+        if is_quantized(module):  # the rest of a QLoRA base: plain float weights for export
+            _replace(model, module_name, unload_quantized(module, []))
+    model.__dict__.pop("lorakit_quantization", None)
     for module_name, saved in saved_modules(model):
         chosen = next((n for n in names if n in saved.modules_to_save), None)
         _replace(model, module_name, saved.to_base(chosen))

@@ -33,7 +33,7 @@ from lorakit.checkpoint import (
     save_checkpoint,
     save_trainable,
 )
-from lorakit.data import DataOptions, Example, batches, collate, load_examples, pack, split_eval
+from lorakit.data import Example, batches, collate, load_examples, pack, split_eval
 from lorakit.errors import LorakitError
 from lorakit.evaluate import eval_loss, exact_match
 from lorakit.inject import count_parameters, get_lora_model
@@ -126,6 +126,16 @@ class Trainer:
         self.device = resolve_device(config.model.device)
         dtype = resolve_dtype(config.model.dtype, self.device)
         self.model, self.tokenizer = load_model(config.model.name, dtype=dtype, device=self.device)
+        if config.model.quantize:
+            from lorakit.quant import quantize_model
+
+            compute = dtype if config.model.compute_dtype == "auto" else resolve_dtype(config.model.compute_dtype,
+                                                                                       self.device)
+            quantize_model(self.model, config.model.quantize, double_quant=config.model.double_quant,
+                           compute_dtype=compute, blocksize=config.model.blocksize)
+        from lorakit.quant import weight_memory_bytes
+
+        self.base_weight_bytes = weight_memory_bytes(self.model)
         self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda" else None
         self._load_data()
         if config.method == "lora":
@@ -150,8 +160,7 @@ class Trainer:
 
     def _load_data(self) -> None:
         d = self.config.data
-        self.opts = DataOptions(max_seq_len=d.max_seq_len, overlong=d.overlong, train_on_inputs=d.train_on_inputs,
-                                chat_template=d.chat_template, system_prompt=d.system_prompt)
+        self.opts = self.config.data_options()
         self.train_examples = load_examples(d.train, self.tokenizer, self.opts)
         stats = dict(self.opts.stats)
         if d.eval:
@@ -245,8 +254,10 @@ class Trainer:
         resumed = self._resume()
         metrics = MetricsLog(self.out / "metrics.jsonl", self.state.step if resumed else None, t.tensorboard)
         (self.out / "config.yaml").write_text(dump_config(cfg))
-        self.log(f"lorakit train: {cfg.method} on {cfg.model.name} ({self.device}), "
-                 f"trainable {self.trainable:,d} / {self.total:,d} params ({100 * self.trainable / self.total:.2f}%)")
+        quant = f", {cfg.model.quantize} base" if cfg.model.quantize else ""
+        self.log(f"lorakit train: {cfg.method} on {cfg.model.name} ({self.device}{quant}), "
+                 f"trainable {self.trainable:,d} / {self.total:,d} params ({100 * self.trainable / self.total:.2f}%), "
+                 f"base weights {self.base_weight_bytes / 2**20:.1f} MiB")
         self.log(f"data: {len(self.train_examples)} train examples in {len(self.rows)} rows, "
                  f"{len(self.eval_examples)} eval; batch {t.batch_size} × accumulation {t.grad_accum} = "
                  f"{t.batch_size * t.grad_accum} rows per step, {self.total_steps} steps")
@@ -293,6 +304,7 @@ class Trainer:
         if not interrupted:
             final_eval = self.evaluate()
             final_eval["peak_memory_bytes"] = peak_memory_bytes(self.device)
+            final_eval["base_weight_bytes"] = self.base_weight_bytes
             metrics.log({"step": self.state.step, "epoch": self.state.epoch, **final_eval})
             self._finish(metrics, final_eval, last_loss)
         metrics.close()

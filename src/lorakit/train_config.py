@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from lorakit.config import LoraConfig
+from lorakit.data import DataOptions
 from lorakit.errors import LorakitError
 from lorakit.models import DEFAULT_MODEL
 
@@ -38,6 +39,10 @@ class ModelSection:
     name: str = DEFAULT_MODEL
     device: str = "auto"  # auto: cuda when available, else cpu
     dtype: str = "auto"  # auto: float32 on cpu, bfloat16 on cuda
+    quantize: str | None = None  # nf4 | fp4 | int8: QLoRA on a bitsandbytes-quantized base
+    double_quant: bool = True
+    compute_dtype: str = "auto"  # dtype of 4-bit matmuls: auto = the model dtype
+    blocksize: int = 64
 
 
 @dataclass
@@ -102,6 +107,11 @@ class RunConfig:
     def lora_config(self) -> LoraConfig:
         return LoraConfig(**self.lora)
 
+    def data_options(self) -> DataOptions:
+        d = self.data
+        return DataOptions(max_seq_len=d.max_seq_len, overlong=d.overlong, train_on_inputs=d.train_on_inputs,
+                           chat_template=d.chat_template, system_prompt=d.system_prompt)
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -137,6 +147,11 @@ class RunConfig:
                 raise ConfigError(message)
         if self.method == "lora":
             self.lora_config()  # LoraConfig validates itself
+        if self.model.quantize is not None:
+            if self.model.quantize not in ("nf4", "fp4", "int8"):
+                raise ConfigError(f"model.quantize must be nf4, fp4 or int8; got {self.model.quantize!r}")
+            if self.method != "lora":
+                raise ConfigError("model.quantize needs method: lora (a quantized base cannot be fully fine-tuned)")
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection}
