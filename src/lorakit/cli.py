@@ -124,6 +124,114 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_with_adapters(model_name: str, adapters: list[str] | None):
+    from lorakit.inject import set_adapter
+    from lorakit.io import load_adapter
+    from lorakit.models import load_model
+
+    model, tokenizer = load_model(model_name)
+    names = [f"adapter{i}" for i in range(len(adapters or []))]
+    for name, path in zip(names, adapters or []):
+        load_adapter(model, path, adapter_name=name, activate=False)
+    if names:
+        set_adapter(model, names)
+    return model, tokenizer
+
+
+def _sampling(args: argparse.Namespace):
+    from lorakit.generate import SamplingOptions
+
+    return SamplingOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                           stop=args.stop or (), seed=args.seed)
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Generate for one prompt (streamed) or for every row of a JSONL file (JSONL out)."""
+    import json
+
+    from lorakit.generate import generate, prompt_ids
+
+    if (args.prompt is None) == (args.file is None):
+        raise ValueError("give exactly one of --prompt TEXT or --file PROMPTS.jsonl")
+    model, tokenizer = _load_with_adapters(args.model, args.adapter)
+    options = _sampling(args)
+    if args.prompt is not None:
+        generate(model, tokenizer, prompt_ids(tokenizer, args.prompt, chat=not args.raw, system=args.system),
+                 options, on_text=_write)
+        _write("\n")
+        return 0
+    from lorakit.data import read_rows
+
+    for row in read_rows(args.file):
+        prompt = row.data.get("messages") or row.data.get("prompt")
+        if prompt is None:
+            raise ValueError(f"{row.source}: a prompt row needs 'prompt' or 'messages'")
+        text = generate(model, tokenizer, prompt_ids(tokenizer, prompt, chat=not args.raw, system=args.system),
+                        options)
+        print(json.dumps({**row.data, "completion": text}), flush=True)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Interactive multi-turn chat; /reset clears the history, /exit (or end of input) quits."""
+    from lorakit.generate import chat_input_ids, generate
+
+    model, tokenizer = _load_with_adapters(args.model, args.adapter)
+    options = _sampling(args)
+    system = [{"role": "system", "content": args.system}] if args.system else []
+    history: list[dict[str, str]] = []
+    print("chat with the model: /reset clears the history, /exit quits", flush=True)
+    while True:
+        try:
+            line = input("you> ")
+        except EOFError:
+            break
+        line = line.strip()
+        if line == "/exit":
+            break
+        if line == "/reset":
+            history = []
+            print("(history cleared)", flush=True)
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        _write("assistant> ")
+        answer = generate(model, tokenizer, chat_input_ids(tokenizer, system + history), options, on_text=_write)
+        _write("\n")
+        history.append({"role": "assistant", "content": answer.strip()})
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Merge weighted adapters into the base and write a plain model directory."""
+    from lorakit.export import merge_to_directory, parse_adapter_arg
+
+    report = merge_to_directory(args.model, [parse_adapter_arg(a) for a in args.adapter], args.out,
+                                dtype=args.dtype, safe=args.safe)
+    weights = ", ".join(f"{p} × {w:g}" for p, w in report.adapters)
+    base = f"dequantized {report.quantization['method']} base" if report.quantization else "base"
+    print(f"merged {weights} into the {base} of {args.model}; wrote {report.out} ({report.dtype})")
+    print(f"max |logit difference| unmerged vs merged (fp32, probe batch): {report.max_abs_diff:.3g}")
+    return 0
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--adapter", action="append", help="adapter directory (repeatable; all are active)")
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--system", help="system prompt")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA fine-tuning for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -150,6 +258,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-examples", type=int, default=0)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("generate", help="generate text (streamed) for a prompt or a JSONL file of prompts")
+    _add_sampling(p)
+    p.add_argument("--prompt", help="the prompt (a user turn for chat models)")
+    p.add_argument("--file", help="JSONL rows with 'prompt' or 'messages'; prints rows with 'completion'")
+    p.add_argument("--raw", action="store_true", help="do not apply the chat template")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    _add_sampling(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("merge", help="merge adapters into the base and save a plain model directory")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--adapter", action="append", required=True, help="DIR or DIR:WEIGHT (repeatable)")
+    p.add_argument("--out", required=True, help="output model directory")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--safe", action="store_true", help="refuse NaN/Inf merged weights")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("demo", help="fine-tune the embedded model on the bundled task and compare scores")
     p.add_argument("--config", default="examples/extract/config.yaml")

@@ -82,9 +82,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     payload = config.to_peft_dict()
     if payload["base_model_name_or_path"] is None:
         payload["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    metadata = {"format": "pt"}
+    quant = model.__dict__.get("lorakit_quantization")
+    if quant:  # the base it trained against; PEFT ignores metadata, `lorakit merge` rebuilds that base
+        metadata["lorakit.quantization"] = json.dumps(quant)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata={"format": "pt"}))
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(payload, indent=2, sort_keys=True)))
     return directory
 
@@ -126,6 +130,15 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
     except (SafetensorError, OSError) as err:
         raise AdapterLoadError(f"{weights} is not a readable safetensors file: {err}") from None
     return config, _normalise_peft_keys(tensors)
+
+
+def adapter_quantization(directory: str | os.PathLike) -> dict | None:
+    """The quantization of the base an adapter was trained on (``None``: a float base)."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(directory) / WEIGHTS_NAME), framework="pt") as f:
+        value = (f.metadata() or {}).get("lorakit.quantization")
+    return json.loads(value) if value else None
 
 
 def _normalise_peft_keys(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
