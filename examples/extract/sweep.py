@@ -26,6 +26,7 @@ RUNS: dict[str, list[str]] = {
     "seeds": ["lora.r=16", "lora.lora_alpha=32", "lora.lora_dropout=0.05", "train.lr=2e-4"],
     # the default (no overrides) and one-factor changes around it
     "default": [],
+    "qlora-nf4": ["model.quantize=nf4"],
     "lr-5e-4": ["train.lr=5e-4"],
     "lr-5e-3": ["train.lr=5e-3"],
     "r-8": ["lora.r=8", "lora.lora_alpha=8"],
