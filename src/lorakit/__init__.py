@@ -1,5 +1,6 @@
 """lorakit: LoRA and QLoRA fine-tuning for PyTorch models, PEFT-compatible on disk."""
 
+from lorakit.batch import adapter_batch
 from lorakit.config import LoraConfig
 from lorakit.inject import (
     active_adapters,
@@ -20,6 +21,7 @@ __all__ = [
     "AdapterLoadError",
     "LoraConfig",
     "active_adapters",
+    "adapter_batch",
     "add_adapter",
     "count_parameters",
     "delete_adapter",

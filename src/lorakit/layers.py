@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.kernels.lora import lora_linear
+from lorakit.kernels.lora import gathered_lora, lora_linear
 
 # Attributes a LoRA layer adds to its base; removed again by `to_base`.
 _LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B")
@@ -144,6 +144,17 @@ class LoraLayer:
         """``s · B A`` shaped like the base weight, in the adapter's dtype."""
         raise NotImplementedError
 
+    def _rows_term(self, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
+        """LoRA term for a batch whose row b uses adapter ``rows[b]`` (None: none), grouping rows by
+        adapter; linear layers override this with a gathered kernel."""
+        out = None
+        for name in {r for r in rows if r is not None and r in self.r}:
+            idx = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
+            term = self._lora_term(name, x.index_select(0, idx))
+            out = torch.zeros(x.shape[0], *term.shape[1:], dtype=term.dtype, device=x.device) if out is None else out
+            out.index_add_(0, idx, term)
+        return out if out is not None else torch.zeros((), dtype=x.dtype, device=x.device)
+
     def merge_adapter(self, name: str) -> None:
         """W ← W + s · B A (quantized layers override this)."""
         with torch.no_grad():
@@ -161,6 +172,9 @@ class LoraLayer:
         result = super().forward(x, *args, **kwargs)  # type: ignore[misc]
         if self.adapters_disabled:
             return result
+        rows = self.__dict__.get("row_adapters")
+        if rows is not None:  # a mixed batch: each row has its own adapter (see lorakit.batch)
+            return result + self._rows_term(x, rows).to(result.dtype)
         for name in self.active_adapters:
             if name in self.r and name not in self.merged_adapters:
                 result = result + self._lora_term(name, x).to(result.dtype)
@@ -189,6 +203,35 @@ class _LinearLora(LoraLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
+        """(A (N, r_max, in), s·B (N, out, r_max), {adapter: slot}) with slot 0 all zeros; cached
+        until an adapter of this layer is added, removed or trained (its weights change version)."""
+        key = tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version, self.scaling[n])
+                    for n in self.r)
+        cached = self.__dict__.get("_stack_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        names = list(self.r)
+        r_max = max(self.r.values())
+        ref = self.lora_A[names[0]].weight
+        a = torch.zeros(len(names) + 1, r_max, self.in_features, dtype=ref.dtype, device=ref.device)
+        b = torch.zeros(len(names) + 1, self.out_features, r_max, dtype=ref.dtype, device=ref.device)
+        with torch.no_grad():
+            for slot, name in enumerate(names, 1):
+                r = self.r[name]
+                a[slot, :r] = self.lora_A[name].weight
+                b[slot, :, :r] = self.lora_B[name].weight * self.scaling[name]
+        value = (a, b, {n: i for i, n in enumerate(names, 1)})
+        self.__dict__["_stack_cache"] = (key, value)
+        return value
+
+    def _rows_term(self, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
+        a, b, slots = self.stacked()
+        index = torch.tensor([slots.get(r, 0) if r is not None else 0 for r in rows], device=x.device)
+        shape = x.shape
+        x3 = x.reshape(shape[0], -1, shape[-1]).to(a.dtype)  # (B, T, in)
+        return gathered_lora(x3, a, b, index).reshape(*shape[:-1], b.shape[1])
 
 
 class LoraLinear(_LinearLora, nn.Linear):
@@ -367,11 +410,29 @@ class ModulesToSave:
         return list(self.modules_to_save)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        rows = self.__dict__.get("row_adapters")
+        if rows is not None and not self.adapters_disabled:
+            return self._rows_forward(rows, *args, **kwargs)
         if not self.adapters_disabled:
             for name in self.active_adapters:
                 if name in self.modules_to_save:
                     return self.modules_to_save[name](*args, **kwargs)
         return super().forward(*args, **kwargs)  # type: ignore[misc]
+
+
+    def _rows_forward(self, rows: list[str | None], x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Row b through adapter ``rows[b]``'s copy (the original for None or adapters without one)."""
+        groups: dict[str | None, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(r if r in self.modules_to_save else None, []).append(i)
+        out = None
+        for name, members in groups.items():
+            idx = torch.tensor(members, device=x.device)
+            module = self.modules_to_save[name] if name is not None else super().forward  # type: ignore[misc]
+            y = module(x.index_select(0, idx), *args, **kwargs)
+            out = y.new_empty(x.shape[0], *y.shape[1:]) if out is None else out
+            out.index_copy_(0, idx, y)
+        return out
 
 
 _SAVED_CLASSES: dict[type[nn.Module], type[ModulesToSave]] = {}

@@ -1,0 +1,45 @@
+"""Mixed-adapter batches: one forward in which every row uses its own adapter (or none).
+
+    with adapter_batch(model, ["sql", "chat", None, "sql"]):     # None / "base": the base model
+        logits = model(input_ids).logits                         # also inside model.generate(...)
+
+Inside the block every LoRA layer computes its update for all rows at once: linear layers gather
+each row's (zero-padded, pre-scaled) A and B from a per-layer stack and run two batched matmuls
+(``kernels.lora.gathered_lora``); embeddings, convolutions and ``modules_to_save`` group rows by
+adapter. The base runs once for the whole batch. Meant for inference (dropout is not applied).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+from torch import nn
+
+from lorakit.inject import adapter_configs
+from lorakit.layers import lora_layers, saved_modules
+
+BASE_NAMES = (None, "base")
+
+
+@contextmanager
+def adapter_batch(model: nn.Module, adapter_ids: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Run forwards inside the block with row ``b`` using adapter ``adapter_ids[b]``."""
+    known = adapter_configs(model)
+    rows = [None if a in BASE_NAMES else a for a in adapter_ids]
+    unknown = sorted({a for a in rows if a is not None and a not in known})
+    if unknown:
+        raise ValueError(f"no adapter named {unknown[0]!r}; this model has {sorted(known) or 'none'}")
+    layers = [m for _, m in lora_layers(model)]
+    if any(layer.merged_adapters for layer in layers):
+        raise ValueError("adapter_batch needs unmerged adapters; call unmerge(model) first")
+    saved = [m for _, m in saved_modules(model)]
+    for layer in layers:
+        layer.__dict__["row_adapters"] = rows
+    for module in saved:
+        module.__dict__["row_adapters"] = rows
+    try:
+        yield model
+    finally:
+        for module in [*layers, *saved]:
+            module.__dict__.pop("row_adapters", None)

@@ -1,0 +1,111 @@
+"""Mixed-adapter batches: every row equals running its adapter alone (prefill and KV-cache decode)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lorakit
+from conftest import randomize_adapters, tiny_bert_classifier, tiny_llama
+from lorakit.kernels.lora import gathered_lora, gathered_lora_reference
+
+ADAPTERS = {  # mixed ranks and target sets
+    "a": lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
+    "b": lorakit.LoraConfig(r=4, lora_alpha=4, target_modules="all-linear"),
+    "c": lorakit.LoraConfig(r=8, lora_alpha=32, target_modules=["down_proj", "o_proj"], use_rslora=True),
+    "d": lorakit.LoraConfig(r=16, lora_alpha=8, target_modules=["up_proj", "embed_tokens"]),
+}
+ROWS = ["a", "b", None, "c", "d", "base", "b", "a"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    for name, cfg in ADAPTERS.items():
+        lorakit.add_adapter(model, cfg, name)
+    randomize_adapters(model, std=0.3)
+    return base, model
+
+
+def alone(model, base, name, fn):
+    if name in (None, "base"):
+        return fn(base)
+    lorakit.set_adapter(model, name)
+    return fn(model)
+
+
+def test_gathered_kernel_matches_the_reference():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 12, generator=g)
+    a, b = torch.randn(4, 6, 12, generator=g), torch.randn(4, 7, 6, generator=g)
+    a[0], b[0] = 0, 0
+    index = torch.tensor([2, 0, 3, 3, 1])
+    torch.testing.assert_close(gathered_lora(x, a, b, index), gathered_lora_reference(x, a, b, index),
+                               atol=1e-5, rtol=0)
+
+
+def test_prefill_rows_equal_each_adapter_alone(models):
+    base, model = models
+    ids = torch.randint(0, 128, (len(ROWS), 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), lorakit.adapter_batch(model, ROWS):
+        mixed = model(ids).logits
+    for i, name in enumerate(ROWS):
+        with torch.no_grad():
+            expected = alone(model, base, name, lambda m, i=i: m(ids[i:i + 1]).logits[0])
+        torch.testing.assert_close(mixed[i], expected, atol=1e-5, rtol=0)
+        if name not in (None, "base"):
+            assert (mixed[i] - base(ids[i:i + 1]).logits[0]).abs().max() > 1e-3
+
+
+def test_kv_cache_decode_rows_equal_each_adapter_alone(models):
+    base, model = models
+    ids = torch.randint(0, 128, (len(ROWS), 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), lorakit.adapter_batch(model, ROWS):
+        out = model.generate(ids, max_new_tokens=8, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, pad_token_id=0)
+    for i, name in enumerate(ROWS):
+        with torch.no_grad():
+            ref = alone(model, base, name, lambda m, i=i: m.generate(
+                ids[i:i + 1], max_new_tokens=8, do_sample=False, output_logits=True, return_dict_in_generate=True,
+                pad_token_id=0))
+        n = ref.sequences.shape[1]  # a row alone stops at its EOS; in the batch it is padded after it
+        assert torch.equal(out.sequences[i, :n], ref.sequences[0])
+        assert len(ref.logits) >= 3
+        for step_mixed, step_alone in zip(out.logits, ref.logits):
+            torch.testing.assert_close(step_mixed[i], step_alone[0], atol=1e-5, rtol=0)
+
+
+def test_modules_to_save_rows_use_their_copy():
+    base = tiny_bert_classifier()
+    model = copy.deepcopy(base)
+    for name in ("x", "y"):
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules=["query"], modules_to_save=["classifier"]),
+                            name)
+        with torch.no_grad():
+            for p in model.classifier.modules_to_save[name].parameters():
+                p.add_(torch.randn_like(p))
+    randomize_adapters(model, std=0.3)
+    ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(3))
+    rows = ["x", None, "y"]
+    with torch.no_grad(), lorakit.adapter_batch(model, rows):
+        mixed = model(ids).logits
+    for i, name in enumerate(rows):
+        with torch.no_grad():
+            expected = alone(model, base, name, lambda m, i=i: m(ids[i:i + 1]).logits[0])
+        torch.testing.assert_close(mixed[i], expected, atol=1e-5, rtol=0)
+
+
+def test_unknown_adapter_and_merged_model_are_refused(models):
+    _, model = models
+    with pytest.raises(ValueError, match="no adapter named 'zz'"), lorakit.adapter_batch(model, ["a", "zz"]):
+        pass
+    lorakit.set_adapter(model, "a")
+    lorakit.merge(model)
+    try:
+        with pytest.raises(ValueError, match="unmerged"), lorakit.adapter_batch(model, ["a"]):
+            pass
+    finally:
+        lorakit.unmerge(model)
