@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from lorakit.inject import adapter_configs
@@ -34,8 +35,14 @@ def adapter_batch(model: nn.Module, adapter_ids: Sequence[str | None]) -> Iterat
     if any(layer.merged_adapters for layer in layers):
         raise ValueError("adapter_batch needs unmerged adapters; call unmerge(model) first")
     saved = [m for _, m in saved_modules(model)]
+    # one model-wide slot order and one row index on the device, shared by every layer
+    order = tuple(known)
+    slots = {name: i for i, name in enumerate(order, 1)}
+    device = next(model.parameters()).device
+    index = torch.tensor([slots[r] if r is not None else 0 for r in rows], device=device)
     for layer in layers:
         layer.__dict__["row_adapters"] = rows
+        layer.__dict__["row_index"] = (order, index)
     for module in saved:
         module.__dict__["row_adapters"] = rows
     try:
@@ -43,3 +50,4 @@ def adapter_batch(model: nn.Module, adapter_ids: Sequence[str | None]) -> Iterat
     finally:
         for module in [*layers, *saved]:
             module.__dict__.pop("row_adapters", None)
+            module.__dict__.pop("row_index", None)

@@ -174,6 +174,8 @@ class LoraLayer:
             return result
         rows = self.__dict__.get("row_adapters")
         if rows is not None:  # a mixed batch: each row has its own adapter (see lorakit.batch)
+            if len(rows) != x.shape[0]:
+                raise ValueError(f"adapter_batch got {len(rows)} adapter ids for a batch of {x.shape[0]} rows")
             return result + self._rows_term(x, rows).to(result.dtype)
         for name in self.active_adapters:
             if name in self.r and name not in self.merged_adapters:
@@ -204,31 +206,31 @@ class _LinearLora(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
 
-    def stacked(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, int]]:
-        """(A (N, r_max, in), s·B (N, out, r_max), {adapter: slot}) with slot 0 all zeros; cached
-        until an adapter of this layer is added, removed or trained (its weights change version)."""
-        key = tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version, self.scaling[n])
-                    for n in self.r)
+    def stacked(self, order: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (N+1, r_max, in), s·B (N+1, out, r_max)) for the model-wide adapter ``order``: slot
+        i+1 holds ``order[i]`` (zeros where this layer lacks it), slot 0 is all zeros. Cached until
+        the order changes or an adapter's weights change (their version counters move)."""
+        key = (order, tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version, self.scaling[n])
+                            for n in self.r))
         cached = self.__dict__.get("_stack_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
-        names = list(self.r)
         r_max = max(self.r.values())
-        ref = self.lora_A[names[0]].weight
-        a = torch.zeros(len(names) + 1, r_max, self.in_features, dtype=ref.dtype, device=ref.device)
-        b = torch.zeros(len(names) + 1, self.out_features, r_max, dtype=ref.dtype, device=ref.device)
+        ref = next(iter(self.lora_A.values())).weight
+        a = torch.zeros(len(order) + 1, r_max, self.in_features, dtype=ref.dtype, device=ref.device)
+        b = torch.zeros(len(order) + 1, self.out_features, r_max, dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
-            for slot, name in enumerate(names, 1):
-                r = self.r[name]
-                a[slot, :r] = self.lora_A[name].weight
-                b[slot, :, :r] = self.lora_B[name].weight * self.scaling[name]
-        value = (a, b, {n: i for i, n in enumerate(names, 1)})
-        self.__dict__["_stack_cache"] = (key, value)
-        return value
+            for slot, name in enumerate(order, 1):
+                if name in self.r:
+                    r = self.r[name]
+                    a[slot, :r] = self.lora_A[name].weight
+                    b[slot, :, :r] = self.lora_B[name].weight * self.scaling[name]
+        self.__dict__["_stack_cache"] = (key, (a, b))
+        return a, b
 
     def _rows_term(self, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
-        a, b, slots = self.stacked()
-        index = torch.tensor([slots.get(r, 0) if r is not None else 0 for r in rows], device=x.device)
+        order, index = self.__dict__["row_index"]
+        a, b = self.stacked(order)
         shape = x.shape
         x3 = x.reshape(shape[0], -1, shape[-1]).to(a.dtype)  # (B, T, in)
         return gathered_lora(x3, a, b, index).reshape(*shape[:-1], b.shape[1])

@@ -1,0 +1,182 @@
+"""Mixed-adapter batches: lorakit's gathered LoRA vs PEFT's ``adapter_names=`` mixed batch.
+
+Same base, same 16 random adapters (r=16, all linear layers, saved by lorakit and loaded by PEFT),
+a batch of 32 rows using 1, 4 or 16 distinct adapters. Times one prefill of ``--prompt-len`` tokens
+and one decode step on a KV cache of that length; each cost is also given relative to the same
+library's single-adapter batch (the ordinary forward with one active adapter). Also: a merged
+model vs the plain base (should be ≈ 1.00). Medians of ``--repeat`` runs; prints a table and
+appends it to benchmarks/RESULTS.md.
+
+    python benchmarks/multi_adapter.py                         # SmolLM2-135M-Instruct (CPU or GPU)
+    python benchmarks/multi_adapter.py --model random-1b       # 1.2 B random Llama from config (GPU)
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import lorakit
+from lorakit.layers import lora_layers
+
+RESULTS = Path(__file__).parent / "RESULTS.md"
+
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    if name.startswith("random-"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        sizes = {"random-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                                   num_attention_heads=32, num_key_value_heads=4),
+                 "random-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)}
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=49152, tie_word_embeddings=False, **sizes[name])
+        return LlamaForCausalLM(cfg).to(device, dtype).eval()
+    from lorakit.models import load_model
+
+    model, _ = load_model(name, dtype=dtype, device=device)
+    return model.eval()
+
+
+def timer(device: torch.device, fn: Any, repeat: int, setup: Any = None) -> float:
+    """Median seconds of ``fn(setup())`` over ``repeat`` runs after 2 warm-ups (setup not timed)."""
+    times = []
+    for i in range(repeat + 2):
+        arg = setup() if setup else None
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            fn(arg)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main() -> None:
+    import peft
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    base = build_model(args.model, device, dtype)
+    n_adapters = 16
+    ours = copy.deepcopy(base)
+    tmp = Path(tempfile.mkdtemp())
+    g = torch.Generator().manual_seed(0)
+    for i in range(n_adapters):
+        lorakit.add_adapter(ours, lorakit.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"), f"a{i}",
+                            trainable=False)
+    with torch.no_grad():
+        for _, layer in lora_layers(ours):
+            for name in layer.adapter_names:
+                for p in layer.adapter_parameters(name):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    for i in range(n_adapters):
+        lorakit.save_adapter(ours, tmp / f"a{i}", adapter_name=f"a{i}")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp / "a0", adapter_name="a0")
+    for i in range(1, n_adapters):
+        theirs.load_adapter(tmp / f"a{i}", adapter_name=f"a{i}")
+    theirs.eval()
+
+    ids = torch.randint(0, 1000, (args.batch, args.prompt_len), generator=g).to(device)
+    step_ids = torch.randint(0, 1000, (args.batch, 1), generator=g).to(device)
+    with torch.no_grad():
+        prefill_cache = base(ids, use_cache=True).past_key_values  # same cache shape for every variant
+
+    def ours_fn(rows: list[str]) -> tuple[Any, Any]:
+        def prefill(_: Any) -> None:
+            with lorakit.adapter_batch(ours, rows):
+                ours(ids, use_cache=False)
+
+        def decode(cache: Any) -> None:
+            with lorakit.adapter_batch(ours, rows):
+                ours(step_ids, past_key_values=cache, use_cache=True)
+        return prefill, decode
+
+    def peft_fn(rows: list[str]) -> tuple[Any, Any]:
+        return (lambda _: theirs(input_ids=ids, adapter_names=rows, use_cache=False),
+                lambda cache: theirs(input_ids=step_ids, adapter_names=rows, past_key_values=cache, use_cache=True))
+
+    def single(model: Any, activate: Any) -> tuple[Any, Any]:
+        activate()
+        return (lambda _: model(ids, use_cache=False),
+                lambda cache: model(step_ids, past_key_values=cache, use_cache=True))
+
+    def cache() -> Any:
+        return copy.deepcopy(prefill_cache)
+
+    # correctness first: both libraries give the same mixed-batch logits
+    rows16 = [f"a{i % n_adapters}" for i in range(args.batch)]
+    with torch.no_grad(), lorakit.adapter_batch(ours, rows16[:4]):
+        a = ours(ids[:4]).logits.float()
+    with torch.no_grad():
+        b = theirs(input_ids=ids[:4], adapter_names=rows16[:4]).logits.float()
+    max_diff = float((a - b).abs().max())
+
+    results = {}
+    for label, (pre, dec) in {"lorakit single": single(ours, lambda: lorakit.set_adapter(ours, "a0")),
+                              "peft single": single(theirs, lambda: theirs.set_adapter("a0"))}.items():
+        results[label] = (timer(device, pre, args.repeat), timer(device, dec, args.repeat, cache))
+    for k in (1, 4, 16):
+        rows = [f"a{i % k}" for i in range(args.batch)]
+        for label, fns in ((f"lorakit mixed {k}", ours_fn(rows)), (f"peft mixed {k}", peft_fn(rows))):
+            pre, dec = fns
+            results[label] = (timer(device, pre, args.repeat), timer(device, dec, args.repeat, cache))
+    merged = lorakit.merge_and_unload(copy.deepcopy(ours), adapter_names=["a0"])
+    results["merged (a0)"] = (timer(device, lambda _: merged(ids, use_cache=False), args.repeat),
+                              timer(device, lambda c: merged(step_ids, past_key_values=c, use_cache=True),
+                                    args.repeat, cache))
+    results["plain base"] = (timer(device, lambda _: base(ids, use_cache=False), args.repeat),
+                             timer(device, lambda c: base(step_ids, past_key_values=c, use_cache=True),
+                                   args.repeat, cache))
+
+    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or 'x86_64'}, " \
+        f"{torch.get_num_threads()} threads"
+    lines = [f"## {time.strftime('%Y-%m-%d')} — mixed-adapter batches, {args.model} on {machine}", "",
+             f"`python benchmarks/multi_adapter.py --model {args.model}`: batch {args.batch}, prompt "
+             f"{args.prompt_len} tokens, 16 adapters r=16 on all linear layers, {dtype}, torch "
+             f"{torch.__version__}, peft {peft.__version__}, median of {args.repeat}. Mixed-batch logits lorakit vs "
+             f"PEFT: max |diff| {max_diff:.2e}.", "",
+             "| variant | prefill ms | decode step ms | prefill / own single | decode / own single |",
+             "|---|---|---|---|---|"]
+    for label, (pre, dec) in results.items():
+        own = results["peft single"] if label.startswith("peft") else results["lorakit single"]
+        if label in ("merged (a0)", "plain base"):
+            own = results["plain base"]
+        lines.append(f"| {label} | {pre * 1e3:.2f} | {dec * 1e3:.2f} | {pre / own[0]:.2f} | {dec / own[1]:.2f} |")
+    speed = [f"{k} adapters: prefill {results[f'peft mixed {k}'][0] / results[f'lorakit mixed {k}'][0]:.2f}×, "
+             f"decode {results[f'peft mixed {k}'][1] / results[f'lorakit mixed {k}'][1]:.2f}×" for k in (1, 4, 16)]
+    lines += ["", "lorakit mixed vs PEFT mixed (time ratio PEFT / lorakit): " + "; ".join(speed), ""]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_save:
+        _append(text)
+
+
+def _append(text: str) -> None:
+    """Insert ``text`` as the newest entry (entries start with '## ', newest first)."""
+    content = RESULTS.read_text()
+    i = content.find("\n## ")
+    RESULTS.write_text(content[:i] + "\n\n" + text + content[i:] if i >= 0 else content + "\n" + text)
+
+
+if __name__ == "__main__":
+    main()
