@@ -47,7 +47,7 @@ def build_pair(case: str):
     ours = lorakit.get_lora_model(copy.deepcopy(base), lorakit.LoraConfig(init_lora_weights=False, **kwargs))
     randomize_adapters(ours, std=0.3)
     with torch.no_grad():  # make the modules_to_save copies differ from the original
-        for _, saved in lorakit.layers.saved_modules(ours):
+        for _, saved in lorakit.saved.saved_modules(ours):
             for p in saved.modules_to_save["default"].parameters():
                 p.add_(0.05)
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs))

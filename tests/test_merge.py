@@ -10,7 +10,8 @@ from torch import nn
 
 import lorakit
 from conftest import randomize_adapters, tiny_bert_classifier, tiny_convnet, tiny_gpt2, tiny_llama
-from lorakit.layers import LoraLayer, ModulesToSave, lora_layers
+from lorakit.layers import LoraLayer, lora_layers
+from lorakit.saved import ModulesToSave
 
 TOKENS = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
 IMAGES = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(3))

@@ -7,13 +7,12 @@ from lorakit.inject import (
     add_adapter,
     count_parameters,
     delete_adapter,
-    disable_adapter,
     get_lora_model,
     print_trainable_parameters,
     set_adapter,
 )
 from lorakit.io import AdapterLoadError, load_adapter, save_adapter
-from lorakit.merge import merge, merge_and_unload, unmerge
+from lorakit.merge import disable_adapter, merge, merge_and_unload, unmerge
 
 __version__ = "0.1.0"
 

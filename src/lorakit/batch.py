@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from lorakit.inject import adapter_configs
-from lorakit.layers import lora_layers, saved_modules
+from lorakit.layers import lora_layers
+from lorakit.saved import saved_modules
 
 BASE_NAMES = (None, "base")
 

@@ -53,7 +53,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from lorakit.evaluate import exact_match, generate_answers
-    from lorakit.inject import disable_adapter
+    from lorakit.merge import disable_adapter
     from lorakit.train import Trainer
     from lorakit.train_config import load_config
 

@@ -2,7 +2,6 @@
 
     model = get_lora_model(model, LoraConfig(r=16, target_modules="all-linear"))   # wraps in place
     add_adapter(model, other_config, "b"); set_adapter(model, ["default", "b"])     # outputs add up
-    with disable_adapter(model): base_logits = model(ids).logits
 
 Module matching follows PEFT: a list entry matches a module whose full name equals it or ends with
 ``"." + entry``; a string is a regex over the full name; ``"all-linear"`` is every ``nn.Linear`` /
@@ -15,20 +14,13 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
-from lorakit.layers import (
-    SUPPORTED_TYPES,
-    LoraLayer,
-    ModulesToSave,
-    lora_class_for,
-    lora_layers,
-    saved_modules,
-)
+from lorakit.layers import SUPPORTED_TYPES, LoraLayer, lora_class_for, lora_layers
+from lorakit.saved import ModulesToSave, saved_modules
 
 DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 SEQ_CLS_HEADS = ("classifier", "score")
@@ -147,7 +139,7 @@ def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     return model.__dict__.setdefault("lora_configs", {})
 
 
-def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
 
@@ -174,7 +166,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
                 kinds = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
                 raise ValueError(f"module {name!r} is a {type(module).__name__}; LoRA supports {kinds}")
             module = cls.from_base(module)
-            _replace(model, name, module)
+            replace_module(model, name, module)
         rank, alpha = config.rank_for(name), config.alpha_for(name)
         module.update_layer(adapter_name, rank, alpha, config.scaling(rank, alpha),
                             config.lora_dropout, config.init_lora_weights)
@@ -184,7 +176,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         if name and config.modules_to_save and name_matches(name, config.modules_to_save):
             if not isinstance(module, ModulesToSave):
                 module = ModulesToSave.from_base(module)
-                _replace(model, name, module)
+                replace_module(model, name, module)
             for p in module.add_copy(adapter_name).parameters():
                 p.requires_grad_(trainable)
     if trainable and config.bias != "none":
@@ -236,28 +228,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             raise ValueError(f"adapter {name!r} is merged into {module_name}; unmerge(model) before deleting it")
         module.remove_adapter(name)
         if not module.adapter_names:
-            _replace(model, module_name, module.to_base())
+            replace_module(model, module_name, module.to_base())
     del adapter_configs(model)[name]
-
-
-@contextmanager
-def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model alone inside the block (merged adapters are unmerged, then re-merged)."""
-    from lorakit.merge import merge, merged_adapters, unmerge
-
-    merged = merged_adapters(model)
-    if merged:
-        unmerge(model)
-    modules = [m for _, m in [*lora_layers(model), *saved_modules(model)]]
-    for module in modules:
-        module.adapters_disabled = True
-    try:
-        yield model
-    finally:
-        for module in modules:
-            module.adapters_disabled = False
-        if merged:
-            merge(model, merged)
 
 
 # -- reporting -------------------------------------------------------------------------------------

@@ -22,7 +22,8 @@ from torch import nn
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import adapter_configs, add_adapter, base_modules, delete_adapter, set_adapter
-from lorakit.layers import LoraEmbedding, LoraLayer, ModulesToSave
+from lorakit.layers import LoraEmbedding, LoraLayer
+from lorakit.saved import ModulesToSave
 
 PREFIX = "base_model.model."
 CONFIG_NAME = "adapter_config.json"

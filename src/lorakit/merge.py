@@ -9,14 +9,16 @@ dequantized weights and exported as plain float ``nn.Linear`` layers, never writ
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from lorakit.inject import _replace, active_adapters, adapter_configs
-from lorakit.layers import LoraLayer, lora_layers, saved_modules
+from lorakit.inject import active_adapters, adapter_configs, replace_module
+from lorakit.layers import LoraLayer, lora_layers
 from lorakit.quant import is_quantized, unload_quantized
+from lorakit.saved import saved_modules
 
 
 def merged_adapters(model: nn.Module) -> list[str]:
@@ -94,18 +96,36 @@ def merge_and_unload(model: nn.Module, *, safe_merge: bool = False, adapter_name
         plain = unload_quantized(layer, names)
         if safe_merge and not torch.isfinite(plain.weight).all():
             raise ValueError(f"merging into {module_name} gives NaN/Inf weights; the adapter is broken")
-        _replace(model, module_name, plain)
+        replace_module(model, module_name, plain)
     merge(model, names, safe_merge=safe_merge)
     for module_name, layer in lora_layers(model):
-        _replace(model, module_name, layer.to_base())
+        replace_module(model, module_name, layer.to_base())
     for module_name, module in list(model.named_modules()):
         if is_quantized(module):  # the rest of a QLoRA base: plain float weights for export
-            _replace(model, module_name, unload_quantized(module, []))
+            replace_module(model, module_name, unload_quantized(module, []))
     model.__dict__.pop("lorakit_quantization", None)
     for module_name, saved in saved_modules(model):
         chosen = next((n for n in names if n in saved.modules_to_save), None)
-        _replace(model, module_name, saved.to_base(chosen))
+        replace_module(model, module_name, saved.to_base(chosen))
     adapter_configs(model).clear()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+@contextmanager
+def disable_adapter(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model alone inside the block (merged adapters are unmerged, then re-merged)."""
+    merged = merged_adapters(model)
+    if merged:
+        unmerge(model)
+    modules = [m for _, m in [*lora_layers(model), *saved_modules(model)]]
+    for module in modules:
+        module.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for module in modules:
+            module.adapters_disabled = False
+        if merged:
+            merge(model, merged)

@@ -21,7 +21,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import LorakitError
-from lorakit.inject import _replace, base_modules, output_head_name
+from lorakit.inject import base_modules, output_head_name, replace_module
 from lorakit.layers import LoraLayer
 
 METHODS = ("nf4", "fp4", "int8")
@@ -72,7 +72,7 @@ def quantize_model(
     for name, module in list(base_modules(model)):
         if type(module) is not nn.Linear or name == head or name in skip_modules:
             continue
-        _replace(model, name, _quantized(bnb, module, method, double_quant, compute_dtype, blocksize))
+        replace_module(model, name, _quantized(bnb, module, method, double_quant, compute_dtype, blocksize))
         names.append(name)
     if not names:
         raise QuantizationError(f"{type(model).__name__} has no nn.Linear layer to quantize")
