@@ -1,0 +1,233 @@
+"""lorakit's trainer vs PEFT + transformers.Trainer on the same work, side by side in one run.
+
+Same model, same bundled data (its real length distribution), same LoRA config (r=16, alpha=32,
+all linear layers, no dropout), same batch, optimizer steps, lr schedule and seed. PEFT is set up as
+its documentation does it: ``get_peft_model`` + ``Trainer`` with a dynamic-padding collator. Each
+side runs in its own subprocess so that peak memory (RSS on CPU, ``max_memory_allocated`` on GPU)
+is its own. ``--padded`` instead feeds both sides identical pre-padded batches in a plain loop
+(forward, backward, AdamW) so that only the per-token kernels are compared.
+
+    python benchmarks/train_vs_peft.py [--steps 20] [--padded]
+    python benchmarks/train_vs_peft.py --model random-1b --tokenizer DIR     # on a GPU
+
+Prints a table of supervised tokens/s, wall time, peak memory, final loss and ratios, and appends
+it to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HERE = Path(__file__).parent
+DATA = HERE.parent / "examples" / "extract" / "train.jsonl"
+RESULTS = HERE / "RESULTS.md"
+LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+
+
+def model_dir(name: str, tokenizer: str | None) -> str:
+    """A local model directory: the embedded model's cache, or a random Llama built from config."""
+    if not name.startswith("random-"):
+        from lorakit.models import resolve_model_dir
+
+        return str(resolve_model_dir(name)[0])
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer)
+    size = {"random-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                              num_key_value_heads=4),
+            "random-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2)}[name]
+    path = Path(tempfile.gettempdir()) / f"lorakit-bench-{name}"
+    if not (path / "config.json").exists():
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=False, eos_token_id=tok.eos_token_id,
+                          pad_token_id=tok.pad_token_id, **size)
+        LlamaForCausalLM(cfg).to(torch.bfloat16 if torch.cuda.is_available() else torch.float32).save_pretrained(path)
+        tok.save_pretrained(path)
+    return str(path)
+
+
+def peak_memory() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def examples(path: str, n: int) -> tuple[Any, list[Any]]:
+    from transformers import AutoTokenizer
+
+    from lorakit.data import DataOptions, load_examples
+
+    tok = AutoTokenizer.from_pretrained(path)
+    return tok, load_examples(DATA, tok, DataOptions(max_seq_len=256))[:n]
+
+
+def run_lorakit(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    from lorakit.train import Trainer
+    from lorakit.train_config import build_config
+
+    out = tempfile.mkdtemp()
+    trainer = Trainer(build_config({
+        "model": {"name": path}, "lora": LORA, "data": {"train": str(DATA), "max_seq_len": 256},
+        "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": args.lr, "warmup_ratio": 0.1,
+                  "schedule": "cosine", "max_grad_norm": 1.0, "resume": "never", "save_steps": 0,
+                  "save_total_limit": 0},
+        "output_dir": out, "seed": 0}), progress=False, log=lambda _: None)
+    trainer.checkpoint = lambda: None  # type: ignore[method-assign]  # time training, not disk writes
+    start = time.perf_counter()
+    result = trainer.run()
+    wall = time.perf_counter() - start
+    return {"wall_s": wall, "supervised_tokens": result.tokens, "final_loss": result.train_loss}
+
+
+def run_peft(args: argparse.Namespace, path: str) -> dict[str, Any]:
+    import peft
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    tok, exs = examples(path, args.steps * args.batch * 2)
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", bias="none", **LORA))
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in exs]
+    supervised = {"n": 0}
+
+    class Counting(DataCollatorForSeq2Seq):
+        def __call__(self, features: list[dict[str, Any]], return_tensors: Any = None) -> dict[str, Any]:
+            batch = super().__call__(features, return_tensors)
+            supervised["n"] += int((batch["labels"][:, 1:] != -100).sum())
+            return batch
+
+    targs = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
+                              max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="cosine",
+                              warmup_steps=round(0.1 * args.steps), max_grad_norm=1.0, logging_steps=1, save_strategy="no",
+                              report_to=[], bf16=cuda, use_cpu=not cuda, seed=0, disable_tqdm=True,
+                              dataloader_num_workers=0)
+    trainer = Trainer(model=model, args=targs, train_dataset=rows,
+                      data_collator=Counting(tok, padding=True, label_pad_token_id=-100))
+    start = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - start
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {"wall_s": wall, "supervised_tokens": supervised["n"], "final_loss": losses[-1]}
+
+
+def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]:
+    """Both sides: identical pre-padded batches, a plain loop of forward, backward and AdamW."""
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+    from lorakit.data import collate
+    from lorakit.loss import causal_lm_loss
+
+    tok, exs = examples(path, args.steps * args.batch)
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if cuda else torch.float32).to(device)
+    torch.manual_seed(0)
+    if side == "lorakit":
+        lorakit.get_lora_model(model, lorakit.LoraConfig(**LORA))
+    else:
+        model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr)
+    batches = [collate([[e] for e in exs[k:k + args.batch]], tok.pad_token_id) for k in range(0, len(exs), args.batch)]
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    tokens, loss_value = 0, 0.0
+    start = time.perf_counter()
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast:
+            if side == "lorakit":
+                loss_sum, n = causal_lm_loss(model, batch)
+                loss = loss_sum / n
+            else:
+                loss = model(**batch).loss
+                n = int((batch["labels"][:, 1:] != -100).sum())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        tokens, loss_value = tokens + n, float(loss)
+    if cuda:
+        torch.cuda.synchronize()
+    return {"wall_s": time.perf_counter() - start, "supervised_tokens": tokens, "final_loss": loss_value}
+
+
+def child(args: argparse.Namespace) -> None:
+    path = model_dir(args.model, args.tokenizer)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    if args.padded:
+        result = run_padded(args, path, args.side)
+    else:
+        result = run_lorakit(args, path) if args.side == "lorakit" else run_peft(args, path)
+    result["peak_memory_bytes"] = peak_memory()
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--tokenizer", help="tokenizer directory for random-* models")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--padded", action="store_true")
+    ap.add_argument("--side", choices=["lorakit", "peft"])
+    ap.add_argument("--no-save", action="store_true")
+    args = ap.parse_args()
+    if args.side:
+        return child(args)
+    model_dir(args.model, args.tokenizer)  # build once, before either side is timed
+    results = {}
+    for side in ("peft", "lorakit"):
+        cmd = [sys.executable, __file__, "--side", side, *sys.argv[1:]]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+        if line is None:
+            raise SystemExit(f"{side} side failed:\n{out.stderr[-3000:]}")
+        results[side] = json.loads(line[len("RESULT "):])
+    p, o = results["peft"], results["lorakit"]
+    for r in (p, o):
+        r["tokens_per_s"] = r["supervised_tokens"] / r["wall_s"]
+    cuda = torch.cuda.is_available()
+    machine = torch.cuda.get_device_name() if cuda else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
+    mem = "max_memory_allocated" if cuda else "peak RSS"
+    variant = "identical padded batches, plain loop" if args.padded else "each side's own trainer, dynamic padding"
+    import peft
+    import transformers
+
+    lines = [f"## {time.strftime('%Y-%m-%d')} — training, lorakit vs PEFT + Trainer ({variant}), {args.model} on {machine}",
+             "", f"`python benchmarks/train_vs_peft.py --model {args.model} --steps {args.steps}"
+             f"{' --padded' if args.padded else ''}`: batch {args.batch}, r=16, alpha=32, all linear layers, lr "
+             f"{args.lr}, {'bf16 autocast' if cuda else 'fp32'}; torch {torch.__version__}, transformers "
+             f"{transformers.__version__}, peft {peft.__version__}.", "",
+             f"| side | supervised tokens/s | wall s | {mem} | final train loss |", "|---|---|---|---|---|"]
+    for side, r in (("PEFT + Trainer" if not args.padded else "PEFT", p), ("lorakit", o)):
+        lines.append(f"| {side} | {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} | "
+                     f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {r['final_loss']:.4f} |")
+    lines += ["", f"lorakit / PEFT: throughput {o['tokens_per_s'] / p['tokens_per_s']:.2f}×, peak memory "
+                  f"{o['peak_memory_bytes'] / p['peak_memory_bytes']:.2f}×.", ""]
+    text = "\n".join(lines)
+    print(text)
+    if not args.no_save:
+        content = RESULTS.read_text()
+        i = content.find("\n## ")
+        RESULTS.write_text(content[:i] + "\n\n" + text + content[i:] if i >= 0 else content + "\n" + text)
+
+
+if __name__ == "__main__":
+    main()
