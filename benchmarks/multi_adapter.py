@@ -17,6 +17,7 @@ import argparse
 import copy
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,8 @@ import torch
 import lorakit
 from lorakit.layers import lora_layers
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
+sys.path.insert(0, str(Path(__file__).parent))
+from results import append_entry
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -168,14 +170,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_save:
-        _append(text)
-
-
-def _append(text: str) -> None:
-    """Insert ``text`` as the newest entry (entries start with '## ', newest first)."""
-    content = RESULTS.read_text()
-    i = content.find("\n## ")
-    RESULTS.write_text(content[:i] + "\n\n" + text + content[i:] if i >= 0 else content + "\n" + text)
+        append_entry(text)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import torch
 
 HERE = Path(__file__).parent
 DATA = HERE.parent / "examples" / "extract" / "train.jsonl"
-RESULTS = HERE / "RESULTS.md"
 LORA = {"r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
 
@@ -224,9 +223,10 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_save:
-        content = RESULTS.read_text()
-        i = content.find("\n## ")
-        RESULTS.write_text(content[:i] + "\n\n" + text + content[i:] if i >= 0 else content + "\n" + text)
+        sys.path.insert(0, str(HERE))
+        from results import append_entry
+
+        append_entry(text)
 
 
 if __name__ == "__main__":
