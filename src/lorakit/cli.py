@@ -125,16 +125,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _load_with_adapters(model_name: str, adapters: list[str] | None):
-    from lorakit.inject import set_adapter
-    from lorakit.io import load_adapter
+    from lorakit.io import load_adapters
     from lorakit.models import load_model
 
     model, tokenizer = load_model(model_name)
-    names = [f"adapter{i}" for i in range(len(adapters or []))]
-    for name, path in zip(names, adapters or []):
-        load_adapter(model, path, adapter_name=name, activate=False)
-    if names:
-        set_adapter(model, names)
+    load_adapters(model, adapters or [])
     return model, tokenizer
 
 

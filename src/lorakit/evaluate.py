@@ -7,6 +7,7 @@ surrounding whitespace, with the reference (the completion, the last assistant t
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -32,20 +33,12 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_
     total, count = 0.0, 0
     for k in range(0, len(examples), batch_size):
         batch = {key: v.to(device) for key, v in collate([[e] for e in examples[k:k + batch_size]], pad_id).items()}
-        with autocast() if autocast else _null():
+        with autocast() if autocast else contextlib.nullcontext():
             loss_sum, n = causal_lm_loss(model, batch)
         total, count = total + float(loss_sum), count + n
     model.train(was_training)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 def normalise(text: str) -> str:
@@ -90,16 +83,11 @@ def evaluate_file(model_name: str, data: str, *, adapters: Sequence[str] = (), g
                   system_prompt: str | None = None, max_seq_len: int = 1024) -> dict[str, float]:
     """Evaluate a base model (plus adapters) on a data file: the standalone form of training's eval."""
     from lorakit.data import DataOptions, load_examples
-    from lorakit.io import load_adapter
+    from lorakit.io import load_adapters
     from lorakit.models import load_model
 
     model, tokenizer = load_model(model_name)
-    for i, path in enumerate(adapters):
-        load_adapter(model, path, adapter_name=f"adapter{i}", activate=False)
-    if adapters:
-        from lorakit.inject import set_adapter
-
-        set_adapter(model, [f"adapter{i}" for i in range(len(adapters))])
+    load_adapters(model, adapters)
     examples = load_examples(data, tokenizer, DataOptions(max_seq_len=max_seq_len, system_prompt=system_prompt))
     if max_examples > 0:
         examples = examples[:max_examples]

@@ -14,8 +14,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import LorakitError
-from lorakit.inject import set_adapter
-from lorakit.io import adapter_quantization, load_adapter
+from lorakit.io import adapter_quantization, load_adapters
 from lorakit.layers import lora_layers
 from lorakit.merge import merge_and_unload
 from lorakit.models import load_model
@@ -59,15 +58,11 @@ def merge_to_directory(model_name: str, adapters: list[tuple[str, float]], out: 
         from lorakit.quant import quantize_model
 
         quantize_model(model, quant["method"], double_quant=quant["double_quant"], blocksize=quant["blocksize"])
-    names = []
-    for i, (path, weight) in enumerate(adapters):
-        name = f"adapter{i}"
-        load_adapter(model, path, adapter_name=name, activate=False)
+    names = load_adapters(model, [path for path, _ in adapters])
+    for name, (_, weight) in zip(names, adapters):
         for _, layer in lora_layers(model):
             if name in layer.scaling:
                 layer.scaling[name] *= weight
-        names.append(name)
-    set_adapter(model, names)
     probe = tokenizer("The quick brown fox jumps over the lazy dog. 0123456789", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         unmerged = model(probe).logits.float()

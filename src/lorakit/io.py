@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -198,6 +199,16 @@ def load_adapter(
     if activate:
         set_adapter(model, adapter_name)
     return model
+
+
+def load_adapters(model: nn.Module, directories: Sequence[str | os.PathLike]) -> list[str]:
+    """Load each directory as ``adapter0``, ``adapter1``… and make them all active (updates add up)."""
+    names = [f"adapter{i}" for i in range(len(directories))]
+    for name, directory in zip(names, directories):
+        load_adapter(model, directory, adapter_name=name, activate=False)
+    if names:
+        set_adapter(model, names)
+    return names
 
 
 def _few(keys: list[str], n: int = 3) -> str:

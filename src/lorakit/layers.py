@@ -34,6 +34,16 @@ _LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_e
 _LORA_ATTRS = ("r", "lora_alpha", "scaling", "active_adapters", "merged_adapters", "adapters_disabled")
 
 
+def adopt(cls: type, base: nn.Module) -> Any:
+    """A new ``cls`` object owning ``base``'s parameters, buffers, sub-modules and hooks (no copies)."""
+    obj = cls.__new__(cls)
+    state = dict(base.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        state[key] = type(state[key])(state[key])
+    obj.__dict__.update(state)
+    return obj
+
+
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Adapters train in fp32 on a low-precision or quantized base, in the base dtype otherwise."""
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -59,11 +69,7 @@ class LoraLayer:
     @classmethod
     def from_base(cls, base: nn.Module) -> LoraLayer:
         """A LoRA layer that owns ``base``'s parameters, buffers and hooks (no copies)."""
-        layer = cls.__new__(cls)
-        state = dict(base.__dict__)
-        for key in ("_parameters", "_buffers", "_modules"):
-            state[key] = type(state[key])(state[key])
-        layer.__dict__.update(state)
+        layer = adopt(cls, base)
         nn.Module.__setattr__(layer, "lora_dropout", nn.ModuleDict())
         layer.r, layer.lora_alpha, layer.scaling = {}, {}, {}
         layer.active_adapters, layer.merged_adapters = [], []

@@ -13,6 +13,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from lorakit.layers import adopt
+
 
 class ModulesToSave:
     """Mixin for a module trained in full and saved with the adapter (e.g. a classifier head).
@@ -28,11 +30,7 @@ class ModulesToSave:
 
     @classmethod
     def from_base(cls, base: nn.Module) -> ModulesToSave:
-        wrapped = saved_class_for(type(base)).__new__(saved_class_for(type(base)))
-        state = dict(base.__dict__)
-        for key in ("_parameters", "_buffers", "_modules"):
-            state[key] = type(state[key])(state[key])
-        wrapped.__dict__.update(state)
+        wrapped = adopt(saved_class_for(type(base)), base)
         wrapped.modules_to_save = nn.ModuleDict()
         wrapped.active_adapters, wrapped.adapters_disabled = [], False
         return wrapped
