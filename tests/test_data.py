@@ -34,17 +34,18 @@ def trained_text(ex, tokenizer):
 
 def test_messages_train_only_assistant_turns_with_end_of_turn(tokenizer):
     ex = tokenize_row(R(CHAT, "x:1"), tokenizer, DataOptions())
-    assert trained_text(ex, tokenizer) == "4<|im_end|>\nsix<|im_end|>\n"
+    # the example ends at the last end-of-turn marker: the template's trailing newline is not kept
+    assert trained_text(ex, tokenizer) == "4<|im_end|>\nsix<|im_end|>"
     assert ex.reference == "six" and ex.prompt.endswith("<|im_start|>assistant\n")
     full = tokenizer.apply_chat_template(CHAT["messages"], tokenize=False)
-    assert tokenizer.decode(ex.input_ids) == full
+    assert full.endswith("<|im_end|>\n") and tokenizer.decode(ex.input_ids) == full[:-1]
 
 
 def test_prompt_completion_and_alpaca_render_as_chat(tokenizer):
     a = tokenize_row(R({"prompt": "Capital of France?", "completion": "Paris"}, "x:1"), tokenizer, DataOptions())
     b = tokenize_row(R({"instruction": "Capital of", "input": "France", "output": "Paris"}, "x:2"), tokenizer,
                      DataOptions())
-    assert trained_text(a, tokenizer) == trained_text(b, tokenizer) == "Paris<|im_end|>\n"
+    assert trained_text(a, tokenizer) == trained_text(b, tokenizer) == "Paris<|im_end|>"
     assert "Capital of\n\nFrance" in tokenizer.decode(b.input_ids)
 
 
@@ -126,7 +127,7 @@ def test_overlong_examples_truncated_or_dropped(tmp_path, tokenizer):
 def test_show_example_marks_trained_tokens(tokenizer):
     ex = tokenize_row(R({"prompt": "Hi", "completion": "Yo"}, "f.jsonl:1"), tokenizer, DataOptions())
     text = show_example(ex, tokenizer)
-    assert text.startswith("f.jsonl:1:") and "[Y][o][<|im_end|>][\\n]" in text and "·Hi·" in text
+    assert text.startswith("f.jsonl:1:") and text.endswith("[Y][o][<|im_end|>]") and "·Hi·" in text
 
 
 def test_packing_gives_the_same_loss_as_separate_examples(tiny_model_dir, tokenizer):

@@ -115,13 +115,27 @@ def test_grad_accumulation_matches_a_larger_batch(run_config, tmp_path):
         torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=0)
 
 
-def test_packing_trains_the_same_as_unpacked(run_config, tmp_path):
+@pytest.mark.parametrize("padding_free", [False, True])
+def test_packing_trains_the_same_as_unpacked(run_config, tmp_path, padding_free):
     common = {"train": {"epochs": 1, "batch_size": 24, "save_steps": 0}, "lora": {"lora_dropout": 0.0}}
-    plain = train(run_config(**common, output_dir=str(tmp_path / "a")), progress=False)
-    packed = train(run_config(**common, data={"packing": True, "max_seq_len": 96}, output_dir=str(tmp_path / "b")),
-                   progress=False)
+    plain = train(run_config(**common, data={"padding_free": False}, output_dir=str(tmp_path / "a")), progress=False)
+    packed = train(run_config(**common, data={"packing": True, "max_seq_len": 96, "padding_free": padding_free},
+                              output_dir=str(tmp_path / "b")), progress=False)
     assert plain.steps == packed.steps == 1
     assert abs(plain.train_loss - packed.train_loss) <= 1e-5
+
+
+def test_padding_free_with_a_shared_prefix_trains_like_padded_batches(run_config, tmp_path):
+    common = {"train": {"epochs": 1, "save_steps": 0}, "lora": {"lora_dropout": 0.0}}
+    padded = train(run_config(**common, data={"padding_free": False}, output_dir=str(tmp_path / "a")), progress=False)
+    flat = train(run_config(**common, output_dir=str(tmp_path / "b")), progress=False)  # auto: on for Llama
+    assert padded.steps == flat.steps == 6
+    assert abs(padded.train_loss - flat.train_loss) <= 1e-5
+    a, b = adapter_tensors(padded.output_dir), adapter_tensors(flat.output_dir)
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
+    with pytest.raises(ConfigError, match="padding_free must be auto, true or false"):
+        build_config(run_config(data={"padding_free": "sometimes"}))
 
 
 def _run_cli(config_path, *extra):

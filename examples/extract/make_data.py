@@ -1,7 +1,10 @@
 """Generate the bundled demo task: pull merchant, amount and ISO date out of an expense note as JSON.
 
     user:      "Paid $45.20 at Golden Fork Bistro on 3 March 2025."
-    assistant: {"merchant": "Golden Fork Bistro", "amount": 45.20, "date": "2025-03-03"}
+    assistant: {"merchant":"Golden Fork Bistro","amount":45.20,"date":"2025-03-03"}
+
+The answer is compact JSON (no spaces after separators): the same content in 5 fewer tokens a row,
+which is 6% of the training compute.
 
 The base SmolLM2-135M-Instruct answers in free text or with other keys, dates and number formats,
 so it scores near zero by exact match; a LoRA fine-tune learns the format and the normalisation
@@ -75,8 +78,9 @@ def example(split: str, rng: random.Random) -> dict:
     value = round(rng.choice([rng.uniform(1, 60), rng.uniform(60, 400), rng.uniform(400, 3000)]), 2)
     y, m, d = rng.choice([2023, 2024, 2025]), rng.randint(1, 12), rng.randint(1, 28)
     note = rng.choice(TEMPLATES).format(amount=fmt_amount(value, rng), merchant=merchant, date=fmt_date(y, m, d, rng))
-    answer = json.dumps({"merchant": merchant, "amount": float(f"{value:.2f}"), "date": f"{y}-{m:02d}-{d:02d}"})
-    answer = answer.replace(f'"amount": {float(f"{value:.2f}")}', f'"amount": {value:.2f}')
+    answer = json.dumps({"merchant": merchant, "amount": float(f"{value:.2f}"), "date": f"{y}-{m:02d}-{d:02d}"},
+                        separators=(",", ":"))
+    answer = answer.replace(f'"amount":{float(f"{value:.2f}")}', f'"amount":{value:.2f}')
     return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": note},
                          {"role": "assistant", "content": answer}]}
 

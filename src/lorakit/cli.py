@@ -72,7 +72,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 130
     after = generate_answers(trainer.model, trainer.tokenizer, [sample.prompt], max_new_tokens=48)[0]
     out = result.output_dir
-    print(f"\ntrained {result.steps} steps in {result.elapsed_s / 60:.1f} min; trainable "
+    print(f"\ntrained {result.steps} steps in {result.train_s / 60:.1f} min (then {result.elapsed_s - result.train_s:.0f} s "
+          f"of evaluation); trainable "
           f"{100 * result.trainable_params / result.total_params:.2f}% of {result.total_params:,d} parameters")
     print(f"exact match: base {100 * base_em:.1f}% -> LoRA {100 * result.metrics.get('exact_match', 0.0):.1f}%")
     print(f"adapter: {out}/adapter_model.safetensors  metrics: {out}/metrics.jsonl  plot: {out}/loss.png")

@@ -174,19 +174,22 @@ def as_messages(row: Row, fmt: str, system_prompt: str | None) -> list[dict[str,
 
 def _chat_spans(tokenizer: Any, messages: list[dict[str, str]], source: str) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans of its assistant turns (content plus the
-    template's end-of-turn marker), found by rendering growing prefixes of the conversation."""
+    template's end-of-turn marker), found by rendering growing prefixes of the conversation.
+    Whitespace a template puts after the final end-of-turn marker is dropped: it would cost a
+    token per example and teach nothing (generation stops at the marker)."""
     render = tokenizer.apply_chat_template
-    full = render(messages, tokenize=False)
+    rendered = render(messages, tokenize=False)
+    full = rendered.rstrip()
     spans = []
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
         before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         through = render(messages[: i + 1], tokenize=False)
-        if not (through.startswith(before) and full.startswith(through)):
+        if not (through.startswith(before) and rendered.startswith(through)):
             raise DataError(f"{source}: the tokenizer's chat template does not render conversations prefix by "
                             f"prefix, so assistant turns cannot be located; use prompt/completion rows")
-        spans.append((len(before), len(through)))
+        spans.append((len(before), min(len(through), len(full))))
     return full, spans
 
 
@@ -323,6 +326,53 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> dict[str, torch.T
         causal = torch.ones(length, length, dtype=torch.bool).tril()
         same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
         batch["attention_mask"] = (same & causal)[:, None]  # (B, 1, T, T)
+    return batch
+
+
+def shared_prefix(examples: Sequence[Example]) -> int:
+    """Length P of the token prefix that every example starts with and that trains nothing: labels of
+    tokens 0..P are all ignored (token P too, so the prefix's last position predicts nothing).
+    Each example keeps at least one token of its own; P = 0 for fewer than two examples."""
+    if len(examples) < 2:
+        return 0
+    limit = min(len(e.input_ids) for e in examples) - 1
+    p = 0
+    first = examples[0].input_ids
+    while p < limit and all(e.input_ids[p] == first[p] and e.labels[p] == IGNORE for e in examples):
+        p += 1
+    while p > 0 and any(e.labels[p] != IGNORE for e in examples):
+        p -= 1
+    return p
+
+
+def collate_flat(rows: Sequence[Sequence[Example]], share_prefix: bool = True) -> dict[str, Any]:
+    """All examples of ``rows`` concatenated into one (1, N) row with no padding (see
+    ``lorakit.attention``): ``input_ids``, ``labels`` and ``position_ids`` (1, N), plus the
+    segment bounds ``cu_seq_lens_q``/``_k`` (S+1,) and ``max_length_q``/``_k`` (the longest, int).
+    Labels of each example's first token are ignored, so no target crosses between examples.
+
+    With ``share_prefix``, a prefix common to all examples that trains nothing (a chat template's
+    system turn, say; see ``shared_prefix``) is placed once at the start, as its own segment, and
+    ``shared_prefix`` = P tells attention that every other segment also attends to it. Each
+    example's own tokens keep their positions (P, P+1, …), so the result is exactly that of the
+    examples side by side, for P fewer tokens per example.
+    """
+    examples = [e for row in rows for e in row]
+    p = shared_prefix(examples) if share_prefix else 0
+    parts = [(examples[0].input_ids[:p], [IGNORE] * p, 0)] if p else []
+    parts += [(e.input_ids[p:], e.labels[p:], p) for e in examples]
+    lengths = [len(ids) for ids, _, _ in parts]
+    ids = torch.tensor([t for part, _, _ in parts for t in part])[None]
+    labels = torch.tensor([t for _, part, _ in parts for t in part])
+    starts = torch.tensor([0, *lengths]).cumsum(0)
+    labels[starts[:-1]] = IGNORE
+    positions = torch.cat([torch.arange(offset, offset + n) for (_, _, offset), n in zip(parts, lengths)])[None]
+    cu = starts.to(torch.int32)
+    longest = max(lengths[1:] if p else lengths)
+    batch = {"input_ids": ids, "labels": labels[None], "position_ids": positions, "cu_seq_lens_q": cu,
+             "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    if p:
+        batch["shared_prefix"] = p
     return batch
 
 

@@ -27,7 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit.kernels.lora import gathered_lora, lora_linear
+from lorakit.kernels.lora import fused_lora_linear, gathered_lora, lora_linear
+
+# Use the fused LoRA-linear autograd node where it applies (see `_LinearLora._fused_adapter`);
+# False runs the plain composition of base forward + LoRA term (the reference path).
+FUSED_LINEAR = True
 
 # Attributes a LoRA layer adds to its base; removed again by `to_base`.
 _LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B")
@@ -197,6 +201,30 @@ class _LinearLora(LoraLayer):
 
     in_features: int
     out_features: int
+
+    def _fused_adapter(self, x: torch.Tensor) -> str | None:
+        """The one active adapter when the fused kernel applies, else None: a plain ``nn.Linear`` /
+        ``Conv1D`` base (not quantized), exactly one unmerged active adapter, no mixed batch, one
+        dtype throughout and no autocast."""
+        if not FUSED_LINEAR or self.adapters_disabled or "row_adapters" in self.__dict__:
+            return None
+        if self.base_class not in (nn.Linear, Conv1D) or torch.is_autocast_enabled(x.device.type):
+            return None
+        live = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+        if len(live) != 1:
+            return None
+        dtype = self.weight.dtype  # type: ignore[attr-defined]
+        return live[0] if x.dtype == dtype == self.lora_A[live[0]].weight.dtype else None
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        name = None if args or kwargs else self._fused_adapter(x)
+        if name is None:
+            return LoraLayer.forward(self, x, *args, **kwargs)
+        weight = self.weight if self.base_class is nn.Linear else self.weight.T  # type: ignore[attr-defined]
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+        return fused_lora_linear(x, weight, self.bias, self.lora_A[name].weight, self.lora_B[name].weight,  # type: ignore[attr-defined]
+                                 self.scaling[name], p)
 
     def _make_adapter(self, name: str, r: int) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)

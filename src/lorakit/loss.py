@@ -8,11 +8,17 @@ and only those pass through the output head: (N, H) → (N, V).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorakit.data import IGNORE
+
+# what a batch may hand the model: padded batches carry a mask, padding-free ones segment bounds
+_MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                 "max_length_k", "shared_prefix")
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
@@ -28,13 +34,13 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+def causal_lm_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over supervised positions, number of those positions)."""
     labels = batch["labels"]
     targets = labels[:, 1:]
     mask = targets != IGNORE  # (B, T-1)
     n = int(mask.sum())
-    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "position_ids") if k in batch}
+    inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
     parts = split_head(model)
     if parts is None:
         logits = model(**inputs, use_cache=False).logits[:, :-1][mask]  # (N, V)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.attention import padding_free, supports_padding_free
 from lorakit.checkpoint import (
     TrainState,
     complete_checkpoints,
@@ -33,7 +34,7 @@ from lorakit.checkpoint import (
     save_checkpoint,
     save_trainable,
 )
-from lorakit.data import Example, batches, collate, load_examples, pack, split_eval
+from lorakit.data import Example, batches, collate, collate_flat, load_examples, pack, split_eval
 from lorakit.errors import LorakitError
 from lorakit.evaluate import eval_loss, exact_match
 from lorakit.inject import count_parameters, get_lora_model
@@ -59,6 +60,7 @@ class TrainResult:
     trainable_params: int = 0
     total_params: int = 0
     interrupted: bool = False
+    train_s: float = 0.0  # seconds in the training loop (this process), without loading and final eval
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -146,6 +148,7 @@ class Trainer:
         if config.train.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
+        self.padding_free = self._padding_free(config.data.padding_free)
         self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         t = config.train
         self.optimizer = build_optimizer(self.params, t)
@@ -174,6 +177,13 @@ class Trainer:
             self.log(f"data: {stats['truncated'] + stats['dropped']} training examples over max_seq_len="
                      f"{d.max_seq_len} or with nothing to train were {verb}")
         self.rows = pack(self.train_examples, d.max_seq_len) if d.packing else [[e] for e in self.train_examples]
+
+    def _padding_free(self, setting: bool | str) -> bool:
+        supported = supports_padding_free(self.model)
+        if setting is True and not supported:
+            raise ConfigError(f"data.padding_free: {type(self.model).__name__} does not route attention through "
+                              f"transformers' attention interface with sdpa/eager; set data.padding_free=auto")
+        return supported if setting == "auto" else bool(setting)
 
     def _resume(self) -> bool:
         mode = self.config.train.resume
@@ -204,7 +214,8 @@ class Trainer:
         n_total = sum(e.n_supervised for mb in group for row in mb for e in row)
         loss_total = 0.0
         for micro in group:
-            batch = {k: v.to(self.device) for k, v in collate(micro, pad).items()}
+            raw = collate_flat(micro) if self.padding_free else collate(micro, pad)
+            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
             with self.autocast() if self.autocast else contextlib.nullcontext():
                 loss_sum, _ = causal_lm_loss(self.model, batch)
             if not torch.isfinite(loss_sum):
@@ -261,40 +272,16 @@ class Trainer:
         self.log(f"data: {len(self.train_examples)} train examples in {len(self.rows)} rows, "
                  f"{len(self.eval_examples)} eval; batch {t.batch_size} × accumulation {t.grad_accum} = "
                  f"{t.batch_size * t.grad_accum} rows per step, {self.total_steps} steps")
-        start, last_loss, final_eval, interrupted = time.perf_counter(), None, {}, False
+        start, final_eval, interrupted = time.perf_counter(), {}, False
+        self.last_loss = None
         bar = _progress(self.total_steps, self.state.step, self.progress)
         self.model.train()
         try:
-            while self.state.step < self.total_steps:
-                epoch_batches = batches(self.rows, t.batch_size, self.state.epoch, cfg.seed)
-                groups = [epoch_batches[k:k + t.grad_accum] for k in range(0, len(epoch_batches), t.grad_accum)]
-                for index in range(self.state.step_in_epoch, len(groups)):
-                    tick = time.perf_counter()
-                    lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
-                    loss, grad_norm, tokens = self._step(groups[index])
-                    elapsed = time.perf_counter() - tick
-                    s = self.state
-                    s.step, s.step_in_epoch, s.tokens = s.step + 1, index + 1, s.tokens + tokens
-                    last_loss = loss
-                    epoch_f = s.epoch + s.step_in_epoch / len(groups)
-                    if s.step % max(1, t.logging_steps) == 0 or s.step == self.total_steps:
-                        metrics.log({"step": s.step, "epoch": round(epoch_f, 4), "loss": loss, "lr": lr,
-                                     "grad_norm": grad_norm, "tokens": s.tokens, "tokens_per_s": tokens / elapsed})
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
-                    if s.step_in_epoch == len(groups):
-                        s.epoch, s.step_in_epoch = s.epoch + 1, 0
-                    if cfg.eval.steps > 0 and s.step % cfg.eval.steps == 0 and s.step < self.total_steps:
-                        metrics.log({"step": s.step, "epoch": round(epoch_f, 4), **self.evaluate()})
-                        plot_loss(metrics.records, self.out / "loss.png")
-                        self.model.train()
-                    epoch_end = s.step_in_epoch == 0
-                    if (t.save_steps > 0 and s.step % t.save_steps == 0) or epoch_end:
-                        self.checkpoint()
-                    if s.step >= self.total_steps:
-                        break
+            with padding_free(self.model) if self.padding_free else contextlib.nullcontext():
+                self._loop(metrics, bar)
+            train_s = time.perf_counter() - start
         except KeyboardInterrupt:
-            interrupted = True
+            interrupted, train_s = True, time.perf_counter() - start
             self.optimizer.zero_grad(set_to_none=True)
             if self.state.step > 0:
                 path = self.checkpoint()
@@ -305,11 +292,42 @@ class Trainer:
             final_eval = self.evaluate()
             final_eval["peak_memory_bytes"] = peak_memory_bytes(self.device)
             final_eval["base_weight_bytes"] = self.base_weight_bytes
+            final_eval["train_s"] = round(train_s, 1)
             metrics.log({"step": self.state.step, "epoch": self.state.epoch, **final_eval})
-            self._finish(metrics, final_eval, last_loss)
+            self._finish(metrics, final_eval, self.last_loss)
         metrics.close()
-        return TrainResult(self.out, self.state.step, last_loss, final_eval, self.state.tokens,
-                           time.perf_counter() - start, self.trainable, self.total, interrupted)
+        return TrainResult(self.out, self.state.step, self.last_loss, final_eval, self.state.tokens,
+                           time.perf_counter() - start, self.trainable, self.total, interrupted, train_s)
+
+    def _loop(self, metrics: MetricsLog, bar: Any) -> None:
+        """Optimizer steps from the current state to ``total_steps``: log, eval and checkpoint on the way."""
+        cfg, t, s = self.config, self.config.train, self.state
+        while s.step < self.total_steps:
+            epoch_batches = batches(self.rows, t.batch_size, s.epoch, cfg.seed)
+            groups = [epoch_batches[k:k + t.grad_accum] for k in range(0, len(epoch_batches), t.grad_accum)]
+            for index in range(s.step_in_epoch, len(groups)):
+                tick = time.perf_counter()
+                lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
+                loss, grad_norm, tokens = self._step(groups[index])
+                elapsed = time.perf_counter() - tick
+                s.step, s.step_in_epoch, s.tokens = s.step + 1, index + 1, s.tokens + tokens
+                self.last_loss = loss
+                epoch_f = s.epoch + s.step_in_epoch / len(groups)
+                if s.step % max(1, t.logging_steps) == 0 or s.step == self.total_steps:
+                    metrics.log({"step": s.step, "epoch": round(epoch_f, 4), "loss": loss, "lr": lr,
+                                 "grad_norm": grad_norm, "tokens": s.tokens, "tokens_per_s": tokens / elapsed})
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
+                if s.step_in_epoch == len(groups):
+                    s.epoch, s.step_in_epoch = s.epoch + 1, 0
+                if cfg.eval.steps > 0 and s.step % cfg.eval.steps == 0 and s.step < self.total_steps:
+                    metrics.log({"step": s.step, "epoch": round(epoch_f, 4), **self.evaluate()})
+                    plot_loss(metrics.records, self.out / "loss.png")
+                    self.model.train()
+                if (t.save_steps > 0 and s.step % t.save_steps == 0) or s.step_in_epoch == 0:
+                    self.checkpoint()
+                if s.step >= self.total_steps:
+                    return
 
     def _finish(self, metrics: MetricsLog, final_eval: dict[str, float], last_loss: float | None) -> None:
         if self.config.method == "lora":

@@ -53,6 +53,9 @@ class DataSection:
     max_seq_len: int = 512
     overlong: str = "truncate"  # or drop
     packing: bool = False
+    # auto | true | false: flatten each micro-batch into one row of real tokens (no padding), with
+    # attention kept per example (lorakit.attention); auto = on for models that support it
+    padding_free: bool | str = "auto"
     train_on_inputs: bool = False
     chat_template: bool | str = "auto"
     system_prompt: str | None = None
@@ -141,6 +144,7 @@ class RunConfig:
             (self.data.overlong in ("truncate", "drop"), "data.overlong must be truncate or drop"),
             (self.data.max_seq_len >= 8, "data.max_seq_len must be >= 8"),
             (0 <= self.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
+            (self.data.padding_free in (True, False, "auto"), "data.padding_free must be auto, true or false"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,11 +1,13 @@
-"""The LoRA update of a linear layer, ``s · B(A(dropout(x)))``.
+"""The LoRA update of a linear layer, ``s · B(A(dropout(x)))``, and the whole LoRA linear layer fused.
 
-Shapes: x (..., in), A (r, in), B (out, r) → (..., out).
+Shapes: x (..., in), W (out, in), A (r, in), B (out, r) → (..., out).
 The scale is applied to the rank-r intermediate (…, r) rather than the (…, out) result: the same
 product, one fewer full-width temporary.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +18,70 @@ def lora_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
     if dropout_p > 0:
         x = F.dropout(x, dropout_p, training=True)
     return F.linear(F.linear(x, a) * scale, b)
+
+
+def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                          b: torch.Tensor, scale: float, x_lora: torch.Tensor | None = None) -> torch.Tensor:
+    """``x Wᵀ + bias + s · x_lora Aᵀ Bᵀ`` in plain autograd ops: what ``fused_lora_linear`` must equal."""
+    x_lora = x if x_lora is None else x_lora
+    return F.linear(x, weight, bias) + scale * (x_lora @ a.T @ b.T)
+
+
+class _FusedLoraLinear(torch.autograd.Function):
+    """One autograd node for ``y = x Wᵀ + bias + s · x_l Aᵀ Bᵀ`` (x_l = dropout(x), or x itself).
+
+    Forward: h = x_l Aᵀ (N, r) first, then y = x Wᵀ with ``s · h Bᵀ`` accumulated into it in place
+    (one addmm, no (N, out) temporary for the update). Saved: x_l and h (N·r) for the adapter
+    gradients, plus W only when x needs a gradient; x itself only when W is trained.
+    Backward with g = ∂L/∂y (N, out) and g_h = s · g B (N, r):
+
+        ∂L/∂B = s · gᵀ h      ∂L/∂A = g_hᵀ x_l      ∂L/∂x = g W + g_h A   (one mm + one addmm)
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        shape = x.shape
+        x2, xl2 = x.reshape(-1, shape[-1]), x_lora.reshape(-1, shape[-1])
+        h = xl2 @ a.T  # (N, r)
+        y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T  # (N, out)
+        y.addmm_(h, b.T, alpha=scale)
+        ctx.scale, ctx.shape, ctx.same = scale, shape, x_lora is x
+        ctx.save_for_backward(x2 if weight.requires_grad else None, xl2, h, weight, a, b)
+        return y.reshape(*shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, xl2, h, weight, a, b = ctx.saved_tensors
+        s = ctx.scale
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        needs = ctx.needs_input_grad
+        gh = (g @ b).mul_(s)  # (N, r)
+        grad_b = (g.T @ h).mul_(s) if needs[5] else None
+        grad_a = gh.T @ xl2 if needs[4] else None
+        grad_x = grad_xl = None
+        if needs[0] and ctx.same:
+            grad_x = torch.addmm(gh @ a, g, weight)  # g W + g_h A
+        else:
+            grad_x = g @ weight if needs[0] else None
+            grad_xl = gh @ a if needs[1] else None
+        grad_w = g.T @ x2 if needs[2] else None
+        grad_bias = g.sum(0) if needs[3] else None
+        lead = ctx.shape[:-1]
+        grad_x = grad_x.reshape(*lead, -1) if grad_x is not None else None
+        grad_xl = grad_xl.reshape(*lead, -1) if grad_xl is not None else None
+        return grad_x, grad_xl, grad_w, grad_bias, grad_a, grad_b, None
+
+
+def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                      b: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
+    """``x Wᵀ + bias + s · dropout(x) Aᵀ Bᵀ`` as one autograd node (see ``_FusedLoraLinear``).
+
+    All tensors must share one dtype and device. With ``dropout_p == 0`` the input is not copied
+    and only x and the rank-r intermediate are kept for the backward pass.
+    """
+    x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    return _FusedLoraLinear.apply(x, x_lora, weight, bias, a, b, scale)
 
 
 def gathered_lora(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

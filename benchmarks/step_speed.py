@@ -1,0 +1,94 @@
+"""lorakit's own training step, one fast path at a time, on the bundled data (one process).
+
+Same model (SmolLM2-135M-Instruct, fp32 on CPU), same LoRA (the default recipe), same batches of
+8 examples; each variant runs forward + backward of the same steps, interleaved in rounds so that
+a slow spell of the machine hits all of them:
+
+    padded, unfused     right-padded batches, base forward + LoRA term as separate ops (reference)
+    padded              + the fused LoRA-linear autograd node
+    flat                + padding-free batches (one row of real tokens, attention per example)
+    flat + prefix       + the shared system-turn prefix stored once per batch
+
+    python benchmarks/step_speed.py [--steps 4] [--rounds 2]
+
+Prints seconds per step, real tokens per second and the speed-up over the reference, checks that
+every variant gives the same loss, and appends the table to benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import lorakit.layers
+from lorakit.attention import padding_free
+from lorakit.config import LoraConfig
+from lorakit.data import DataOptions, batches, collate, collate_flat, load_examples
+from lorakit.inject import get_lora_model
+from lorakit.loss import causal_lm_loss
+from lorakit.models import load_model
+from lorakit.train_config import DEFAULT_LORA
+from results import append_entry
+
+HERE = Path(__file__).parent
+DATA = HERE.parent / "examples" / "extract" / "train.jsonl"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=2)
+    args = ap.parse_args()
+    model, tok = load_model("smollm2-135m-instruct", dtype=torch.float32, device=torch.device("cpu"))
+    examples = load_examples(DATA, tok, DataOptions(max_seq_len=256))
+    steps = batches([[e] for e in examples], 8, 0, 0)[: args.steps + 1]
+    get_lora_model(model, LoraConfig(**DEFAULT_LORA))
+    model.train()
+    pad = tok.pad_token_id
+    variants = {
+        "padded, unfused": (False, lambda b: collate(b, pad)),
+        "padded": (True, lambda b: collate(b, pad)),
+        "flat": (True, lambda b: collate_flat(b, share_prefix=False)),
+        "flat + prefix": (True, lambda b: collate_flat(b)),
+    }
+
+    def step(fused: bool, make, batch) -> float:
+        lorakit.layers.FUSED_LINEAR = fused
+        loss, n = causal_lm_loss(model, make(batch))
+        (loss / n).backward()
+        model.zero_grad(set_to_none=True)
+        return float(loss.detach()) / n
+
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    with padding_free(model):
+        losses = {k: step(fused, make, steps[0]) for k, (fused, make) in variants.items()}  # also warms up
+        for _ in range(args.rounds):
+            for k, (fused, make) in variants.items():
+                t = time.perf_counter()
+                for b in steps[1:]:
+                    step(fused, make, b)
+                times[k].append((time.perf_counter() - t) / args.steps)
+    tokens = statistics.mean(sum(len(r[0].input_ids) for r in b) for b in steps[1:])
+    ref = statistics.median(times["padded, unfused"])
+    spread = max(losses.values()) - min(losses.values())
+    lines = ["| variant | s/step (median) | real tokens/s | speed-up |", "|---|---|---|---|"]
+    for k, ts in times.items():
+        med = statistics.median(ts)
+        lines.append(f"| {k} | {med:.2f} | {tokens / med:.0f} | {ref / med:.2f}× |")
+    table = "\n".join(lines)
+    print(table)
+    print(f"loss spread across variants: {spread:.2e}")
+    append_entry(f"## step_speed.py — {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+                 f"{torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
+                 f"SmolLM2-135M-Instruct fp32, default LoRA (r16, all linear), batches of 8 bundled examples "
+                 f"({tokens:.0f} real tokens per batch), {args.steps} steps × {args.rounds} interleaved rounds; "
+                 f"loss equal across variants within {spread:.1e}.\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()

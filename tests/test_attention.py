@@ -1,0 +1,125 @@
+"""Padding-free attention: per-segment attention of a flattened batch equals padded batches."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from conftest import randomize_adapters, tiny_gpt2
+from lorakit import LoraConfig, get_lora_model
+from lorakit.attention import (
+    padding_free,
+    supports_padding_free,
+    varlen_attention,
+    varlen_attention_reference,
+)
+from lorakit.data import IGNORE, DataOptions, Example, collate, collate_flat, shared_prefix, tokenize_row
+from lorakit.loss import causal_lm_loss
+from lorakit.models import load_model
+from test_data import CHAT, R
+
+
+@pytest.mark.parametrize("prefix", [0, 4])
+def test_varlen_attention_matches_the_per_segment_reference(prefix):
+    g = torch.Generator().manual_seed(0)
+    lengths = [prefix, 5, 1, 9, 3] if prefix else [5, 1, 9, 3]
+    cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    n = sum(lengths)
+    q = torch.randn(1, 6, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True)  # grouped-query: 3 per kv
+    v = torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    out = varlen_attention(q, k, v, cu, 9, scale=0.3, prefix=prefix)
+    ref = varlen_attention_reference(q, k, v, cu, scale=0.3, prefix=prefix)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def _lora_grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss, n = causal_lm_loss(model, batch)
+    (loss / n).backward()
+    return float(loss.detach()) / n, _lora_grads(model)
+
+
+def _check_flat_equals_padded(model, examples, pad_id, prefix=0):
+    assert supports_padding_free(model)
+    padded_loss, padded_grads = _loss_and_grads(model, collate([[e] for e in examples], pad_id))
+    for share in (False, True):
+        batch = collate_flat([[e] for e in examples], share_prefix=share)
+        assert batch.get("shared_prefix", 0) == (prefix if share else 0)
+        assert batch["input_ids"].shape[1] == sum(len(e.input_ids) for e in examples) - (len(examples) - 1) * (
+            prefix if share else 0)
+        with padding_free(model):
+            flat_loss, flat_grads = _loss_and_grads(model, batch)
+        assert abs(flat_loss - padded_loss) <= 1e-5
+        for name, grad in padded_grads.items():
+            torch.testing.assert_close(flat_grads[name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+def test_padding_free_llama_loss_and_gradients_equal_padded_batches(tiny_model_dir, tokenizer):
+    model, _ = load_model(str(tiny_model_dir))
+    get_lora_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model)
+    model.train()
+    rows = [CHAT, {"prompt": "Name a colour.", "completion": "Blue."}, {"text": "plain text row"},
+            {"instruction": "Add", "input": "2 and 3", "output": "5"}, {"prompt": "x " * 20, "completion": "y"}]
+    examples = [tokenize_row(R(r, f"r:{i}"), tokenizer, DataOptions()) for i, r in enumerate(rows)]
+    _check_flat_equals_padded(model, examples, tokenizer.pad_token_id)  # no common prefix: "text" rows
+    # chat rows with one system prompt share "<|im_start|>system\n...<|im_end|>\n<|im_start|>user\n"
+    chats = [{"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": q},
+                           {"role": "assistant", "content": a}]}
+             for q, a in [("2+2?", "4"), ("Capital of France?", "Paris"), ("Colour of the sky?", "Blue, mostly.")]]
+    examples = [tokenize_row(R(r, f"c:{i}"), tokenizer, DataOptions()) for i, r in enumerate(chats)]
+    prefix = shared_prefix(examples)
+    common = tokenizer.apply_chat_template([{"role": "system", "content": "Answer briefly."}], tokenize=False)
+    assert prefix == len(tokenizer(common + "<|im_start|>user\n", add_special_tokens=False).input_ids)
+    _check_flat_equals_padded(model, examples, tokenizer.pad_token_id, prefix)
+
+
+def test_padding_free_gpt2_loss_and_gradients_equal_padded_batches():
+    model = get_lora_model(tiny_gpt2(), LoraConfig(r=4, target_modules=["c_attn", "c_proj"]))
+    randomize_adapters(model)
+    model.train()
+    model.config.attn_pdrop = model.config.resid_pdrop = model.config.embd_pdrop = 0.0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    g = torch.Generator().manual_seed(0)
+    examples = []
+    head = [5, 6, 7]  # a shared prompt start: 3 tokens, then each example's own tokens
+    for n in (7, 5, 12):
+        ids = head + torch.randint(1, 128, (n,), generator=g).tolist()
+        examples.append(Example(ids, [IGNORE] * (3 + n // 2) + ids[3 + n // 2:], "x"))
+    _check_flat_equals_padded(model, examples, 0, prefix=3)
+
+
+def test_padded_batches_inside_the_context_run_as_before(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir))
+    ids = torch.randint(0, 1000, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    with torch.no_grad():
+        before = model(ids, attention_mask=mask).logits
+        with padding_free(copy.deepcopy(model)) as m:
+            inside = m(ids, attention_mask=mask).logits
+    torch.testing.assert_close(inside, before, atol=1e-6, rtol=0)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_collate_flat_marks_segments_and_blocks_cross_targets(tokenizer):
+    a = tokenize_row(R({"prompt": "Hi", "completion": "Yo"}, "a"), tokenizer, DataOptions())
+    b = tokenize_row(R({"text": "plain"}, "b"), tokenizer, DataOptions())
+    batch = collate_flat([[a], [b]])
+    na, nb = len(a.input_ids), len(b.input_ids)
+    assert batch["input_ids"].shape == (1, na + nb)
+    assert batch["cu_seq_lens_q"].tolist() == [0, na, na + nb] and batch["max_length_q"] == max(na, nb)
+    assert batch["position_ids"][0].tolist() == list(range(na)) + list(range(nb))
+    assert batch["labels"][0, na] == IGNORE  # a's last position does not learn to predict b's first token

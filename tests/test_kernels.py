@@ -1,0 +1,67 @@
+"""Fused kernels against their plain-PyTorch references (values and gradients)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lorakit.layers
+from conftest import randomize_adapters, tiny_gpt2, tiny_llama
+from lorakit import LoraConfig, get_lora_model
+from lorakit.kernels.lora import fused_lora_linear, lora_linear_reference
+from lorakit.layers import lora_layers
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_fused_lora_linear_matches_the_reference(bias, dropout, train_weight):
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    x, w, a, b = t(3, 5, 7), t(6, 7, grad=train_weight), t(2, 7), t(6, 2)
+    bb = t(6) if bias else None
+    torch.manual_seed(1)
+    y = fused_lora_linear(x, w, bb, a, b, 0.5, dropout)
+    torch.manual_seed(1)  # the same dropout mask
+    x_lora = torch.nn.functional.dropout(x, dropout, training=True) if dropout else x
+    ref = lora_linear_reference(x, w, bb, a, b, 0.5, x_lora)
+    inputs = [p for p in (x, w, bb, a, b) if p is not None and p.requires_grad]
+    up = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    got, want = torch.autograd.grad(y, inputs, up), torch.autograd.grad(ref, inputs, up)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    for u, v in zip(got, want):
+        torch.testing.assert_close(u, v, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
+def test_lora_layers_take_the_fused_path_and_match_the_plain_one(build, monkeypatch):
+    model = get_lora_model(build(), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model)
+    model.train()
+    ids = torch.randint(0, 128, (2, 9))
+    calls = []
+    monkeypatch.setattr(lorakit.layers, "fused_lora_linear",
+                        lambda *a, **k: calls.append(1) or fused_lora_linear(*a, **k))
+
+    def run(fused: bool):
+        monkeypatch.setattr(lorakit.layers, "FUSED_LINEAR", fused)
+        m = copy.deepcopy(model)
+        torch.manual_seed(0)  # GPT-2's own dropout draws the same masks in both runs
+        out = m(ids).logits
+        out.pow(2).mean().backward()
+        grads = {n: p.grad for n, p in m.named_parameters() if p.requires_grad}
+        return out, grads
+
+    plain, plain_grads = run(False)
+    assert not calls
+    fused, fused_grads = run(True)
+    assert len(calls) == len(lora_layers(model))
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
+    assert fused_grads.keys() == plain_grads.keys()
+    for n in plain_grads:
+        torch.testing.assert_close(fused_grads[n], plain_grads[n], atol=1e-6, rtol=1e-5, msg=n)
