@@ -48,7 +48,8 @@ def run(name: str, overrides: list[str]) -> dict:
     # the run reports its own peak; the children's maximum is only right for the first run of a sweep
     peak_rss = final.get("peak_memory_bytes") or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return {"run": name, "overrides": overrides, "exact_match": final.get("exact_match"),
-            "eval_loss": final.get("eval_loss"), "wall_s": round(wall, 1), "peak_rss_bytes": peak_rss}
+            "eval_loss": final.get("eval_loss"), "train_s": final.get("train_s"), "wall_s": round(wall, 1),
+            "peak_rss_bytes": peak_rss}
 
 
 def main(names: list[str]) -> None:

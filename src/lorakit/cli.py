@@ -228,6 +228,29 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", help="system prompt")
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the OpenAI-compatible server with the given adapters (``name=DIR``)."""
+    from lorakit.models import load_model
+    from lorakit.serve import serve
+
+    adapters = {}
+    for spec in args.adapter or []:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=DIR, e.g. --adapter sql=runs/sql")
+        adapters[name] = path
+    dtype = {"auto": None, "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[args.dtype]
+    import torch
+
+    model, tokenizer = load_model(args.model, dtype=getattr(torch, dtype) if dtype else None)
+    if torch.cuda.is_available():
+        model.cuda()
+    serve(model, tokenizer, args.served_model_name or args.model, adapters, host=args.host, port=args.port,
+          api_key=args.api_key, allow_adapter_updates=args.allow_adapter_updates, adapter_root=args.adapter_root,
+          max_batch=args.max_batch, max_loaded=args.max_loaded)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lorakit", description="LoRA and QLoRA fine-tuning for PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -273,6 +296,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--safe", action="store_true", help="refuse NaN/Inf merged weights")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, one adapter per request")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--adapter", action="append", help="NAME=DIR (repeatable); requests pick it with \"model\": NAME")
+    p.add_argument("--served-model-name", help="the base model's name in requests (default: --model)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--allow-adapter-updates", action="store_true",
+                   help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter")
+    p.add_argument("--adapter-root", help="directory that adapters loaded at run time must lie in")
+    p.add_argument("--max-batch", type=int, default=64, help="rows in the running batch")
+    p.add_argument("--max-loaded", type=int, default=16, help="adapters held in memory (LRU)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="fine-tune the embedded model on the bundled task and compare scores")
     p.add_argument("--config", default="examples/extract/config.yaml")
