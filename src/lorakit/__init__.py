@@ -1,6 +1,7 @@
 """lorakit: LoRA and QLoRA fine-tuning for PyTorch models, PEFT-compatible on disk."""
 
 from lorakit.batch import adapter_batch
+from lorakit.compose import combine_adapters
 from lorakit.config import LoraConfig
 from lorakit.inject import (
     active_adapters,
@@ -22,6 +23,7 @@ __all__ = [
     "active_adapters",
     "adapter_batch",
     "add_adapter",
+    "combine_adapters",
     "count_parameters",
     "delete_adapter",
     "disable_adapter",

@@ -217,6 +217,26 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_combine(args: argparse.Namespace) -> int:
+    """Combine weighted adapters into one new adapter (cat / linear / svd) saved in PEFT format."""
+    from lorakit.compose import combine_adapters
+    from lorakit.export import parse_adapter_arg
+    from lorakit.io import load_adapter, save_adapter
+    from lorakit.models import load_model
+
+    model, _ = load_model(args.model)
+    weights = {}
+    for i, spec in enumerate(args.adapter):
+        path, weight = parse_adapter_arg(spec)
+        load_adapter(model, path, adapter_name=f"adapter{i}", activate=False)
+        weights[f"adapter{i}"] = weight
+    config = combine_adapters(model, weights, method=args.method, new_name="combined", rank=args.rank)
+    save_adapter(model, args.out, adapter_name="combined")
+    print(f"combined {len(weights)} adapters ({args.method}) into rank {config.r} over "
+          f"{len(config.target_modules)} modules; wrote {args.out}")
+    return 0
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--adapter", action="append", help="adapter directory (repeatable; all are active)")
@@ -296,6 +316,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
     p.add_argument("--safe", action="store_true", help="refuse NaN/Inf merged weights")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("combine", help="combine weighted adapters into one new adapter (cat, linear or svd)")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--adapter", action="append", required=True, help="DIR or DIR:WEIGHT (repeatable)")
+    p.add_argument("--method", default="cat", choices=["cat", "linear", "svd"])
+    p.add_argument("--rank", type=int, help="target rank for svd (default: the largest input rank)")
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.set_defaults(func=cmd_combine)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server, one adapter per request")
     p.add_argument("--model", default=DEFAULT_MODEL)
