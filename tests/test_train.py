@@ -188,9 +188,9 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(run_config, 
 
     real, calls = train_module.causal_lm_loss, {"n": 0}
 
-    def poisoned(model, batch):
+    def poisoned(model, batch, **kwargs):
         calls["n"] += 1
-        loss, n = real(model, batch)
+        loss, n = real(model, batch, **kwargs)
         return (loss * float("nan"), n) if calls["n"] == 5 else (loss, n)
 
     monkeypatch.setattr(train_module, "causal_lm_loss", poisoned)
@@ -208,11 +208,11 @@ def test_ctrl_c_saves_a_resumable_checkpoint(run_config, monkeypatch, tmp_path):
     reference = train({**cfg, "output_dir": str(tmp_path / "ref")}, progress=False)
     real, calls = train_module.causal_lm_loss, {"n": 0}
 
-    def interrupt(model, batch):
+    def interrupt(model, batch, **kwargs):
         calls["n"] += 1
         if calls["n"] == 4:
             raise KeyboardInterrupt
-        return real(model, batch)
+        return real(model, batch, **kwargs)
 
     monkeypatch.setattr(train_module, "causal_lm_loss", interrupt)
     result = train(cfg, progress=False)

@@ -150,6 +150,8 @@ def load_trainable(model: nn.Module, directory: Path) -> None:
     params = _trainable(model)
     if set(tensors) != set(params):
         raise ValueError(f"checkpoint {directory} holds other trainable parameters than this model")
+    from lorakit.distributed import shard_like
+
     with torch.no_grad():
         for name, p in params.items():
-            p.copy_(tensors[name])
+            p.copy_(shard_like(tensors[name], p))

@@ -100,11 +100,24 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise ValueError(f"--show-example must be in 0..{len(examples) - 1}")
         print(show_example(examples[args.show_example], tokenizer))
         return 0
-    from lorakit.train import Trainer
+    if args.nproc and args.nproc > 1:
+        import subprocess
 
-    result = Trainer(config).run()
+        from lorakit.distributed import torchrun_command
+
+        overrides = list(args.overrides)
+        if not any(o.startswith("train.distributed=") for o in overrides):
+            overrides.append("train.distributed=ddp")
+        return subprocess.call(torchrun_command(args.nproc, [args.config, *overrides]))
+    from lorakit.train import train
+
+    result = train(config)
     if result.interrupted:
         return 130
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        return 0
     print(f"done: {result.steps} steps in {result.elapsed_s:.0f}s, final train loss {result.train_loss:.4f}")
     for key, value in result.metrics.items():
         print(f"  {key}: {value:.4f}")
@@ -286,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lora.r=16 train.lr=1e-4")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--show-example", type=int, metavar="N", help="print training example N token by token")
+    p.add_argument("--nproc", type=int, help="run on N local processes (starts torchrun; train.distributed=ddp "
+                                             "unless set)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="evaluate a model (and adapters) on a data file")

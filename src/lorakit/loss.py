@@ -34,15 +34,24 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     return body, head
 
 
-def causal_lm_loss(model: nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, int]:
-    """(sum of token cross-entropies over supervised positions, number of those positions)."""
+def causal_lm_loss(model: nn.Module, batch: dict[str, Any], whole: bool = False) -> tuple[torch.Tensor, int]:
+    """(sum of token cross-entropies over supervised positions, number of those positions).
+
+    ``whole`` calls the model's own forward (as DDP / FSDP wrappers need) and asks it for logits at
+    the supervised columns only (``logits_to_keep``), instead of running body and head separately.
+    """
     labels = batch["labels"]
     targets = labels[:, 1:]
     mask = targets != IGNORE  # (B, T-1)
     n = int(mask.sum())
     inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
-    parts = split_head(model)
-    if parts is None:
+    parts = None if whole else split_head(model)
+    if whole:
+        cols = mask.any(0).nonzero().squeeze(1)  # (K,) positions whose next token trains in some row
+        logits = model(**inputs, use_cache=False, logits_to_keep=cols).logits  # (B, K, V)
+        targets, mask = targets[:, cols], mask[:, cols]
+        logits = logits[mask]
+    elif parts is None:
         logits = model(**inputs, use_cache=False).logits[:, :-1][mask]  # (N, V)
     else:
         body, head = parts

@@ -9,18 +9,21 @@ from typing import Any
 
 class MetricsLog:
     """Append-only ``metrics.jsonl``; on resume, entries after the checkpoint's step are dropped so a
-    resumed run's file reads like an uninterrupted one."""
+    resumed run's file reads like an uninterrupted one. ``path=None`` keeps records in memory only
+    (ranks other than 0 of a distributed run)."""
 
-    def __init__(self, path: Path, resume_step: int | None = None, tensorboard: bool = False) -> None:
+    def __init__(self, path: Path | None, resume_step: int | None = None, tensorboard: bool = False) -> None:
         self.path = path
         self.records: list[dict[str, Any]] = []
+        self.writer = None
+        if path is None:
+            return
         if path.exists() and resume_step is not None:
             for line in path.read_text().splitlines():
                 record = json.loads(line)
                 if record.get("step", 0) <= resume_step:
                     self.records.append(record)
         path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
-        self.writer = None
         if tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -31,6 +34,8 @@ class MetricsLog:
 
     def log(self, record: dict[str, Any]) -> None:
         self.records.append(record)
+        if self.path is None:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
         if self.writer is not None:

@@ -35,6 +35,17 @@ from lorakit.checkpoint import (
     save_trainable,
 )
 from lorakit.data import Example, batches, collate, collate_flat, load_examples, pack, split_eval
+from lorakit.distributed import (
+    World,
+    full_optimizer_state,
+    gathered,
+    no_sync,
+    process_group,
+    reshard_optimizer_state,
+    shard_like,
+    world_from_env,
+    wrap,
+)
 from lorakit.errors import LorakitError
 from lorakit.evaluate import eval_loss, exact_match
 from lorakit.inject import count_parameters, get_lora_model
@@ -113,19 +124,24 @@ def _load_adapter_weights(model: nn.Module, directory: Path) -> None:
     params, _ = adapter_state_dict(model)
     with torch.no_grad():
         for key, p in params.items():
-            p.copy_(tensors[key])
+            p.copy_(shard_like(tensors[key], p))
 
 
 class Trainer:
     """One run: holds the model, data, optimizer and state; ``run()`` trains to the end."""
 
-    def __init__(self, config: RunConfig, progress: bool = True, log: Callable[[str], None] = print) -> None:
-        self.config, self.progress, self.log = config, progress, log
+    def __init__(self, config: RunConfig, progress: bool = True, log: Callable[[str], None] = print,
+                 world: World | None = None) -> None:
+        self.world = world or World()
+        self.config, self.progress = config, progress and self.world.main
+        self.log = log if self.world.main else (lambda _: None)
         self.out = Path(config.output_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.device = resolve_device(config.model.device)
+        if self.device.type == "cuda" and self.world.active:
+            self.device = torch.device("cuda", self.world.local_rank)
         dtype = resolve_dtype(config.model.dtype, self.device)
         self.model, self.tokenizer = load_model(config.model.name, dtype=dtype, device=self.device)
         if config.model.quantize:
@@ -149,15 +165,17 @@ class Trainer:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.config.use_cache = False
         self.padding_free = self._padding_free(config.data.padding_free)
-        self.params = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        self.trainable, self.total = count_parameters(self.model)
+        self.wrapped = wrap(self.model, self.world)  # DDP / FSDP2 when distributed, else the model itself
+        self.params = [(n, p) for n, p in self.wrapped.named_parameters() if p.requires_grad]
         t = config.train
         self.optimizer = build_optimizer(self.params, t)
-        self.steps_per_epoch = math.ceil(math.ceil(len(self.rows) / t.batch_size) / t.grad_accum)
+        self.rows_per_batch = t.batch_size * self.world.size  # a step's micro-batch across all ranks
+        self.steps_per_epoch = math.ceil(math.ceil(len(self.rows) / self.rows_per_batch) / t.grad_accum)
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch
         warmup = t.warmup_steps if t.warmup_steps > 0 else round(t.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.schedule, warmup, self.total_steps))
-        self.state = TrainState(fingerprint=config.fingerprint())
-        self.trainable, self.total = count_parameters(self.model)
+        self.state = TrainState(fingerprint=config.fingerprint(), world_size=self.world.size)
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -197,11 +215,16 @@ class Trainer:
             raise ConfigError(f"train.resume: checkpoint {path} does not exist")
         loader = _load_adapter_weights if self.config.method == "lora" else load_trainable
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, loader)
+        reshard_optimizer_state(self.optimizer)
         if state.fingerprint != self.state.fingerprint:
             raise ConfigError(
                 f"{path} was written by a run with a different config; resume with the same config, or use a new "
                 f"output_dir (or train.resume=never to start over)"
             )
+        if state.world_size != self.world.size:
+            raise ConfigError(f"{path} was written by a run on {state.world_size} process(es), this one has "
+                              f"{self.world.size}; resume with the same number of processes (the data order and "
+                              f"global batch depend on it), or use a new output_dir")
         self.state = state
         self.log(f"resumed from {path} (step {state.step}, epoch {state.epoch})")
         return True
@@ -209,19 +232,26 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------------------------
 
     def _step(self, group: Sequence[Sequence[Sequence[Example]]]) -> tuple[float, float, int]:
-        """One optimizer step over micro-batches ``group``: returns (mean loss, grad norm, tokens)."""
-        pad = self.tokenizer.pad_token_id
+        """One optimizer step over micro-batches ``group`` (each the global micro-batch of all ranks;
+        this rank takes rows rank, rank+W, …): returns (mean loss, grad norm, tokens)."""
+        pad, world = self.tokenizer.pad_token_id, self.world
         n_total = sum(e.n_supervised for mb in group for row in mb for e in row)
         loss_total = 0.0
-        for micro in group:
-            raw = collate_flat(micro) if self.padding_free else collate(micro, pad)
+        for k, micro in enumerate(group):
+            mine, weight = list(micro[world.rank::world.size]), float(world.size)
+            if not mine:  # fewer rows than ranks at an epoch's end: run a row with weight 0 (exact, no hang)
+                mine, weight = [micro[0]], 0.0
+            raw = collate_flat(mine) if self.padding_free else collate(mine, pad)
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
-            with self.autocast() if self.autocast else contextlib.nullcontext():
-                loss_sum, _ = causal_lm_loss(self.model, batch)
-            if not torch.isfinite(loss_sum):
-                raise TrainingError(self._nonfinite("loss"))
-            (loss_sum / n_total).backward()
-            loss_total += float(loss_sum.detach())
+            with no_sync(self.wrapped, world, last=k == len(group) - 1):
+                with self.autocast() if self.autocast else contextlib.nullcontext():
+                    loss_sum, _ = causal_lm_loss(self.wrapped, batch, whole=world.active)
+                if not torch.isfinite(loss_sum):
+                    raise TrainingError(self._nonfinite("loss"))
+                # DDP / FSDP average gradients over ranks: × W makes the result Σ token grads / global count
+                (loss_sum * (weight / n_total)).backward()
+            loss_total += float(loss_sum.detach()) * (weight / world.size)
+        loss_total = world.sum(loss_total)
         max_norm = self.config.train.max_grad_norm if self.config.train.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], max_norm))
         if not math.isfinite(grad_norm):
@@ -244,9 +274,16 @@ class Trainer:
             save_trainable(model, directory)
 
     def checkpoint(self) -> Path:
+        """All ranks arrive; rank 0 writes (with FSDP the adapter is gathered first); all leave."""
         ckpt_dir = self.out / "checkpoints"
-        path = save_checkpoint(ckpt_dir, self.model, self.optimizer, self.scheduler, self.state, self._save_model)
-        prune_checkpoints(ckpt_dir, self.config.train.save_total_limit)
+        path = ckpt_dir / f"checkpoint-{self.state.step}"
+        self.world.barrier()
+        with gathered(self.model, self.world), full_optimizer_state(self.optimizer, self.world):
+            if self.world.main:
+                path = save_checkpoint(ckpt_dir, self.model, self.optimizer, self.scheduler, self.state,
+                                       self._save_model)
+                prune_checkpoints(ckpt_dir, self.config.train.save_total_limit)
+        self.world.barrier()
         return path
 
     def evaluate(self) -> dict[str, float]:
@@ -263,15 +300,19 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, t = self.config, self.config.train
         resumed = self._resume()
-        metrics = MetricsLog(self.out / "metrics.jsonl", self.state.step if resumed else None, t.tensorboard)
-        (self.out / "config.yaml").write_text(dump_config(cfg))
+        main = self.world.main
+        metrics = MetricsLog(self.out / "metrics.jsonl" if main else None, self.state.step if resumed else None,
+                             t.tensorboard and main)
+        if main:
+            (self.out / "config.yaml").write_text(dump_config(cfg))
         quant = f", {cfg.model.quantize} base" if cfg.model.quantize else ""
         self.log(f"lorakit train: {cfg.method} on {cfg.model.name} ({self.device}{quant}), "
                  f"trainable {self.trainable:,d} / {self.total:,d} params ({100 * self.trainable / self.total:.2f}%), "
                  f"base weights {self.base_weight_bytes / 2**20:.1f} MiB")
         self.log(f"data: {len(self.train_examples)} train examples in {len(self.rows)} rows, "
-                 f"{len(self.eval_examples)} eval; batch {t.batch_size} × accumulation {t.grad_accum} = "
-                 f"{t.batch_size * t.grad_accum} rows per step, {self.total_steps} steps")
+                 f"{len(self.eval_examples)} eval; batch {t.batch_size} × accumulation {t.grad_accum}"
+                 + (f" × {self.world.size} processes ({self.world.mode})" if self.world.active else "")
+                 + f" = {self.rows_per_batch * t.grad_accum} rows per step, {self.total_steps} steps")
         start, final_eval, interrupted = time.perf_counter(), {}, False
         self.last_loss = None
         bar = _progress(self.total_steps, self.state.step, self.progress)
@@ -303,7 +344,7 @@ class Trainer:
         """Optimizer steps from the current state to ``total_steps``: log, eval and checkpoint on the way."""
         cfg, t, s = self.config, self.config.train, self.state
         while s.step < self.total_steps:
-            epoch_batches = batches(self.rows, t.batch_size, s.epoch, cfg.seed)
+            epoch_batches = batches(self.rows, self.rows_per_batch, s.epoch, cfg.seed)
             groups = [epoch_batches[k:k + t.grad_accum] for k in range(0, len(epoch_batches), t.grad_accum)]
             for index in range(s.step_in_epoch, len(groups)):
                 tick = time.perf_counter()
@@ -322,7 +363,8 @@ class Trainer:
                     s.epoch, s.step_in_epoch = s.epoch + 1, 0
                 if cfg.eval.steps > 0 and s.step % cfg.eval.steps == 0 and s.step < self.total_steps:
                     metrics.log({"step": s.step, "epoch": round(epoch_f, 4), **self.evaluate()})
-                    plot_loss(metrics.records, self.out / "loss.png")
+                    if self.world.main:
+                        plot_loss(metrics.records, self.out / "loss.png")
                     self.model.train()
                 if (t.save_steps > 0 and s.step % t.save_steps == 0) or s.step_in_epoch == 0:
                     self.checkpoint()
@@ -330,11 +372,14 @@ class Trainer:
                     return
 
     def _finish(self, metrics: MetricsLog, final_eval: dict[str, float], last_loss: float | None) -> None:
-        if self.config.method == "lora":
-            save_adapter(self.model, self.out)
-        else:
-            self.model.save_pretrained(self.out / "model")
-            self.tokenizer.save_pretrained(self.out / "model")
+        with gathered(self.model, self.world, trainable_only=self.config.method == "lora"):
+            if not self.world.main:
+                return
+            if self.config.method == "lora":
+                save_adapter(self.model, self.out)
+            else:
+                self.model.save_pretrained(self.out / "model")
+                self.tokenizer.save_pretrained(self.out / "model")
         plot_loss(metrics.records, self.out / "loss.png")
         summary = {"steps": self.state.step, "train_loss": last_loss, **final_eval,
                    "trainable_params": self.trainable, "total_params": self.total}
@@ -350,9 +395,13 @@ def _progress(total: int, initial: int, enabled: bool) -> Any:
 
 def train(config: RunConfig | dict | str | Path, overrides: list[str] | None = None, *,
           progress: bool = True) -> TrainResult:
-    """Run a training job from a ``RunConfig``, a config dict or a YAML path (+ dotted overrides)."""
+    """Run a training job from a ``RunConfig``, a config dict or a YAML path (+ dotted overrides).
+
+    Started by torchrun with several processes, each runs its rank (``train.distributed``)."""
     if isinstance(config, (str, Path)):
         config = load_config(config, overrides)
     elif isinstance(config, dict):
         config = build_config(config)
-    return Trainer(config, progress=progress).run()
+    world = world_from_env(config.train.distributed)
+    with process_group(world):
+        return Trainer(config, progress=progress, world=world).run()

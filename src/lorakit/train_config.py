@@ -81,6 +81,7 @@ class TrainSection:
     save_total_limit: int = 2
     resume: str = "auto"  # auto | never | path to a checkpoint directory
     tensorboard: bool = False
+    distributed: str = "auto"  # auto | none | ddp | fsdp; auto = ddp when started by torchrun with >1 process
 
 
 @dataclass
@@ -121,7 +122,8 @@ class RunConfig:
     def fingerprint(self) -> str:
         """Hash of everything that shapes the run's trajectory (not logging, eval or resume settings)."""
         d = self.to_dict()
-        for key in ("logging_steps", "save_steps", "save_total_limit", "resume", "tensorboard", "max_steps", "epochs"):
+        for key in ("logging_steps", "save_steps", "save_total_limit", "resume", "tensorboard", "max_steps", "epochs",
+                    "distributed"):
             d["train"].pop(key)
         d.pop("eval")
         d.pop("output_dir")

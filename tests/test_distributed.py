@@ -1,0 +1,149 @@
+"""torchrun with 2 CPU processes (gloo): DDP and FSDP2 train exactly like one process on the same global batch."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from test_train import rows
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture
+def make_config(tiny_model_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", rows(30))
+
+    def make(name: str, **train) -> Path:
+        cfg = {"model": {"name": str(tiny_model_dir)},
+               "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+               "data": {"train": str(tmp_path / "train.jsonl"), "max_seq_len": 96},
+               "train": {"epochs": 1, "batch_size": 2, "lr": 1e-2, "logging_steps": 1, **train},
+               "output_dir": str(tmp_path / name), "seed": 5}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        return path
+    return make
+
+
+def torchrun(config: Path, *overrides: str, nproc: int = 2, **popen) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "-m",
+           "lorakit", "train", str(config), *overrides]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, **popen)
+
+
+def single(config: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "lorakit", "train", str(config), *overrides], capture_output=True,
+                          text=True, timeout=600)
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter_model.safetensors"))
+
+
+def compare(a: Path, b: Path, tol: float) -> None:
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) > 3
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= tol
+    ta, tb = adapter(a), adapter(b)
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], atol=tol, rtol=0, msg=k)
+
+
+@pytest.mark.parametrize("mode, tol", [("ddp", 1e-5), ("fsdp", 1e-4)])
+def test_two_processes_train_like_one_with_the_same_global_batch(make_config, tiny_model_dir, mode, tol):
+    # one process, 4 rows per step = two processes × 2 rows; 30 rows → the last step has 2 rows (rank 1
+    # runs a zero-weight row there)
+    one = single(make_config("one", batch_size=4), "train.distributed=none")
+    assert one.returncode == 0, one.stderr
+    cfg = make_config(mode)
+    proc = torchrun(cfg, f"train.distributed={mode}")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert f"× 2 processes ({mode}) = 4 rows per step" in out
+    run_dir = cfg.parent / mode
+    compare(cfg.parent / "one", run_dir, tol)
+    if mode == "fsdp":  # the gathered adapter is a normal PEFT adapter
+        import peft
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        model = peft.PeftModel.from_pretrained(base, run_dir)
+        assert sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+
+
+def test_a_killed_rank_ends_the_job_with_an_error_and_resume_completes(make_config):
+    cfg = make_config("killed", save_steps=2, epochs=3)
+    proc = torchrun(cfg, "train.distributed=ddp", start_new_session=True)
+    ckpts = cfg.parent / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (ckpts.exists() and any(p.name.startswith("checkpoint-") for p in
+                                                                   ckpts.iterdir())):
+        time.sleep(0.2)
+    workers = _children_running_lorakit(proc.pid)
+    assert len(workers) == 2
+    os.kill(workers[-1], signal.SIGKILL)
+    try:
+        out, _ = proc.communicate(timeout=120)  # no hang: torchrun stops the other rank
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode != 0
+    assert "SIGKILL" in out or "Signal 9" in out or "exitcode" in out
+    # `lorakit train --nproc 2` starts torchrun itself (train.distributed=ddp by default)
+    resumed = subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(cfg), "--nproc", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resumed from" in out
+    assert (cfg.parent / "killed" / "adapter_model.safetensors").exists()
+    # another world size is refused with a clear message
+    again = single(cfg, "train.distributed=none", "train.epochs=4")
+    assert again.returncode == 2 and "2 process(es), this one has 1" in again.stderr
+
+
+def _children_running_lorakit(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and "lorakit" in cmd:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def test_qlora_with_ddp_trains_like_one_process(make_config):
+    one = single(make_config("one", batch_size=4), "train.distributed=none", "model.quantize=nf4")
+    assert one.returncode == 0, one.stderr
+    cfg = make_config("ddp-nf4")
+    proc = torchrun(cfg, "train.distributed=ddp", "model.quantize=nf4")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    compare(cfg.parent / "one", cfg.parent / "ddp-nf4", 1e-4)
+    fsdp = torchrun(cfg, "train.distributed=fsdp", "model.quantize=nf4", "output_dir=" + str(cfg.parent / "f"))
+    out, _ = fsdp.communicate(timeout=600)
+    assert fsdp.returncode != 0 and "does not shard a 4-bit / 8-bit base; use ddp for QLoRA" in out
