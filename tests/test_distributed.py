@@ -67,14 +67,15 @@ def compare(a: Path, b: Path, tol: float) -> None:
         torch.testing.assert_close(tb[k], ta[k], atol=tol, rtol=0, msg=k)
 
 
-@pytest.mark.parametrize("mode, tol", [("ddp", 1e-5), ("fsdp", 1e-4)])
-def test_two_processes_train_like_one_with_the_same_global_batch(make_config, tiny_model_dir, mode, tol):
+@pytest.mark.parametrize("mode, tol, extra", [("ddp", 1e-5, []), ("ddp", 1e-5, ["train.gradient_checkpointing=true"]),
+                                              ("fsdp", 1e-4, [])])
+def test_two_processes_train_like_one_with_the_same_global_batch(make_config, tiny_model_dir, mode, tol, extra):
     # one process, 4 rows per step = two processes × 2 rows; 30 rows → the last step has 2 rows (rank 1
     # runs a zero-weight row there)
     one = single(make_config("one", batch_size=4), "train.distributed=none")
     assert one.returncode == 0, one.stderr
     cfg = make_config(mode)
-    proc = torchrun(cfg, f"train.distributed={mode}")
+    proc = torchrun(cfg, f"train.distributed={mode}", *extra)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
     assert f"× 2 processes ({mode}) = 4 rows per step" in out
