@@ -34,7 +34,7 @@ from lorakit.kernels.lora import fused_lora_linear, gathered_lora, lora_linear
 FUSED_LINEAR = True
 
 # Attributes a LoRA layer adds to its base; removed again by `to_base`.
-_LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B")
+_LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_router")
 _LORA_ATTRS = ("r", "lora_alpha", "scaling", "active_adapters", "merged_adapters", "adapters_disabled")
 
 
@@ -186,10 +186,24 @@ class LoraLayer:
             if len(rows) != x.shape[0]:
                 raise ValueError(f"adapter_batch got {len(rows)} adapter ids for a batch of {x.shape[0]} rows")
             return result + self._rows_term(x, rows).to(result.dtype)
+        if "router_adapters" in self.__dict__:  # a learned router weighs the adapters per token
+            return result + self._routed_term(x).to(result.dtype)
         for name in self.active_adapters:
             if name in self.r and name not in self.merged_adapters:
                 result = result + self._lora_term(name, x).to(result.dtype)
         return result
+
+    def _routed_term(self, x: torch.Tensor) -> torch.Tensor:
+        """Σ_a softmax(G x)_a · (term of adapter a) over the routed adapters (see ``lorakit.router``)."""
+        names = self.__dict__["router_adapters"]
+        gate = self._modules["lora_router"]
+        weights = torch.softmax(gate(x.to(gate.weight.dtype)), dim=-1)  # (..., n)
+        out = None
+        for i, name in enumerate(names):
+            if name in self.r and name not in self.merged_adapters:
+                term = weights[..., i:i + 1] * self._lora_term(name, x)
+                out = term if out is None else out + term
+        return out if out is not None else torch.zeros((), dtype=x.dtype, device=x.device)
 
 
 def _params(module: nn.Module | nn.Parameter) -> list[nn.Parameter]:
@@ -206,7 +220,8 @@ class _LinearLora(LoraLayer):
         """The one active adapter when the fused kernel applies, else None: a plain ``nn.Linear`` /
         ``Conv1D`` base (not quantized), exactly one unmerged active adapter, no mixed batch, one
         dtype throughout and no autocast."""
-        if not FUSED_LINEAR or self.adapters_disabled or "row_adapters" in self.__dict__:
+        if not FUSED_LINEAR or self.adapters_disabled or "row_adapters" in self.__dict__ \
+                or "router_adapters" in self.__dict__:
             return None
         if self.base_class not in (nn.Linear, Conv1D) or torch.is_autocast_enabled(x.device.type):
             return None

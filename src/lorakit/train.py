@@ -127,6 +127,17 @@ def _load_adapter_weights(model: nn.Module, directory: Path) -> None:
             p.copy_(shard_like(tensors[key], p))
 
 
+def _load_router_weights(model: nn.Module, directory: Path) -> None:
+    from safetensors.torch import load_file
+
+    from lorakit.router import WEIGHTS_FILE, router_weights
+
+    tensors = load_file(str(directory / WEIGHTS_FILE))
+    with torch.no_grad():
+        for key, value in router_weights(model).items():
+            value.copy_(tensors[key])
+
+
 class Trainer:
     """One run: holds the model, data, optimizer and state; ``run()`` trains to the end."""
 
@@ -158,6 +169,13 @@ class Trainer:
         self._load_data()
         if config.method == "lora":
             get_lora_model(self.model, config.lora_config())
+        elif config.method == "router":  # frozen adapters, trainable gates
+            from lorakit.io import load_adapter
+            from lorakit.router import add_router
+
+            for name, path in config.router.adapters.items():
+                load_adapter(self.model, path, adapter_name=name, activate=False)
+            add_router(self.model, list(config.router.adapters))
         else:
             for p in self.model.parameters():
                 p.requires_grad_(True)
@@ -213,7 +231,8 @@ class Trainer:
             return False
         if not path.exists():
             raise ConfigError(f"train.resume: checkpoint {path} does not exist")
-        loader = _load_adapter_weights if self.config.method == "lora" else load_trainable
+        loader = {"lora": _load_adapter_weights, "router": _load_router_weights}.get(self.config.method,
+                                                                                  load_trainable)
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, loader)
         reshard_optimizer_state(self.optimizer)
         if state.fingerprint != self.state.fingerprint:
@@ -270,6 +289,10 @@ class Trainer:
     def _save_model(self, model: nn.Module, directory: Path) -> None:
         if self.config.method == "lora":
             save_adapter(model, directory)
+        elif self.config.method == "router":
+            from lorakit.router import save_router
+
+            save_router(model, directory, self.config.router.adapters)
         else:
             save_trainable(model, directory)
 
@@ -372,11 +395,11 @@ class Trainer:
                     return
 
     def _finish(self, metrics: MetricsLog, final_eval: dict[str, float], last_loss: float | None) -> None:
-        with gathered(self.model, self.world, trainable_only=self.config.method == "lora"):
+        with gathered(self.model, self.world, trainable_only=self.config.method != "full"):
             if not self.world.main:
                 return
-            if self.config.method == "lora":
-                save_adapter(self.model, self.out)
+            if self.config.method != "full":
+                self._save_model(self.model, self.out)
             else:
                 self.model.save_pretrained(self.out / "model")
                 self.tokenizer.save_pretrained(self.out / "model")

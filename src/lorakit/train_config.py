@@ -93,6 +93,12 @@ class EvalSection:
     max_examples: int = 0  # 0: all
 
 
+@dataclass
+class RouterSection:
+    # method: router — adapter name → adapter directory; the router learns per-token weights over them
+    adapters: dict[str, str] = field(default_factory=dict)
+
+
 # The default LoRA recipe; chosen by the sweep recorded in the README.
 DEFAULT_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
@@ -105,6 +111,7 @@ class RunConfig:
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    router: RouterSection = field(default_factory=RouterSection)
     output_dir: str = "runs/lorakit"
     seed: int = 0
 
@@ -130,8 +137,11 @@ class RunConfig:
         return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def validate(self) -> None:
-        if self.method not in ("lora", "full"):
-            raise ConfigError(f"method must be 'lora' or 'full', got {self.method!r}")
+        if self.method not in ("lora", "full", "router"):
+            raise ConfigError(f"method must be 'lora', 'full' or 'router', got {self.method!r}")
+        if self.method == "router" and len(self.router.adapters) < 2:
+            raise ConfigError("method: router needs router.adapters: a mapping of at least two adapter names to "
+                              "their directories")
         if not self.data.train:
             raise ConfigError("data.train is not set: give a .jsonl/.json/.csv/.parquet file or a directory")
         t = self.train
@@ -160,7 +170,8 @@ class RunConfig:
                 raise ConfigError("model.quantize needs method: lora (a quantized base cannot be fully fine-tuned)")
 
 
-SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection}
+SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection,
+            "router": RouterSection}
 SCALARS = ("method", "output_dir", "seed")
 
 
