@@ -191,8 +191,7 @@ class Engine:
                 reason = "stop"
             else:
                 r.streamer.put(torch.tensor([token]))
-                if r.options.stop and r.streamer.text() != self.tokenizer.decode(r.streamer.ids,
-                                                                                  skip_special_tokens=True):
+                if r.streamer.stopped:
                     reason = "stop"
                 elif len(r.generated) >= r.options.max_new_tokens:
                     reason = "length"

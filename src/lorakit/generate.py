@@ -47,10 +47,12 @@ class _Streamer:
         self.ids: list[int] = []
         self.emitted = 0
         self.prompt_seen = False
+        self.stopped = False  # a stop string has appeared in the text
 
     def text(self) -> str:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         cuts = [text.find(s) for s in self.stop if s and s in text]
+        self.stopped = bool(cuts)
         return text[: min(cuts)] if cuts else text
 
     def put(self, value: torch.Tensor) -> None:
