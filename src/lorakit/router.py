@@ -24,7 +24,7 @@ from torch import nn
 
 from lorakit.errors import LorakitError
 from lorakit.io import load_adapter
-from lorakit.layers import lora_layers
+from lorakit.layers import _adapter_dtype, lora_layers
 
 CONFIG_FILE = "router_config.json"
 WEIGHTS_FILE = "router.safetensors"
@@ -46,8 +46,7 @@ def add_router(model: nn.Module, adapters: list[str]) -> list[str]:
         p.requires_grad_(False)
     for _, layer in layers:
         weight = layer.base_weight
-        dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
-        gate = nn.Linear(layer.in_features, len(adapters), device=weight.device, dtype=dtype)  # type: ignore[attr-defined]
+        gate = nn.Linear(layer.in_features, len(adapters), device=weight.device, dtype=_adapter_dtype(weight))  # type: ignore[attr-defined]
         nn.init.zeros_(gate.weight)
         nn.init.zeros_(gate.bias)
         layer.lora_router = gate
@@ -95,15 +94,17 @@ def load_router(model: nn.Module, directory: str | os.PathLike, *, load_adapters
         for name, path in config["adapters"].items():
             load_adapter(model, path, adapter_name=name, activate=False)
     add_router(model, names)
-    tensors = load_file(str(directory / WEIGHTS_FILE))
+    load_router_weights(model, directory)
+    return names
+
+
+def load_router_weights(model: nn.Module, directory: str | os.PathLike) -> None:
+    """Copy the gates saved in ``directory`` into the router already in ``model``."""
+    tensors = load_file(str(Path(directory) / WEIGHTS_FILE))
     mine = router_weights(model)
     if set(tensors) != set(mine):
         raise RouterError(f"{directory} gates other modules than this model has ({len(tensors)} vs {len(mine)} "
                           f"tensors)")
     with torch.no_grad():
-        for prefix, layer in lora_layers(model):
-            gate = layer._modules.get("lora_router")
-            if gate is not None:
-                gate.weight.copy_(tensors[f"{prefix}.weight"])
-                gate.bias.copy_(tensors[f"{prefix}.bias"])
-    return names
+        for key, value in mine.items():
+            value.copy_(tensors[key])

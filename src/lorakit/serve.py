@@ -30,7 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lorakit.engine import Engine, request_id, resolve_inside
 from lorakit.engine import Request as EngineRequest
-from lorakit.generate import SamplingOptions
+from lorakit.generate import SamplingOptions, chat_input_ids
 from lorakit.pool import AdapterPool
 
 
@@ -113,9 +113,7 @@ class Server:
     def encode(self, body: CompletionRequest | ChatRequest) -> list[int]:
         with self.tokenizer_lock:
             if isinstance(body, ChatRequest):
-                messages = [m.model_dump() for m in body.messages]
-                out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-                ids = out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out
+                ids = chat_input_ids(self.tokenizer, [m.model_dump() for m in body.messages])[0].tolist()
             elif isinstance(body.prompt, list):
                 ids = body.prompt
             else:

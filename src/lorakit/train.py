@@ -127,17 +127,6 @@ def _load_adapter_weights(model: nn.Module, directory: Path) -> None:
             p.copy_(shard_like(tensors[key], p))
 
 
-def _load_router_weights(model: nn.Module, directory: Path) -> None:
-    from safetensors.torch import load_file
-
-    from lorakit.router import WEIGHTS_FILE, router_weights
-
-    tensors = load_file(str(directory / WEIGHTS_FILE))
-    with torch.no_grad():
-        for key, value in router_weights(model).items():
-            value.copy_(tensors[key])
-
-
 class Trainer:
     """One run: holds the model, data, optimizer and state; ``run()`` trains to the end."""
 
@@ -231,8 +220,10 @@ class Trainer:
             return False
         if not path.exists():
             raise ConfigError(f"train.resume: checkpoint {path} does not exist")
-        loader = {"lora": _load_adapter_weights, "router": _load_router_weights}.get(self.config.method,
-                                                                                  load_trainable)
+        from lorakit.router import load_router_weights
+
+        loader = {"lora": _load_adapter_weights, "router": load_router_weights}.get(self.config.method,
+                                                                                 load_trainable)
         state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, loader)
         reshard_optimizer_state(self.optimizer)
         if state.fingerprint != self.state.fingerprint:
@@ -256,13 +247,13 @@ class Trainer:
         pad, world = self.tokenizer.pad_token_id, self.world
         n_total = sum(e.n_supervised for mb in group for row in mb for e in row)
         loss_total = 0.0
-        for k, micro in enumerate(group):
+        for i, micro in enumerate(group):
             mine, weight = list(micro[world.rank::world.size]), float(world.size)
             if not mine:  # fewer rows than ranks at an epoch's end: run a row with weight 0 (exact, no hang)
                 mine, weight = [micro[0]], 0.0
             raw = collate_flat(mine) if self.padding_free else collate(mine, pad)
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
-            with no_sync(self.wrapped, world, last=k == len(group) - 1):
+            with no_sync(self.wrapped, world, last=i == len(group) - 1):
                 with self.autocast() if self.autocast else contextlib.nullcontext():
                     loss_sum, _ = causal_lm_loss(self.wrapped, batch, whole=world.active)
                 if not torch.isfinite(loss_sum):
