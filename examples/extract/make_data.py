@@ -18,7 +18,11 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from datagen import chat_row, write_splits
 
 SYSTEM = "Extract the expense as JSON."
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
@@ -81,16 +85,11 @@ def example(split: str, rng: random.Random) -> dict:
     answer = json.dumps({"merchant": merchant, "amount": float(f"{value:.2f}"), "date": f"{y}-{m:02d}-{d:02d}"},
                         separators=(",", ":"))
     answer = answer.replace(f'"amount":{float(f"{value:.2f}")}', f'"amount":{value:.2f}')
-    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": note},
-                         {"role": "assistant", "content": answer}]}
+    return chat_row(SYSTEM, note, answer)
 
 
 def main(out: Path = Path(__file__).parent, n_train: int = 1000, n_eval: int = 200, seed: int = 1234) -> None:
-    rng = random.Random(seed)
-    for split, n in (("train", n_train), ("eval", n_eval)):
-        with (out / f"{split}.jsonl").open("w") as f:
-            for _ in range(n):
-                f.write(json.dumps(example(split, rng)) + "\n")
+    write_splits(example, out, n_train, n_eval, seed)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from datagen import chat_row, write_splits
 
 SYSTEM = "Extract the meeting as JSON."
 DAYS = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"]
@@ -59,16 +63,11 @@ def example(split: str, rng: random.Random) -> dict:
         day=day if rng.random() < 0.7 else day[:3], time=fmt_time(hour, minute, rng),
         dur=rng.choice(DURATIONS[minutes]), person=rng.choice(PEOPLE[split]), topic=rng.choice(TOPICS[split]))
     answer = json.dumps({"day": day, "time": f"{hour:02d}:{minute:02d}", "minutes": minutes}, separators=(",", ":"))
-    return {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": note},
-                         {"role": "assistant", "content": answer}]}
+    return chat_row(SYSTEM, note, answer)
 
 
 def main(out: Path = Path(__file__).parent, n_train: int = 1000, n_eval: int = 200, seed: int = 4321) -> None:
-    rng = random.Random(seed)
-    for split, n in (("train", n_train), ("eval", n_eval)):
-        with (out / f"{split}.jsonl").open("w") as f:
-            for _ in range(n):
-                f.write(json.dumps(example(split, rng)) + "\n")
+    write_splits(example, out, n_train, n_eval, seed)
 
 
 if __name__ == "__main__":
