@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,7 +82,9 @@ def test_two_processes_train_like_one_with_the_same_global_batch(make_config, ti
     assert f"× 2 processes ({mode}) = 4 rows per step" in out
     run_dir = cfg.parent / mode
     compare(cfg.parent / "one", run_dir, tol)
-    if mode == "fsdp":  # the gathered adapter is a normal PEFT adapter
+    if mode == "fsdp":  # built on meta, each rank read about half of the weights; the adapter loads in PEFT
+        read, total = map(float, re.search(r"shards only \(([\d.]+) of ([\d.]+) MiB", out).groups())
+        assert total > 0 and abs(read / total - 0.5) < 0.02, out
         import peft
         from transformers import AutoModelForCausalLM
 
@@ -91,8 +94,14 @@ def test_two_processes_train_like_one_with_the_same_global_batch(make_config, ti
 
 
 def test_a_killed_rank_ends_the_job_with_an_error_and_resume_completes(make_config):
+    # with dropout the ranks' RNG streams differ; each rank's is checkpointed, so the resumed run is the
+    # uninterrupted one exactly
+    whole = make_config("whole", epochs=3)
+    run = torchrun(whole, "train.distributed=ddp", "lora.lora_dropout=0.1")
+    out, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, out
     cfg = make_config("killed", save_steps=2, epochs=3)
-    proc = torchrun(cfg, "train.distributed=ddp", start_new_session=True)
+    proc = torchrun(cfg, "train.distributed=ddp", "lora.lora_dropout=0.1", start_new_session=True)
     ckpts = cfg.parent / "killed" / "checkpoints"
     deadline = time.time() + 300
     while time.time() < deadline and not (ckpts.exists() and any(p.name.startswith("checkpoint-") for p in
@@ -109,15 +118,17 @@ def test_a_killed_rank_ends_the_job_with_an_error_and_resume_completes(make_conf
     assert proc.returncode != 0
     assert "SIGKILL" in out or "Signal 9" in out or "exitcode" in out
     # `lorakit train --nproc 2` starts torchrun itself (train.distributed=ddp by default)
-    resumed = subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(cfg), "--nproc", "2"],
+    resumed = subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(cfg), "lora.lora_dropout=0.1",
+                                "--nproc", "2"],
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     assert "resumed from" in out
-    assert (cfg.parent / "killed" / "adapter_model.safetensors").exists()
+    a, b = adapter(cfg.parent / "whole"), adapter(cfg.parent / "killed")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # another world size is refused with a clear message
-    again = single(cfg, "train.distributed=none", "train.epochs=4")
+    again = single(cfg, "train.distributed=none", "lora.lora_dropout=0.1", "train.epochs=4")
     assert again.returncode == 2 and "2 process(es), this one has 1" in again.stderr
 
 
@@ -148,3 +159,19 @@ def test_qlora_with_ddp_trains_like_one_process(make_config):
     fsdp = torchrun(cfg, "train.distributed=fsdp", "model.quantize=nf4", "output_dir=" + str(cfg.parent / "f"))
     out, _ = fsdp.communicate(timeout=600)
     assert fsdp.returncode != 0 and "does not shard a 4-bit / 8-bit base; use ddp for QLoRA" in out
+
+
+def test_fsdp_full_fine_tuning_from_a_meta_built_base_matches_one_process(make_config):
+    # every weight comes from each rank's own shards; the tied embedding / head is saved once, as one process does
+    one = single(make_config("full-one", batch_size=4), "train.distributed=none", "method=full", "train.lr=1e-3")
+    assert one.returncode == 0, one.stderr
+    cfg = make_config("full-fsdp")
+    proc = torchrun(cfg, "train.distributed=fsdp", "method=full", "train.lr=1e-3")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    a, b = cfg.parent / "full-one", cfg.parent / "full-fsdp"
+    assert max(abs(x - y) for x, y in zip(losses(a), losses(b))) <= 1e-4
+    ta, tb = load_file(str(a / "model/model.safetensors")), load_file(str(b / "model/model.safetensors"))
+    assert ta.keys() == tb.keys()
+    for k in ta:
+        torch.testing.assert_close(tb[k], ta[k], atol=1e-4, rtol=0, msg=k)

@@ -53,7 +53,11 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
 
 
-def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+RngState = tuple[dict[str, torch.Tensor], dict[str, Any]]
+
+
+def rng_state() -> RngState:
+    """This process's RNG states: (tensors: torch CPU and each CUDA device, json-able: python's)."""
     tensors = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         for i, state in enumerate(torch.cuda.get_rng_state_all()):
@@ -61,11 +65,19 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     return tensors, {"python": random.getstate()}
 
 
+def _rank_prefix(rank: int) -> str:
+    return "" if rank == 0 else f"rank{rank}."
+
+
 def save_checkpoint(
     directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
-    save_model: Any,
+    save_model: Any, rng: list[RngState] | None = None,
 ) -> Path:
-    """Write ``directory/checkpoint-<step>`` atomically; ``save_model(model, dir)`` writes the weights."""
+    """Write ``directory/checkpoint-<step>`` atomically; ``save_model(model, dir)`` writes the weights.
+
+    ``rng``: the RNG states of every rank (rank k's under the ``rank<k>.`` prefix, rank 0 unprefixed);
+    default: this process's.
+    """
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"{PREFIX}{state.step}"
     tmp = directory / f".tmp-{PREFIX}{state.step}-{os.getpid()}"
@@ -74,7 +86,10 @@ def save_checkpoint(
     save_model(model, tmp)
     opt_tensors, opt_meta = _optimizer_tensors(optimizer)
     save_file(opt_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = _rng_state()
+    rng_tensors, rng_meta = {}, {}
+    for rank, (tensors, py) in enumerate(rng or [rng_state()]):
+        rng_tensors.update({_rank_prefix(rank) + k: v for k, v in tensors.items()})
+        rng_meta.update({_rank_prefix(rank) + k: v for k, v in py.items()})
     save_file(rng_tensors, str(tmp / "rng.safetensors"))
     meta = {"state": asdict(state), "optimizer": opt_meta, "scheduler": scheduler.state_dict(), "rng": rng_meta}
     (tmp / "trainer_state.json").write_text(json.dumps(meta, indent=1, default=_json_default))
@@ -112,9 +127,10 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
 
 
 def load_checkpoint(
-    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, load_model: Any
+    path: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, load_model: Any, rank: int = 0
 ) -> TrainState:
-    """Restore everything ``save_checkpoint`` wrote; returns the saved ``TrainState``."""
+    """Restore everything ``save_checkpoint`` wrote (the RNG states of ``rank``); returns the saved
+    ``TrainState``."""
     if not (path / MARKER).exists():
         raise ValueError(f"{path} is not a complete checkpoint (no {MARKER} marker)")
     meta = json.loads((path / "trainer_state.json").read_text())
@@ -130,11 +146,12 @@ def load_checkpoint(
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     scheduler.load_state_dict(meta["scheduler"])
     rng = load_file(str(path / "rng.safetensors"))
-    torch.set_rng_state(rng["torch"])
-    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
+    prefix = _rank_prefix(rank)
+    torch.set_rng_state(rng[prefix + "torch"])
+    cuda = [rng[k] for k in sorted(k for k in rng if k.startswith(prefix + "cuda."))]
     if cuda and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(cuda)
-    py = meta["rng"]["python"]
+    py = meta["rng"][prefix + "python"]
     random.setstate((py[0], tuple(py[1]), py[2]))
     return TrainState(**meta["state"])
 

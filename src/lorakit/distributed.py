@@ -25,6 +25,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -60,6 +61,14 @@ class World:
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
+
+    def gather(self, value: Any) -> list[Any]:
+        """``[value of rank 0, value of rank 1, …]`` on every rank (any picklable value)."""
+        if not self.active:
+            return [value]
+        out: list[Any] = [None] * self.size
+        dist.all_gather_object(out, value)
+        return out
 
     def sum(self, value: float) -> float:
         """Sum of ``value`` over ranks."""
@@ -163,12 +172,13 @@ def gathered(model: nn.Module, world: World, trainable_only: bool = True) -> Ite
         return
     from torch.distributed.tensor import DTensor
 
-    swapped = []
+    swapped, whole = [], {}  # whole: one gathered tensor per parameter, so tied weights stay tied
     for module in model.modules():
         for name, param in list(module._parameters.items()):
             if isinstance(param, DTensor) and (param.requires_grad or not trainable_only):
-                full = nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad)
-                module._parameters[name] = full
+                if id(param) not in whole:
+                    whole[id(param)] = nn.Parameter(param.full_tensor().detach(), requires_grad=param.requires_grad)
+                module._parameters[name] = whole[id(param)]
                 swapped.append((module, name, param))
     try:
         yield model
@@ -214,6 +224,68 @@ def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
         for k, v in list(state.items()):
             if torch.is_tensor(v) and v.ndim > 0:
                 state[k] = shard_like(v, p)
+
+
+def detach_to_meta(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Move the parameters that hold values (the freshly initialised adapter of a model built on
+    meta) to the meta device too, and return their values by name, for ``load_shards``."""
+    values = {}
+    for name, param in model.named_parameters():
+        if param.device.type != "meta":
+            values[name] = param.detach().clone()
+            module_name, _, leaf = name.rpartition(".")
+            module = model.get_submodule(module_name)
+            module._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+    return values
+
+
+def load_shards(model: nn.Module, files: dict[str, Path], device: torch.device,
+                values: dict[str, torch.Tensor] | None = None) -> tuple[int, int]:
+    """Materialise a model built on meta and sharded by ``fully_shard``: every rank allocates its
+    shards only and reads its own rows of each weight from the safetensors ``files`` (a memory-mapped
+    slice: the other rows are never read); parameters named in ``values`` are taken from there.
+
+    FSDP2 shards dim 0 like ``torch.chunk``: with n rows on W ranks, rank k holds rows
+    [k·⌈n/W⌉, min(n, (k+1)·⌈n/W⌉)). Buffers keep their values. Returns (bytes read, bytes in files).
+    """
+    from safetensors import safe_open
+    from torch.distributed.tensor import DTensor, Shard
+
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for name, b in model.named_buffers():
+            b.copy_(buffers[name])
+    values = values or {}
+    handles: dict[Path, Any] = {}
+    read = total = 0
+    try:
+        for name, param in model.named_parameters():
+            local = param.to_local() if isinstance(param, DTensor) else param
+            rows = param.shape[0] if param.ndim else 0
+            start, stop = 0, rows
+            if isinstance(param, DTensor) and param.placements and isinstance(param.placements[0], Shard):
+                if param.placements[0].dim != 0:
+                    raise DistributedError(f"{name}: sharded on dim {param.placements[0].dim}, expected 0")
+                mesh = param.device_mesh
+                step = -(-rows // mesh.size())
+                start = min(rows, mesh.get_local_rank() * step)
+                stop = min(rows, start + step)
+            if name in values:
+                source = values[name][start:stop] if param.ndim else values[name]
+            else:
+                path = files[name]
+                f = handles.get(path) or handles.setdefault(path, safe_open(str(path), framework="pt"))
+                source = f.get_slice(name)[start:stop] if param.ndim else f.get_tensor(name)
+                read += source.numel() * source.element_size()
+                total += param.numel() * source.element_size()
+            if tuple(source.shape) != tuple(local.shape):
+                raise DistributedError(f"{name}: this rank's shard is {tuple(local.shape)}, read {tuple(source.shape)}")
+            with torch.no_grad():
+                local.copy_(source)
+    finally:
+        handles.clear()
+    return read, total
 
 
 def unwrap(wrapped: nn.Module) -> nn.Module:

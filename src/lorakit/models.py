@@ -13,6 +13,8 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -134,3 +136,63 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+@contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Inside the block every parameter a module registers is moved to the meta device as it is
+    registered: a model is built with no weight storage and no initialisation cost (its random
+    inits run on meta tensors), while buffers are built for real, so computed ones (rotary
+    ``inv_freq``) keep their values."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and param.device.type != "meta":
+            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register  # type: ignore[method-assign]
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name → the ``*.safetensors`` file of ``directory`` holding it (empty when there are none)."""
+    from safetensors import safe_open
+
+    files: dict[str, Path] = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as f:
+            files.update(dict.fromkeys(f.keys(), path))
+    return files
+
+
+def empty_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32
+                ) -> tuple[nn.Module, object, dict[str, Path]] | None:
+    """``(model, tokenizer, weight files)`` with every parameter on the meta device, or ``None``
+    when the model's safetensors do not name each parameter (a ``.gguf`` file, renamed keys).
+
+    For FSDP: each rank shards the empty model, then reads only its own rows of each weight
+    (``distributed.load_shards``). The torch RNG state is left as it was, so what is built next
+    (the adapter) is initialised exactly as after ``load_model``.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    directory, gguf_file = resolve_model_dir(name_or_path)
+    files = {} if gguf_file else weight_files(directory)
+    if not files:
+        return None
+    config = AutoConfig.from_pretrained(directory)
+    rng = torch.get_rng_state()
+    with parameters_on_meta():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    torch.set_rng_state(rng)
+    if any(n not in files for n, _ in model.named_parameters()):
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer, files

@@ -31,14 +31,17 @@ from lorakit.checkpoint import (
     load_checkpoint,
     load_trainable,
     prune_checkpoints,
+    rng_state,
     save_checkpoint,
     save_trainable,
 )
 from lorakit.data import Example, batches, collate, collate_flat, load_examples, pack, split_eval
 from lorakit.distributed import (
     World,
+    detach_to_meta,
     full_optimizer_state,
     gathered,
+    load_shards,
     no_sync,
     process_group,
     reshard_optimizer_state,
@@ -51,7 +54,7 @@ from lorakit.evaluate import eval_loss, exact_match
 from lorakit.inject import count_parameters, get_lora_model
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.loss import causal_lm_loss
-from lorakit.models import load_model
+from lorakit.models import empty_model, load_model
 from lorakit.report import MetricsLog, plot_loss, write_model_card
 from lorakit.train_config import ConfigError, RunConfig, build_config, dump_config, load_config
 
@@ -143,7 +146,13 @@ class Trainer:
         if self.device.type == "cuda" and self.world.active:
             self.device = torch.device("cuda", self.world.local_rank)
         dtype = resolve_dtype(config.model.dtype, self.device)
-        self.model, self.tokenizer = load_model(config.model.name, dtype=dtype, device=self.device)
+        # FSDP: build the base on the meta device; each rank later reads only its shards (load_shards)
+        empty = (empty_model(config.model.name, dtype=dtype) if self.world.mode == "fsdp"
+                 and config.method in ("lora", "full") and not config.model.quantize else None)
+        if empty is not None:
+            self.model, self.tokenizer, self.weight_files = empty
+        else:
+            self.model, self.tokenizer = load_model(config.model.name, dtype=dtype, device=self.device)
         if config.model.quantize:
             from lorakit.quant import quantize_model
 
@@ -173,7 +182,12 @@ class Trainer:
         self.model.config.use_cache = False
         self.padding_free = self._padding_free(config.data.padding_free)
         self.trainable, self.total = count_parameters(self.model)
+        initial = detach_to_meta(self.model) if empty is not None else {}  # the fresh adapter's values
         self.wrapped = wrap(self.model, self.world)  # DDP / FSDP2 when distributed, else the model itself
+        if empty is not None:
+            read, total = load_shards(self.model, self.weight_files, self.device, initial)
+            self.log(f"fsdp: base built on the meta device; each rank read its shards only "
+                     f"({read / 2**20:.1f} of {total / 2**20:.1f} MiB on rank 0)")
         self.params = [(n, p) for n, p in self.wrapped.named_parameters() if p.requires_grad]
         t = config.train
         self.optimizer = build_optimizer(self.params, t)
@@ -224,7 +238,7 @@ class Trainer:
 
         loader = {"lora": _load_adapter_weights, "router": load_router_weights}.get(self.config.method,
                                                                                  load_trainable)
-        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, loader)
+        state = load_checkpoint(path, self.model, self.optimizer, self.scheduler, loader, self.world.rank)
         reshard_optimizer_state(self.optimizer)
         if state.fingerprint != self.state.fingerprint:
             raise ConfigError(
@@ -291,11 +305,11 @@ class Trainer:
         """All ranks arrive; rank 0 writes (with FSDP the adapter is gathered first); all leave."""
         ckpt_dir = self.out / "checkpoints"
         path = ckpt_dir / f"checkpoint-{self.state.step}"
-        self.world.barrier()
+        rng = self.world.gather(rng_state())  # every rank's dropout / data RNG, for an exact resume
         with gathered(self.model, self.world), full_optimizer_state(self.optimizer, self.world):
             if self.world.main:
                 path = save_checkpoint(ckpt_dir, self.model, self.optimizer, self.scheduler, self.state,
-                                       self._save_model)
+                                       self._save_model, rng)
                 prune_checkpoints(ckpt_dir, self.config.train.save_total_limit)
         self.world.barrier()
         return path
