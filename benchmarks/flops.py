@@ -1,0 +1,136 @@
+"""Achieved FLOP/s of one training step against this machine's matmul peak, measured in the same run.
+
+The peak is the best of a large square matmul (2048³, fp32 on CPU / bf16 on GPU). A step is the
+forward + backward of one batch of 8 bundled examples (SmolLM2-135M-Instruct, LoRA r=16 on all
+linear layers), done two ways on the same rows:
+
+    lorakit         the trainer's path: padding-free row, shared prefix, fused LoRA-linear node,
+                    output head and cross-entropy at supervised positions only
+    PEFT            ``get_peft_model`` + the model's own loss on a right-padded batch (what
+                    ``transformers.Trainer`` runs): every position through the head
+
+FLOPs are counted by ``torch.utils.flop_counter`` on one step of each side (matrix products:
+``mm``, ``addmm``, ``addmm_``, ``bmm``; attention scores on the CPU are not counted, a small share
+at these lengths). "useful GFLOP/s" divides lorakit's count, the work the step needs, by each
+side's time, so it compares the two directly; "% of peak" is each side's own count over its time.
+
+    python benchmarks/flops.py [--steps 4] [--rounds 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from typing import Any
+
+import torch
+
+HERE_DATA = "examples/extract/train.jsonl"
+
+
+def _mm_flops(a_shape: Any, b_shape: Any) -> int:
+    return 2 * a_shape[0] * a_shape[1] * b_shape[1]
+
+
+def _addmm_(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return _mm_flops(a_shape, b_shape)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
+    """Best GFLOP/s of an n×n×n matmul."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    best = float("inf")
+    for _ in range(reps):
+        sync()
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    import peft
+    from torch.utils.flop_counter import FlopCounterMode
+
+    import lorakit
+    from lorakit.attention import padding_free
+    from lorakit.data import DataOptions, batches, collate, collate_flat, load_examples
+    from lorakit.loss import causal_lm_loss
+    from lorakit.models import load_model
+    from lorakit.train_config import DEFAULT_LORA
+    from results import append_entry
+
+    cuda = torch.cuda.is_available()
+    device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
+    ours, tok = load_model("smollm2-135m-instruct", dtype=dtype, device=torch.device(device))
+    theirs, _ = load_model("smollm2-135m-instruct", dtype=dtype, device=torch.device(device))
+    lora = {**DEFAULT_LORA, "r": 16, "lora_alpha": 32, "lora_dropout": 0.0, "target_modules": "all-linear"}
+    lorakit.get_lora_model(ours, lorakit.LoraConfig(**lora))
+    theirs = peft.get_peft_model(theirs, peft.LoraConfig(task_type="CAUSAL_LM", **{k: lora[k] for k in
+                                 ("r", "lora_alpha", "lora_dropout", "target_modules")}))
+    ours.train()
+    theirs.train()
+    examples = load_examples(HERE_DATA, tok, DataOptions(max_seq_len=256))
+    steps = batches([[e] for e in examples], 8, 0, 0)[: args.steps + 1]
+
+    def to(batch: dict[str, Any]) -> dict[str, Any]:
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def step_ours(rows: Any) -> None:
+        with padding_free(ours):
+            loss, n = causal_lm_loss(ours, to(collate_flat(rows)))
+            (loss / n).backward()
+        ours.zero_grad(set_to_none=True)
+
+    def step_theirs(rows: Any) -> None:
+        theirs(**to(collate(rows, tok.pad_token_id))).loss.backward()
+        theirs.zero_grad(set_to_none=True)
+
+    sides = {"lorakit": step_ours, "PEFT": step_theirs}
+    flops = {}
+    for name, step in sides.items():
+        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_}) as counter:
+            step(steps[0])  # also the warm-up
+        flops[name] = counter.get_total_flops()
+    peak, times = [], {k: [] for k in sides}
+    for _ in range(args.rounds):  # interleaved, so a slow spell of the machine hits every measurement
+        peak.append(matmul_peak(device, dtype))
+        for name, step in sides.items():
+            sync()
+            t = time.perf_counter()
+            for rows in steps[1:]:
+                step(rows)
+            sync()
+            times[name].append((time.perf_counter() - t) / args.steps)
+    best_peak = max(peak)
+    lines = ["| side | GFLOP per step (counted) | s/step (median) | achieved GFLOP/s | % of matmul peak | "
+             "useful GFLOP/s |", "|---|---|---|---|---|---|"]
+    for name in sides:
+        s = statistics.median(times[name])
+        lines.append(f"| {name} | {flops[name] / 1e9:.0f} | {s:.2f} | {flops[name] / s / 1e9:.1f} | "
+                     f"{100 * flops[name] / s / 1e9 / best_peak:.0f}% | {flops['lorakit'] / s / 1e9:.1f} |")
+    table = "\n".join(lines)
+    machine = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    print(f"matmul peak: {best_peak:.1f} GFLOP/s ({dtype})")
+    print(table)
+    append_entry(f"## flops.py — {time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, "
+                 f"peft {peft.__version__}\n\nSmolLM2-135M-Instruct {str(dtype).split('.')[-1]}, LoRA r=16 all linear, "
+                 f"batches of 8 bundled examples, {args.steps} steps × {args.rounds} interleaved rounds; matmul "
+                 f"peak (2048³, best of the run) {best_peak:.1f} GFLOP/s.\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
