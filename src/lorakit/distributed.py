@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,7 +249,7 @@ def load_shards(model: nn.Module, files: dict[str, Path], device: torch.device,
     [k·⌈n/W⌉, min(n, (k+1)·⌈n/W⌉)). Buffers keep their values. Returns (bytes read, bytes in files).
     """
     from safetensors import safe_open
-    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor import DTensor
 
     buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     model.to_empty(device=device)
@@ -257,35 +257,40 @@ def load_shards(model: nn.Module, files: dict[str, Path], device: torch.device,
         for name, b in model.named_buffers():
             b.copy_(buffers[name])
     values = values or {}
-    handles: dict[Path, Any] = {}
     read = total = 0
-    try:
+    with ExitStack() as stack:
+        handles: dict[Path, Any] = {}
         for name, param in model.named_parameters():
             local = param.to_local() if isinstance(param, DTensor) else param
-            rows = param.shape[0] if param.ndim else 0
-            start, stop = 0, rows
-            if isinstance(param, DTensor) and param.placements and isinstance(param.placements[0], Shard):
-                if param.placements[0].dim != 0:
-                    raise DistributedError(f"{name}: sharded on dim {param.placements[0].dim}, expected 0")
-                mesh = param.device_mesh
-                step = -(-rows // mesh.size())
-                start = min(rows, mesh.get_local_rank() * step)
-                stop = min(rows, start + step)
+            start, stop = _local_rows(name, param)
             if name in values:
                 source = values[name][start:stop] if param.ndim else values[name]
             else:
                 path = files[name]
-                f = handles.get(path) or handles.setdefault(path, safe_open(str(path), framework="pt"))
-                source = f.get_slice(name)[start:stop] if param.ndim else f.get_tensor(name)
+                if path not in handles:
+                    handles[path] = stack.enter_context(safe_open(str(path), framework="pt"))
+                source = handles[path].get_slice(name)[start:stop] if param.ndim else handles[path].get_tensor(name)
                 read += source.numel() * source.element_size()
                 total += param.numel() * source.element_size()
             if tuple(source.shape) != tuple(local.shape):
                 raise DistributedError(f"{name}: this rank's shard is {tuple(local.shape)}, read {tuple(source.shape)}")
             with torch.no_grad():
                 local.copy_(source)
-    finally:
-        handles.clear()
     return read, total
+
+
+def _local_rows(name: str, param: torch.Tensor) -> tuple[int, int]:
+    """The rows [start, stop) of dim 0 that this rank holds of ``param`` (all of them unless sharded)."""
+    from torch.distributed.tensor import DTensor, Shard
+
+    rows = param.shape[0] if param.ndim else 0
+    if not (isinstance(param, DTensor) and param.placements and isinstance(param.placements[0], Shard)):
+        return 0, rows
+    if param.placements[0].dim != 0:
+        raise DistributedError(f"{name}: sharded on dim {param.placements[0].dim}, expected 0")
+    step = -(-rows // param.device_mesh.size())
+    start = min(rows, param.device_mesh.get_local_rank() * step)
+    return start, min(rows, start + step)
 
 
 def unwrap(wrapped: nn.Module) -> nn.Module:
