@@ -5,6 +5,7 @@ rows; results (with peak RSS and wall time) are appended to examples/extract/swe
 
     python examples/extract/sweep.py                 # every run below not yet in sweep.jsonl
     python examples/extract/sweep.py full lora-r16   # just these
+    python examples/extract/sweep.py --table         # the results so far as a markdown table
 """
 
 from __future__ import annotations
@@ -52,7 +53,25 @@ def run(name: str, overrides: list[str]) -> dict:
             "peak_rss_bytes": peak_rss}
 
 
+def table() -> str:
+    """sweep.jsonl as a markdown table, in the order of RUNS (exact match relative to the default)."""
+    records = {r["run"]: r for r in map(json.loads, RESULTS.read_text().splitlines())}
+    base = records.get("default", {}).get("exact_match")
+    lines = ["| run | overrides | exact match | vs default | eval loss | peak RSS |", "|---|---|---|---|---|---|"]
+    for name in RUNS:
+        if name not in records:
+            continue
+        r = records[name]
+        delta = f"{100 * (r['exact_match'] - base):+.1f}" if base is not None and name != "default" else "—"
+        lines.append(f"| {name} | `{' '.join(r['overrides']) or '(none)'}` | {100 * r['exact_match']:.1f}% | {delta} | "
+                     f"{r['eval_loss']:.4f} | {r['peak_rss_bytes'] / 1e9:.2f} GB |")
+    return "\n".join(lines)
+
+
 def main(names: list[str]) -> None:
+    if names == ["--table"]:
+        print(table())
+        return
     done = {json.loads(line)["run"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
     for name in names or [n for n in RUNS if n not in done]:
         record = run(name, RUNS[name])
