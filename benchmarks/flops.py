@@ -23,11 +23,12 @@ import argparse
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-HERE_DATA = "examples/extract/train.jsonl"
+DATA = Path(__file__).parent.parent / "examples" / "extract" / "train.jsonl"
 
 
 def _mm_flops(a_shape: Any, b_shape: Any) -> int:
@@ -83,7 +84,7 @@ def main() -> None:
                                  ("r", "lora_alpha", "lora_dropout", "target_modules")}))
     ours.train()
     theirs.train()
-    examples = load_examples(HERE_DATA, tok, DataOptions(max_seq_len=256))
+    examples = load_examples(DATA, tok, DataOptions(max_seq_len=256))
     steps = batches([[e] for e in examples], 8, 0, 0)[: args.steps + 1]
 
     def to(batch: dict[str, Any]) -> dict[str, Any]:

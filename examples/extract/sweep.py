@@ -53,15 +53,20 @@ def run(name: str, overrides: list[str]) -> dict:
             "peak_rss_bytes": peak_rss}
 
 
+def records() -> dict[str, dict]:
+    """The finished runs in sweep.jsonl, by name."""
+    return {r["run"]: r for r in map(json.loads, RESULTS.read_text().splitlines())} if RESULTS.exists() else {}
+
+
 def table() -> str:
     """sweep.jsonl as a markdown table, in the order of RUNS (exact match relative to the default)."""
-    records = {r["run"]: r for r in map(json.loads, RESULTS.read_text().splitlines())}
-    base = records.get("default", {}).get("exact_match")
+    found = records()
+    base = found.get("default", {}).get("exact_match")
     lines = ["| run | overrides | exact match | vs default | eval loss | peak RSS |", "|---|---|---|---|---|---|"]
     for name in RUNS:
-        if name not in records:
+        if name not in found:
             continue
-        r = records[name]
+        r = found[name]
         delta = f"{100 * (r['exact_match'] - base):+.1f}" if base is not None and name != "default" else "—"
         lines.append(f"| {name} | `{' '.join(r['overrides']) or '(none)'}` | {100 * r['exact_match']:.1f}% | {delta} | "
                      f"{r['eval_loss']:.4f} | {r['peak_rss_bytes'] / 1e9:.2f} GB |")
@@ -72,7 +77,7 @@ def main(names: list[str]) -> None:
     if names == ["--table"]:
         print(table())
         return
-    done = {json.loads(line)["run"] for line in RESULTS.read_text().splitlines()} if RESULTS.exists() else set()
+    done = records()
     for name in names or [n for n in RUNS if n not in done]:
         record = run(name, RUNS[name])
         print(json.dumps(record))

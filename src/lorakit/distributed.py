@@ -229,13 +229,15 @@ def reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 def detach_to_meta(model: nn.Module) -> dict[str, torch.Tensor]:
     """Move the parameters that hold values (the freshly initialised adapter of a model built on
     meta) to the meta device too, and return their values by name, for ``load_shards``."""
+    from lorakit.models import meta_parameter
+
     values = {}
     for name, param in model.named_parameters():
         if param.device.type != "meta":
             values[name] = param.detach().clone()
             module_name, _, leaf = name.rpartition(".")
             module = model.get_submodule(module_name)
-            module._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            module._parameters[leaf] = meta_parameter(param)
     return values
 
 

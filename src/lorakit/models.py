@@ -124,18 +124,31 @@ def load_model(
 
     ``dtype`` defaults to fp32 on CPU and bf16 on GPU; the tokenizer gets a pad token if it lacks one.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     directory, gguf_file = resolve_model_dir(name_or_path)
     device = torch.device(device) if device is not None else torch.device("cpu")
     dtype = dtype or default_dtype(device)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    tokenizer = _load_tokenizer(directory, **kwargs)
     model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **kwargs).to(device)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
     return model, tokenizer
+
+
+def _load_tokenizer(directory: Path, **kwargs: str) -> object:
+    """The model's tokenizer, with EOS as the pad token when it has none."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, **kwargs)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def meta_parameter(param: nn.Parameter) -> nn.Parameter:
+    """``param`` as a parameter on the meta device (shape, dtype and ``requires_grad`` kept, no storage)."""
+    return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
 
 
 @contextmanager
@@ -149,7 +162,7 @@ def parameters_on_meta() -> Iterator[None]:
     def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
         register(module, name, param)
         if param is not None and param.device.type != "meta":
-            module._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
+            module._parameters[name] = meta_parameter(param)
 
     nn.Module.register_parameter = on_meta  # type: ignore[method-assign]
     try:
@@ -178,7 +191,7 @@ def empty_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch
     (``distributed.load_shards``). The torch RNG state is left as it was, so what is built next
     (the adapter) is initialised exactly as after ``load_model``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     directory, gguf_file = resolve_model_dir(name_or_path)
     files = {} if gguf_file else weight_files(directory)
@@ -191,8 +204,5 @@ def empty_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch
     torch.set_rng_state(rng)
     if any(n not in files for n, _ in model.named_parameters()):
         return None
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return model, tokenizer, files
+    return model, _load_tokenizer(directory), files

@@ -150,7 +150,7 @@ class Trainer:
         empty = (empty_model(config.model.name, dtype=dtype) if self.world.mode == "fsdp"
                  and config.method in ("lora", "full") and not config.model.quantize else None)
         if empty is not None:
-            self.model, self.tokenizer, self.weight_files = empty
+            self.model, self.tokenizer, weight_files = empty
         else:
             self.model, self.tokenizer = load_model(config.model.name, dtype=dtype, device=self.device)
         if config.model.quantize:
@@ -185,7 +185,7 @@ class Trainer:
         initial = detach_to_meta(self.model) if empty is not None else {}  # the fresh adapter's values
         self.wrapped = wrap(self.model, self.world)  # DDP / FSDP2 when distributed, else the model itself
         if empty is not None:
-            read, total = load_shards(self.model, self.weight_files, self.device, initial)
+            read, total = load_shards(self.model, weight_files, self.device, initial)
             self.log(f"fsdp: base built on the meta device; each rank read its shards only "
                      f"({read / 2**20:.1f} of {total / 2**20:.1f} MiB on rank 0)")
         self.params = [(n, p) for n, p in self.wrapped.named_parameters() if p.requires_grad]
