@@ -35,6 +35,8 @@ RUNS: dict[str, list[str]] = {
     "alpha-2r": ["lora.lora_alpha=32"],
     "dropout-0.05": ["lora.lora_dropout=0.05"],
     "qv-only": ["lora.target_modules=[q_proj, v_proj]"],
+    # adapters on the top layers only: the backward pass stops below them (SmolLM2-135M has 30 layers)
+    "top-15-layers": [f"lora.layers_to_transform=[{', '.join(map(str, range(15, 30)))}]"],
 }
 
 
