@@ -10,8 +10,10 @@ import torch
 import lorakit.layers
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 from lorakit import LoraConfig, get_lora_model
+from lorakit.kernels import cross_entropy
 from lorakit.kernels.lora import fused_lora_linear, lora_linear_reference
 from lorakit.layers import lora_layers
+from lorakit.loss import causal_lm_loss
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -65,3 +67,52 @@ def test_lora_layers_take_the_fused_path_and_match_the_plain_one(build, monkeypa
     assert fused_grads.keys() == plain_grads.keys()
     for n in plain_grads:
         torch.testing.assert_close(fused_grads[n], plain_grads[n], atol=1e-6, rtol=1e-5, msg=n)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("train_head", [False, True])
+@pytest.mark.parametrize("chunk_rows", [3, 64])
+def test_linear_cross_entropy_matches_the_reference(bias, train_head, chunk_rows, monkeypatch):
+    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", chunk_rows * 4 * 50)  # 3 rows: several chunks, one short
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(10, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 8, generator=g, dtype=torch.float64, requires_grad=train_head)
+    b = torch.randn(50, generator=g, dtype=torch.float64, requires_grad=train_head) if bias else None
+    y = torch.randint(0, 50, (10,), generator=g)
+    got = cross_entropy.linear_cross_entropy(h, w, b, y)
+    want = cross_entropy.linear_cross_entropy_reference(h, w, b, y)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    inputs = [t for t in (h, w, b) if t is not None and t.requires_grad]
+    for u, v in zip(torch.autograd.grad(got * 0.37, inputs), torch.autograd.grad(want * 0.37, inputs)):
+        torch.testing.assert_close(u, v, atol=1e-12, rtol=0)
+
+
+def test_linear_cross_entropy_without_grad_keeps_nothing():
+    h, w = torch.randn(6, 4), torch.randn(20, 4)
+    y = torch.randint(0, 20, (6,))
+    with torch.no_grad():
+        loss = cross_entropy.linear_cross_entropy(h, w, None, y)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, cross_entropy.linear_cross_entropy_reference(h, w, None, y))
+
+
+def test_causal_lm_loss_fused_head_equals_the_models_own_loss(monkeypatch):
+    """The split body + fused head/cross-entropy path against transformers' full forward with
+    ``labels`` (mean loss) on a tiny model, values and LoRA gradients."""
+    torch.manual_seed(0)
+    model = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    loss_sum, n = causal_lm_loss(model, batch)
+    (loss_sum / n).backward()
+    ours = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad()
+    ref = model(input_ids=ids, labels=labels).loss
+    ref.backward()
+    torch.testing.assert_close(loss_sum / n, ref, atol=1e-6, rtol=1e-6)
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(ours[k], p.grad, atol=1e-6, rtol=1e-5)

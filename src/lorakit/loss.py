@@ -3,7 +3,8 @@
 ``labels`` (B, T) hold -100 except on trained tokens. Position t predicts token t+1, so the targets
 are ``labels[:, 1:]``. Instead of materialising the (B, T, V) logits, the transformer body runs once,
 its hidden states are gathered at the N supervised positions (N ≪ B·T for answer-only training),
-and only those pass through the output head: (N, H) → (N, V).
+and only those pass through the output head: (N, H) → (N, V). With a plain linear head, the head
+and the cross-entropy run fused (``kernels.cross_entropy``), so no (N, V) tensor is kept at all.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.data import IGNORE
+from lorakit.kernels.cross_entropy import linear_cross_entropy
 
 # what a batch may hand the model: padded batches carry a mask, padding-free ones segment bounds
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
@@ -56,5 +58,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any], whole: bool = False)
     else:
         body, head = parts
         hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
+        if type(head) is nn.Linear:
+            return linear_cross_entropy(hidden[mask], head.weight, head.bias, targets[mask]), n
         logits = head(hidden[mask])  # (N, V)
     return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), n

@@ -1,0 +1,97 @@
+"""The output head and the cross-entropy in one pass, a chunk of rows at a time.
+
+For hidden states h (N, H), head weight W (V, H), optional bias b (V,) and targets y (N,):
+
+    z = h Wᵀ + b  (N, V)        loss = Σᵢ (logsumexp(zᵢ) − zᵢ,yᵢ)
+    ∂loss/∂z = softmax(z) − onehot(y) = G      ∂loss/∂h = G W     ∂loss/∂W = Gᵀ h     ∂loss/∂b = Σᵢ Gᵢ
+
+The plain way keeps z, its log-softmax and then the gradient of each, three (N, V) tensors at
+once, which for a 49k or 128k vocabulary outweigh the rest of a LoRA step's activations. Here the
+gradients are formed in the forward pass, chunk by chunk, while the chunk's logits are at hand:
+one (V, c) buffer is live at a time, turned in place into Gᵀ, and only ∂loss/∂h (N, H) (plus
+∂loss/∂W when the head trains) is kept for backward, which just scales it by the incoming
+gradient. The FLOPs are those of the plain way (one matmul forward, one or two backward).
+
+Logits are computed transposed, Wᵀ-major as (V, c) = W hᵀ: on CPU BLAS that orientation of the
+skinny product runs faster, and the softmax then reduces over dim 0.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk: 341 rows of a 49,152-token vocabulary
+
+
+def _chunk_rows(vocab: int, rows: int) -> int:
+    return max(1, min(rows, CHUNK_BYTES // (4 * vocab)))
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Summed cross-entropy of ``h Wᵀ + b`` against ``targets``; see the module docstring."""
+
+    @staticmethod
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                targets: torch.Tensor) -> torch.Tensor:
+        n, vocab = hidden.shape[0], weight.shape[0]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
+        grads = need_h or need_w or need_b
+        dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
+            else weight.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32, or fp64 for fp64 inputs
+        w, h = weight.to(dtype), hidden.to(dtype)
+        loss = torch.zeros((), dtype=acc, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
+        grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
+        step = _chunk_rows(vocab, n)
+        for start in range(0, n, step):
+            hc, yc = h[start:start + step], targets[start:start + step]
+            cols = torch.arange(hc.shape[0], device=hidden.device)
+            zt = (w @ hc.T).to(acc)  # (V, c)
+            if bias is not None:
+                zt += bias.to(acc)[:, None]
+            lse = torch.logsumexp(zt, dim=0)  # (c,)
+            loss += (lse - zt[yc, cols]).sum()
+            if not grads:
+                continue
+            gt = zt.sub_(lse).exp_()  # softmax, transposed
+            gt[yc, cols] -= 1.0  # Gᵀ (V, c)
+            if need_h:
+                grad_h[start:start + step] = (gt.T.to(dtype) @ w).to(hidden.dtype)
+            if need_w:
+                grad_w.addmm_(gt, hc.to(acc))
+            if need_b:
+                grad_b += gt.sum(1)
+        ctx.save_for_backward(grad_h, grad_w, grad_b)
+        ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grad_h, grad_w, grad_b = ctx.saved_tensors
+        w_dtype, b_dtype = ctx.dtypes
+        scale = grad
+        return (grad_h * scale.to(grad_h.dtype) if grad_h is not None else None,
+                (grad_w * scale.to(grad_w.dtype)).to(w_dtype) if grad_w is not None else None,
+                (grad_b * scale.to(grad_b.dtype)).to(b_dtype) if grad_b is not None else None,
+                None)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor) -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T + bias, targets, reduction="sum")`` (softmax in fp32 or wider)
+    without keeping any (N, V) tensor: hidden (N, H), weight (V, H), bias (V,) or None, targets (N,)
+    token ids (no ignore index: pass only the supervised rows)."""
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
+
+
+def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                   targets: torch.Tensor) -> torch.Tensor:
+    """The plain way, what ``linear_cross_entropy`` must equal."""
+    logits = F.linear(hidden, weight, bias)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
