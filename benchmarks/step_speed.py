@@ -8,6 +8,7 @@ a slow spell of the machine hits all of them:
     padded              + the fused LoRA-linear autograd node
     flat                + padding-free batches (one row of real tokens, attention per example)
     flat + prefix       + the shared system-turn prefix stored once per batch
+    + fused MLP         + each SwiGLU MLP as one LoRA node (lorakit.mlp; what the trainer runs)
 
     python benchmarks/step_speed.py [--steps 4] [--rounds 2]
 
@@ -18,6 +19,7 @@ every variant gives the same loss, and appends the table to benchmarks/RESULTS.m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import time
@@ -31,6 +33,7 @@ from lorakit.config import LoraConfig
 from lorakit.data import DataOptions, batches, collate, collate_flat, load_examples
 from lorakit.inject import get_lora_model
 from lorakit.loss import causal_lm_loss
+from lorakit.mlp import fused_mlp
 from lorakit.models import load_model
 from lorakit.train_config import DEFAULT_LORA
 from results import append_entry
@@ -55,12 +58,14 @@ def main() -> None:
         "padded": (True, lambda b: collate(b, pad)),
         "flat": (True, lambda b: collate_flat(b, share_prefix=False)),
         "flat + prefix": (True, lambda b: collate_flat(b)),
+        "+ fused MLP": ("mlp", lambda b: collate_flat(b)),
     }
 
-    def step(fused: bool, make, batch) -> float:
-        lorakit.layers.FUSED_LINEAR = fused
-        loss, n = causal_lm_loss(model, make(batch))
-        (loss / n).backward()
+    def step(fused: bool | str, make, batch) -> float:
+        lorakit.layers.FUSED_LINEAR = bool(fused)
+        with fused_mlp(model) if fused == "mlp" else contextlib.nullcontext():
+            loss, n = causal_lm_loss(model, make(batch))
+            (loss / n).backward()
         model.zero_grad(set_to_none=True)
         return float(loss.detach()) / n
 

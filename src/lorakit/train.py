@@ -54,6 +54,7 @@ from lorakit.evaluate import eval_loss, exact_match
 from lorakit.inject import count_parameters, get_lora_model
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.loss import causal_lm_loss
+from lorakit.mlp import fused_mlp
 from lorakit.models import empty_model, load_model
 from lorakit.report import MetricsLog, plot_loss, write_model_card
 from lorakit.train_config import ConfigError, RunConfig, build_config, dump_config, load_config
@@ -346,7 +347,7 @@ class Trainer:
         bar = _progress(self.total_steps, self.state.step, self.progress)
         self.model.train()
         try:
-            with padding_free(self.model) if self.padding_free else contextlib.nullcontext():
+            with padding_free(self.model) if self.padding_free else contextlib.nullcontext(), fused_mlp(self.model):
                 self._loop(metrics, bar)
             train_s = time.perf_counter() - start
         except KeyboardInterrupt:

@@ -1,0 +1,66 @@
+"""Gated MLPs run as one fused LoRA node while training (``kernels.mlp.lora_swiglu``).
+
+Inside ``fused_mlp(model)``, every Llama-style MLP (``down_proj(silu(gate_proj(x)) * up_proj(x))``,
+as in Llama, Mistral, Qwen2/3 and SmolLM) whose three projections carry LoRA runs through the
+fused node, which keeps 2 fewer (N, I) activations per layer for the backward pass. A call that
+the node cannot take (adapters disabled or merged, several active adapters, dropout, a quantized
+or trained base, biases, autocast) runs the module's own forward, so results never change, only
+memory.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from lorakit.kernels.mlp import lora_swiglu
+from lorakit.layers import _LinearLora
+
+
+def is_gated_mlp(module: nn.Module) -> bool:
+    """A ``…MLP`` module with LoRA-wrapped ``gate_proj``, ``up_proj`` and ``down_proj`` and a SiLU."""
+    act = getattr(module, "act_fn", None)
+    return (type(module).__name__.endswith("MLP") and type(act).__name__ in ("SiLU", "SiLUActivation")
+            and all(isinstance(getattr(module, n, None), _LinearLora) for n in ("gate_proj", "up_proj", "down_proj")))
+
+
+def _projection(layer: _LinearLora, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+    """(W, A, B, scale) when ``layer`` can join the fused node for input ``x``, else None."""
+    name = layer._fused_adapter(x)
+    if name is None or layer.bias is not None or layer.weight.requires_grad:  # type: ignore[attr-defined]
+        return None
+    dropout = layer.lora_dropout[name]
+    if isinstance(dropout, nn.Dropout) and dropout.p > 0 and layer.training:
+        return None
+    weight = layer.weight if layer.base_class is nn.Linear else layer.weight.T  # type: ignore[attr-defined]
+    return weight, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+
+
+def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    parts = [_projection(getattr(self, n), x) for n in ("gate_proj", "up_proj", "down_proj")] \
+        if not args and not kwargs else [None]
+    if any(p is None for p in parts):
+        return self._lorakit_unfused(x, *args, **kwargs)
+    return lora_swiglu(x, *parts)
+
+
+@contextmanager
+def fused_mlp(model: nn.Module) -> Iterator[int]:
+    """Within the block, gated MLPs with LoRA on all three projections use the fused node; yields
+    how many MLPs were switched."""
+    switched = [m for m in model.modules() if is_gated_mlp(m) and "_lorakit_unfused" not in m.__dict__]
+    for m in switched:
+        m._lorakit_unfused = m.forward  # the bound forward in use (class method or an earlier patch)
+        m.forward = types.MethodType(_fused_forward, m)
+    try:
+        yield len(switched)
+    finally:
+        for m in switched:
+            m.forward = m.__dict__.pop("_lorakit_unfused")
+            if getattr(m.forward, "__func__", None) is type(m).forward:
+                del m.forward  # back to the class's own
