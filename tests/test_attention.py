@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+import lorakit.attention
 from conftest import randomize_adapters, tiny_gpt2
 from lorakit import LoraConfig, get_lora_model
 from lorakit.attention import (
@@ -21,8 +22,10 @@ from lorakit.models import load_model
 from test_data import CHAT, R
 
 
+@pytest.mark.parametrize("flash", [True, False])
 @pytest.mark.parametrize("prefix", [0, 4])
-def test_varlen_attention_matches_the_per_segment_reference(prefix):
+def test_varlen_attention_matches_the_per_segment_reference(prefix, flash, monkeypatch):
+    monkeypatch.setattr(lorakit.attention, "FLASH_CPU", flash)
     g = torch.Generator().manual_seed(0)
     lengths = [prefix, 5, 1, 9, 3] if prefix else [5, 1, 9, 3]
     cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
@@ -32,10 +35,26 @@ def test_varlen_attention_matches_the_per_segment_reference(prefix):
     v = torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
     out = varlen_attention(q, k, v, cu, 9, scale=0.3, prefix=prefix)
     ref = varlen_attention_reference(q, k, v, cu, scale=0.3, prefix=prefix)
+    assert out.shape == (1, n, 6, 8) and out.is_contiguous()
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     up = torch.randn(out.shape, generator=g, dtype=torch.float64)
     for a, b in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
+
+
+def test_flash_segments_keep_only_unpadded_qkv_the_output_and_the_log_sum_exp():
+    g = torch.Generator().manual_seed(0)
+    lengths, prefix, h, hkv, d = [4, 5, 1, 9, 3], 4, 6, 2, 8
+    cu = torch.tensor([0, *lengths]).cumsum(0)
+    n = sum(lengths)
+    q, k, v = (torch.randn(1, heads, n, d, generator=g, requires_grad=True) for heads in (h, hkv, hkv))
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = varlen_attention(q, k, v, cu, 9, prefix=prefix)
+    segments, slots = len(lengths), 9
+    assert sorted(t.numel() for t in saved) == sorted([h * n * d, hkv * n * d, hkv * n * d, n * h * d,
+                                                       segments * h * slots])
+    assert any(t.data_ptr() == out.data_ptr() for t in saved)  # the output itself, not a padded copy
 
 
 def _lora_grads(model):

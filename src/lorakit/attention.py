@@ -6,7 +6,8 @@ Every linear layer then runs on the N real tokens only (no padding FLOPs), and a
 operation that mixes tokens, is computed per example:
 
     q, k, v (1, H, N, D) → gathered into (S, H, L, D), L = longest example, padded at the end
-    → causal SDPA (padding sits after every real token, so no real query sees it) → scattered back.
+    → causal SDPA (padding sits after every real token, so no real query sees it) → the real
+    queries' rows gathered back, (1, N, H, D).
 
 Registered with transformers' attention interface as ``"lorakit_varlen"``; a forward without
 ``cu_seq_lens_q`` (evaluation, generation) runs transformers' SDPA path with its usual mask, so
@@ -18,6 +19,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 NAME = "lorakit_varlen"
+FLASH_CPU = True  # False: autograd through SDPA on CPU too (the path other devices take)
 
 
 def segment_index(cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,62 +40,144 @@ def segment_index(cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor,
     return gather, valid
 
 
+@dataclass(frozen=True)
+class SegmentPlan:
+    """Where each segment's queries and keys sit in a packed row of N tokens.
+
+    ``queries`` (S, L) and ``keys`` (S, Lk) are token positions (padding slots point at position 0);
+    ``mask`` (S, 1, L, Lk) bool says which keys each query sees, or None for plain causal attention
+    (Lk = L); ``rows`` and ``cols`` (N,) give, in token order, the (segment, slot) of every real query.
+    """
+
+    queries: torch.Tensor
+    keys: torch.Tensor
+    mask: torch.Tensor | None
+    rows: torch.Tensor
+    cols: torch.Tensor
+
+
+def plan_segments(cu_seqlens: torch.Tensor, max_len: int, prefix: int = 0) -> SegmentPlan:
+    """The ``SegmentPlan`` of a row with segments ``cu_seqlens`` (S+1,). With ``prefix`` = P > 0 the
+    first segment, tokens [0, P), is a prefix every later segment attends to: each later segment's
+    keys are the P prefix tokens followed by its own, and the prefix itself is segment 0, whose
+    queries see only the prefix keys causally (its own-key half is masked)."""
+    if not prefix:
+        gather, valid = segment_index(cu_seqlens, max_len)
+        rows, cols = valid.nonzero(as_tuple=True)
+        return SegmentPlan(gather, gather, None, rows, cols)
+    if int(cu_seqlens[1]) != prefix:
+        raise ValueError(f"shared prefix of {prefix} tokens but the first segment has {int(cu_seqlens[1])}")
+    dev = cu_seqlens.device
+    length = max(max_len, prefix)
+    gather, valid = segment_index(cu_seqlens, length)  # segment 0 is the prefix itself
+    s = gather.shape[0]
+    keys = torch.cat([torch.arange(prefix, device=dev).expand(s, prefix), gather], dim=1)
+    i = torch.arange(length, device=dev)[:, None]
+    j = torch.arange(prefix + length, device=dev)[None, :]
+    head = j < prefix  # (1, Lk): the prefix keys
+    own = (j - prefix <= i) & torch.cat([torch.zeros(s, prefix, dtype=torch.bool, device=dev), valid], 1)[:, None, :]
+    own[0] = False  # segment 0's own keys are the prefix keys again: seen once, through the head
+    # padded query rows (i ≥ the segment's length) still see the prefix: no all-masked row, no NaN
+    mask = torch.where(torch.arange(s, device=dev)[:, None, None] == 0, head & (j <= i), head | own)
+    rows, cols = valid.nonzero(as_tuple=True)
+    return SegmentPlan(gather, keys, mask[:, None], rows, cols)
+
+
+def _pad(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """(1, h, N, D) → (S, h, cols, D): the tokens at ``index`` (S, cols)."""
+    return t[0].index_select(1, index.reshape(-1)).unflatten(1, index.shape).transpose(0, 1)
+
+
+def _unpad_grad(g: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """Adjoint of ``_pad``: (S, h, cols, D) summed back into (1, h, n, D)."""
+    flat = g.transpose(0, 1).flatten(1, 2)  # (h, S·cols, D)
+    return flat.new_zeros(flat.shape[0], n, flat.shape[2]).index_add_(1, index.reshape(-1), flat)[None]
+
+
+def _rows(out: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
+    """(S, H, L, D) → (1, N, H, D): the real queries' outputs in token order, contiguous."""
+    return out[plan.rows, :, plan.cols][None]
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if mask is None else torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(
+        ~mask, float("-inf"))
+
+
+class _FlashSegments(torch.autograd.Function):
+    """Per-segment attention on CPU through ATen's flash kernel, keeping only q, k, v (unpadded,
+    (1, h, N, D)), the output (1, N, H, D) and the log-sum-exp (S, H, L) for the backward pass.
+
+    Autograd around ``F.scaled_dot_product_attention`` on gathered inputs keeps the padded copies
+    of q, k and v (k and v widened to all H heads) and a padded output besides the one the output
+    projection keeps: about three times the memory. Here the padded tensors are gathered again in
+    backward, and the output is returned in the (1, N, H, D) layout the output projection reads,
+    so saving it costs nothing. Padded query rows get a zero output gradient, so (with the flash
+    backward's Dᵢ = rowsum(dOᵢ ⊙ Oᵢ) = 0 and dS = P ⊙ (dP − D) = 0 there) they add nothing to
+    any gradient.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SegmentPlan,
+                scale: float | None) -> torch.Tensor:
+        mask = _additive(plan.mask, q.dtype)
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            _pad(q, plan.queries), _pad(k, plan.keys), _pad(v, plan.keys), 0.0, mask is None, attn_mask=mask,
+            scale=scale)
+        y = _rows(out, plan)
+        ctx.save_for_backward(q, k, v, y, lse)
+        ctx.plan, ctx.scale, ctx.mask = plan, scale, mask
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, y, lse = ctx.saved_tensors
+        plan, mask = ctx.plan, ctx.mask
+        s, length = plan.queries.shape
+
+        def padded(t: torch.Tensor) -> torch.Tensor:  # (1, N, H, D) → (S, H, L, D), zeros in padding
+            full = t.new_zeros(s, length, *t.shape[2:])
+            full[plan.rows, plan.cols] = t[0]
+            return full.transpose(1, 2)
+
+        dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            padded(gy), _pad(q, plan.queries), _pad(k, plan.keys), _pad(v, plan.keys), padded(y), lse, 0.0,
+            mask is None, attn_mask=mask, scale=ctx.scale)
+        n = q.shape[2]
+        return (_unpad_grad(dq, plan.queries, n), _unpad_grad(dk, plan.keys, n), _unpad_grad(dv, plan.keys, n),
+                None, None)
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
                      scale: float | None = None, dropout_p: float = 0.0, prefix: int = 0) -> torch.Tensor:
     """Causal attention within each segment of a packed row.
 
     q (1, H, N, D), k and v (1, Hkv, N, D) with H a multiple of Hkv (grouped-query attention);
-    ``cu_seqlens`` (S+1,) cumulative segment lengths ending at N. Returns (1, H, N, D).
+    ``cu_seqlens`` (S+1,) cumulative segment lengths ending at N. Returns (1, N, H, D), the layout
+    transformers' attention output has.
 
     ``prefix`` = P > 0 says the first segment, tokens [0, P), is a prefix shared by every other
     segment (see ``data.collate_flat``): it attends causally to itself, and each later segment
     attends to all P prefix keys plus its own keys up to itself, exactly as if the prefix had been
     repeated in front of it.
+
+    On CPU without dropout this runs ``_FlashSegments`` (less memory kept for backward); elsewhere
+    autograd differentiates SDPA on the gathered segments. Both compute the same function.
     """
-    if prefix:
-        if int(cu_seqlens[1]) != prefix:
-            raise ValueError(f"shared prefix of {prefix} tokens but the first segment has {int(cu_seqlens[1])}")
-        head = _causal(q[..., :prefix, :], k[..., :prefix, :], v[..., :prefix, :], scale, dropout_p)
-        return torch.cat([head, _segments(q, k, v, cu_seqlens[1:], max_len, scale, dropout_p, prefix)], dim=2)
-    return _segments(q, k, v, cu_seqlens, max_len, scale, dropout_p, 0)
-
-
-def _causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None, dropout_p: float,
-            mask: torch.Tensor | None = None) -> torch.Tensor:
+    plan = plan_segments(cu_seqlens, max_len, prefix)
+    if FLASH_CPU and q.device.type == "cpu" and dropout_p == 0:
+        return _FlashSegments.apply(q, k, v, plan, scale)
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                          dropout_p=dropout_p, **gqa)
-
-
-def _segments(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-              scale: float | None, dropout_p: float, prefix: int) -> torch.Tensor:
-    """Segments [cu[i], cu[i+1]) gathered into (S, h, L, D); with ``prefix`` P the keys of every
-    segment are the P prefix tokens followed by its own (an explicit (S, 1, L, P+L) mask)."""
-    gather, valid = segment_index(cu_seqlens, max_len)
-    s, length = gather.shape
-
-    def pad(t: torch.Tensor, index: torch.Tensor) -> torch.Tensor:  # (1, h, N, D) → (S, h, cols, D)
-        return t[0].index_select(1, index.reshape(-1)).unflatten(1, index.shape).transpose(0, 1)
-
-    mask = None
-    keys = gather
-    if prefix:
-        keys = torch.cat([torch.arange(prefix, device=gather.device).expand(s, prefix), gather], dim=1)
-        i = torch.arange(length, device=gather.device)[:, None]
-        j = torch.arange(prefix + length, device=gather.device)[None, :]
-        # padded query rows (i ≥ the segment's length) still see the prefix: no all-masked row, no NaN
-        mask = ((j < prefix) | (j - prefix <= i))[None, None] & torch.cat(
-            [torch.ones(s, prefix, dtype=torch.bool, device=valid.device), valid], dim=1)[:, None, None, :]
-    out = _causal(pad(q, gather), pad(k, keys), pad(v, keys), scale, dropout_p, mask)  # (S, H, L, D)
-    flat = out.transpose(0, 1).flatten(1, 2)  # (H, S·L, D)
-    keep = valid.reshape(-1).nonzero().squeeze(1)  # segment order = token order
-    return flat.index_select(1, keep)[None]
+    out = F.scaled_dot_product_attention(_pad(q, plan.queries), _pad(k, plan.keys), _pad(v, plan.keys),
+                                         attn_mask=plan.mask, is_causal=plan.mask is None, scale=scale,
+                                         dropout_p=dropout_p, **gqa)
+    return _rows(out, plan)
 
 
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                                scale: float | None = None, prefix: int = 0) -> torch.Tensor:
     """Segment by segment with an explicit causal softmax (the shared prefix, if any, literally
-    prepended to each segment's keys and values): what ``varlen_attention`` must equal."""
+    prepended to each segment's keys and values): what ``varlen_attention`` must equal, (1, N, H, D)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -105,7 +190,7 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         n, m = end - start, len(keys)
         allowed = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)  # bottom-right aligned
         outs.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vs)
-    return torch.cat(outs, dim=2)
+    return torch.cat(outs, dim=2).transpose(1, 2)
 
 
 def _interface_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -120,7 +205,7 @@ def _interface_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                                       **kwargs)
     out = varlen_attention(query, key, value, cu, int(kwargs["max_length_q"]), scaling, dropout,
                            int(kwargs.get("shared_prefix") or 0))
-    return out.transpose(1, 2).contiguous(), None
+    return out, None
 
 
 def register() -> None:
