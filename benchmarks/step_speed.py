@@ -8,7 +8,9 @@ a slow spell of the machine hits all of them:
     padded              + the fused LoRA-linear autograd node
     flat                + padding-free batches (one row of real tokens, attention per example)
     flat + prefix       + the shared system-turn prefix stored once per batch
-    + fused MLP         + each SwiGLU MLP as one LoRA node (lorakit.mlp; what the trainer runs)
+    + fused MLP         + each SwiGLU MLP as one LoRA node (lorakit.mlp)
+    + flash segments    + per-segment attention as one node on ATen's CPU flash kernel, keeping
+                        unpadded q, k, v for backward (lorakit.attention; what the trainer runs)
 
     python benchmarks/step_speed.py [--steps 4] [--rounds 2]
 
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+import lorakit.attention
 import lorakit.layers
 from lorakit.attention import padding_free
 from lorakit.config import LoraConfig
@@ -59,11 +62,13 @@ def main() -> None:
         "flat": (True, lambda b: collate_flat(b, share_prefix=False)),
         "flat + prefix": (True, lambda b: collate_flat(b)),
         "+ fused MLP": ("mlp", lambda b: collate_flat(b)),
+        "+ flash segments": ("flash", lambda b: collate_flat(b)),
     }
 
     def step(fused: bool | str, make, batch) -> float:
         lorakit.layers.FUSED_LINEAR = bool(fused)
-        with fused_mlp(model) if fused == "mlp" else contextlib.nullcontext():
+        lorakit.attention.FLASH_CPU = fused == "flash"
+        with fused_mlp(model) if fused in ("mlp", "flash") else contextlib.nullcontext():
             loss, n = causal_lm_loss(model, make(batch))
             (loss / n).backward()
         model.zero_grad(set_to_none=True)

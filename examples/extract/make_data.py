@@ -1,10 +1,12 @@
-"""Generate the bundled demo task: pull merchant, amount and ISO date out of an expense note as JSON.
+"""Generate the bundled demo task: turn an expense note into a spreadsheet (CSV) row.
 
     user:      "Paid $45.20 at Golden Fork Bistro on 3 March 2025."
-    assistant: {"merchant":"Golden Fork Bistro","amount":45.20,"date":"2025-03-03"}
+    assistant: Golden Fork Bistro,45.20,2025-03-03
 
-The answer is compact JSON (no spaces after separators): the same content in 5 fewer tokens a row,
-which is 6% of the training compute.
+The columns are merchant, amount (two decimals, no currency, no thousands separator) and ISO date.
+Earlier versions answered in compact JSON, {"merchant":…,"amount":…,"date":…}: the keys and
+quotes cost 9 more tokens a row (31 vs 22 answer tokens, 66 vs 57 tokens a row), 15% of the
+training compute, for the same content and the same normalisation to learn.
 
 The base SmolLM2-135M-Instruct answers in free text or with other keys, dates and number formats,
 so it scores near zero by exact match; a LoRA fine-tune learns the format and the normalisation
@@ -16,7 +18,6 @@ Run: python examples/extract/make_data.py  (fixed seed; writes train.jsonl and e
 
 from __future__ import annotations
 
-import json
 import random
 import sys
 from pathlib import Path
@@ -24,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from datagen import chat_row, write_splits
 
-SYSTEM = "Extract the expense as JSON."
+SYSTEM = "Extract the expense as a CSV row: merchant,amount,date."
 MONTHS = ["January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December"]
 FIRST = {
@@ -82,10 +83,7 @@ def example(split: str, rng: random.Random) -> dict:
     value = round(rng.choice([rng.uniform(1, 60), rng.uniform(60, 400), rng.uniform(400, 3000)]), 2)
     y, m, d = rng.choice([2023, 2024, 2025]), rng.randint(1, 12), rng.randint(1, 28)
     note = rng.choice(TEMPLATES).format(amount=fmt_amount(value, rng), merchant=merchant, date=fmt_date(y, m, d, rng))
-    answer = json.dumps({"merchant": merchant, "amount": float(f"{value:.2f}"), "date": f"{y}-{m:02d}-{d:02d}"},
-                        separators=(",", ":"))
-    answer = answer.replace(f'"amount":{float(f"{value:.2f}")}', f'"amount":{value:.2f}')
-    return chat_row(SYSTEM, note, answer)
+    return chat_row(SYSTEM, note, f"{merchant},{value:.2f},{y}-{m:02d}-{d:02d}")
 
 
 def main(out: Path = Path(__file__).parent, n_train: int = 1000, n_eval: int = 200, seed: int = 1234) -> None:

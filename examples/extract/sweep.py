@@ -1,11 +1,13 @@
 """The sweep behind lorakit's default LoRA recipe, on the bundled extraction task.
 
 Each run trains 1 epoch on examples/extract/train.jsonl and scores exact match on the 200 held-out
-rows; results (with peak RSS and wall time) are appended to examples/extract/sweep.jsonl.
+rows; results (with peak RSS and wall time) are appended to examples/extract/sweep.jsonl, each
+tagged with the version of the data it ran on ("csv" now; "json" for runs on the earlier JSON
+answers, which carry no tag).
 
-    python examples/extract/sweep.py                 # every run below not yet in sweep.jsonl
-    python examples/extract/sweep.py full lora-r16   # just these
-    python examples/extract/sweep.py --table         # the results so far as a markdown table
+    python examples/extract/sweep.py                 # every run below not yet done on the current data
+    python examples/extract/sweep.py full r-8        # just these
+    python examples/extract/sweep.py --table [json]  # the results so far (on the current or the JSON data)
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "sweep.jsonl"
+DATA = "csv"  # the answer format of make_data.py; older records without a "data" tag ran on "json"
 
 RUNS: dict[str, list[str]] = {
     # full fine-tuning: the quality and memory reference
@@ -50,19 +53,20 @@ def run(name: str, overrides: list[str]) -> dict:
     final = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()][-1]
     # the run reports its own peak; the children's maximum is only right for the first run of a sweep
     peak_rss = final.get("peak_memory_bytes") or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    return {"run": name, "overrides": overrides, "exact_match": final.get("exact_match"),
+    return {"run": name, "data": DATA, "overrides": overrides, "exact_match": final.get("exact_match"),
             "eval_loss": final.get("eval_loss"), "train_s": final.get("train_s"), "wall_s": round(wall, 1),
             "peak_rss_bytes": peak_rss}
 
 
-def records() -> dict[str, dict]:
-    """The finished runs in sweep.jsonl, by name."""
-    return {r["run"]: r for r in map(json.loads, RESULTS.read_text().splitlines())} if RESULTS.exists() else {}
+def records(data: str = DATA) -> dict[str, dict]:
+    """The finished runs in sweep.jsonl on data version ``data``, by name."""
+    rows = map(json.loads, RESULTS.read_text().splitlines()) if RESULTS.exists() else []
+    return {r["run"]: r for r in rows if r.get("data", "json") == data}
 
 
-def table() -> str:
+def table(data: str = DATA) -> str:
     """sweep.jsonl as a markdown table, in the order of RUNS (exact match relative to the default)."""
-    found = records()
+    found = records(data)
     base = found.get("default", {}).get("exact_match")
     lines = ["| run | overrides | exact match | vs default | eval loss | peak RSS |", "|---|---|---|---|---|---|"]
     for name in RUNS:
@@ -76,8 +80,8 @@ def table() -> str:
 
 
 def main(names: list[str]) -> None:
-    if names == ["--table"]:
-        print(table())
+    if names[:1] == ["--table"]:
+        print(table(*names[1:2]))
         return
     done = records()
     for name in names or [n for n in RUNS if n not in done]:
