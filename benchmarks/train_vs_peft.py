@@ -130,6 +130,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
     import lorakit
     from lorakit.data import collate
     from lorakit.loss import causal_lm_loss
+    from lorakit.mlp import fused_mlp
 
     tok, exs = examples(path, args.steps * args.batch)
     cuda = torch.cuda.is_available()
@@ -151,7 +152,8 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast:
             if side == "lorakit":
-                loss_sum, n = causal_lm_loss(model, batch)
+                with fused_mlp(model):  # the trainer's per-token kernels (a no-op under autocast)
+                    loss_sum, n = causal_lm_loss(model, batch)
                 loss = loss_sum / n
             else:
                 loss = model(**batch).loss
