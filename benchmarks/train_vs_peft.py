@@ -17,6 +17,7 @@ it to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import platform
 import subprocess
@@ -148,20 +149,21 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     tokens, loss_value = 0, 0.0
     start = time.perf_counter()
-    for batch in batches:
-        batch = {k: v.to(device) for k, v in batch.items()}
-        with autocast:
-            if side == "lorakit":
-                with fused_mlp(model):  # the trainer's per-token kernels (a no-op under autocast)
+    # lorakit's side runs with the trainer's per-token kernels (fused_mlp falls back under autocast)
+    with fused_mlp(model) if side == "lorakit" else contextlib.nullcontext():
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with autocast:
+                if side == "lorakit":
                     loss_sum, n = causal_lm_loss(model, batch)
-                loss = loss_sum / n
-            else:
-                loss = model(**batch).loss
-                n = int((batch["labels"][:, 1:] != -100).sum())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        tokens, loss_value = tokens + n, float(loss)
+                    loss = loss_sum / n
+                else:
+                    loss = model(**batch).loss
+                    n = int((batch["labels"][:, 1:] != -100).sum())
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            tokens, loss_value = tokens + n, float(loss)
     if cuda:
         torch.cuda.synchronize()
     return {"wall_s": time.perf_counter() - start, "supervised_tokens": tokens, "final_loss": loss_value}

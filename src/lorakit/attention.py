@@ -106,7 +106,8 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
 
 class _FlashSegments(torch.autograd.Function):
     """Per-segment attention on CPU through ATen's flash kernel, keeping only q, k, v (unpadded,
-    (1, h, N, D)), the output (1, N, H, D) and the log-sum-exp (S, H, L) for the backward pass.
+    (1, h, N, D)), the output (1, N, H, D), the log-sum-exp (S, H, L) and the integer/bool
+    ``SegmentPlan`` for the backward pass.
 
     Autograd around ``F.scaled_dot_product_attention`` on gathered inputs keeps the padded copies
     of q, k and v (k and v widened to all H heads) and a padded output besides the one the output
@@ -126,13 +127,14 @@ class _FlashSegments(torch.autograd.Function):
             scale=scale)
         y = _rows(out, plan)
         ctx.save_for_backward(q, k, v, y, lse)
-        ctx.plan, ctx.scale, ctx.mask = plan, scale, mask
+        ctx.plan, ctx.scale = plan, scale
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         q, k, v, y, lse = ctx.saved_tensors
-        plan, mask = ctx.plan, ctx.mask
+        plan = ctx.plan
+        mask = _additive(plan.mask, q.dtype)  # rebuilt: the float mask is 4× the plan's bool one
         s, length = plan.queries.shape
 
         def padded(t: torch.Tensor) -> torch.Tensor:  # (1, N, H, D) → (S, H, L, D), zeros in padding
