@@ -285,6 +285,28 @@ def test_trainer_builds_warmup_and_schedules(run_config):
     assert lrs[2] == pytest.approx(peak) and lrs[5] == pytest.approx(peak * 1 / 4)
 
 
+def test_fused_adamw_steps_like_the_per_tensor_loop(run_config):
+    trainer = Trainer(build_config(run_config(train={"weight_decay": 0.1})), progress=False)
+    assert trainer.optimizer.defaults["fused"] is True  # plain CPU tensors: the fused kernel
+    params = [p for _, p in trainer.params]
+    torch.manual_seed(0)
+    for p in params:
+        p.data.normal_()
+    reference = [p.detach().clone().requires_grad_() for p in params]
+    plain = torch.optim.AdamW([{"params": [r for r in reference if r.ndim >= 2], "weight_decay": 0.1},
+                               {"params": [r for r in reference if r.ndim < 2], "weight_decay": 0.0}],
+                              lr=trainer.optimizer.param_groups[0]["lr"], foreach=False)  # the warmup lr
+    plain.param_groups = [g for g in plain.param_groups if g["params"]]
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in params]
+        for p, r, g in zip(params, reference, grads, strict=True):
+            p.grad, r.grad = g.clone(), g.clone()
+        trainer.optimizer.step()
+        plain.step()
+    for p, r in zip(params, reference, strict=True):
+        torch.testing.assert_close(p.detach(), r.detach(), rtol=1e-5, atol=1e-6)
+
+
 def test_cli_eval_scores_base_and_adapter(run_config, tiny_model_dir, tmp_path):
     out = train(run_config(train={"epochs": 1}), progress=False).output_dir
     args = [sys.executable, "-m", "lorakit", "eval", "--model", str(tiny_model_dir), "--data",
