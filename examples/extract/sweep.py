@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -38,15 +39,37 @@ RUNS: dict[str, list[str]] = {
     "alpha-2r": ["lora.lora_alpha=32"],
     "dropout-0.05": ["lora.lora_dropout=0.05"],
     "qv-only": ["lora.target_modules=[q_proj, v_proj]"],
+    # batch 8, the default before this version: the CSV runs below were measured with it (the JSON
+    # sweep above ran at batch 8 throughout). Batch 16 pays the shared system prefix and the
+    # optimizer step once per 16 rows and makes the matmuls twice as tall.
+    "default-b8": ["train.batch_size=8"],
+    "full-b8": ["method=full", "train.lr=2e-5", "train.batch_size=8"],
+    "qlora-nf4-b8": ["model.quantize=nf4", "train.batch_size=8"],
     # adapters on the top layers only: the backward pass stops below them (SmolLM2-135M has 30 layers)
     "top-15-layers": [f"lora.layers_to_transform=[{', '.join(map(str, range(15, 30)))}]"],
 }
+
+
+def machine_gflops(seconds: float = 1.0) -> float:
+    """This machine's fp32 matmul speed right now, on a shape of the demo's training step (a batch's
+    ≈460 tokens through an MLP projection): the median over ``seconds``. A shared machine's speed
+    drifts from hour to hour; recorded before and after each run, it says what a time was measured at."""
+    import torch
+
+    x, w = torch.randn(460, 576), torch.randn(1536, 576)
+    rates, end = [], time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        x @ w.T
+        rates.append(2 * 460 * 576 * 1536 / (time.perf_counter() - t) / 1e9)
+    return round(statistics.median(rates), 1)
 
 
 def run(name: str, overrides: list[str]) -> dict:
     out = Path("runs/sweep") / name
     cmd = [sys.executable, "-m", "lorakit", "train", str(HERE / "config.yaml"), f"output_dir={out}",
            "train.resume=never", "eval.steps=0", *overrides]
+    speed_before = machine_gflops()
     start = time.perf_counter()
     subprocess.run(cmd, check=True)
     wall = time.perf_counter() - start
@@ -55,7 +78,7 @@ def run(name: str, overrides: list[str]) -> dict:
     peak_rss = final.get("peak_memory_bytes") or resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
     return {"run": name, "data": DATA, "overrides": overrides, "exact_match": final.get("exact_match"),
             "eval_loss": final.get("eval_loss"), "train_s": final.get("train_s"), "wall_s": round(wall, 1),
-            "peak_rss_bytes": peak_rss}
+            "peak_rss_bytes": peak_rss, "matmul_gflops": [speed_before, machine_gflops()]}
 
 
 def records(data: str = DATA) -> dict[str, dict]:
@@ -68,15 +91,23 @@ def table(data: str = DATA) -> str:
     """sweep.jsonl as a markdown table, in the order of RUNS (exact match relative to the default)."""
     found = records(data)
     base = found.get("default", {}).get("exact_match")
-    lines = ["| run | overrides | exact match | vs default | eval loss | peak RSS |", "|---|---|---|---|---|---|"]
+    timed = data == DATA  # earlier data versions ran on earlier, slower code: their times say little now
+    lines = ["| run | overrides | exact match | vs default | eval loss | peak RSS |"
+             + (" train time (machine GFLOP/s before/after) |" if timed else ""),
+             "|---|---|---|---|---|---|" + ("---|" if timed else "")]
     for name in RUNS:
         if name not in found:
             continue
         r = found[name]
         delta = f"{100 * (r['exact_match'] - base):+.1f}" if base is not None and name != "default" else "—"
         lines.append(f"| {name} | `{' '.join(r['overrides']) or '(none)'}` | {100 * r['exact_match']:.1f}% | {delta} | "
-                     f"{r['eval_loss']:.4f} | {r['peak_rss_bytes'] / 1e9:.2f} GB |")
+                     f"{r['eval_loss']:.4f} | {r['peak_rss_bytes'] / 1e9:.2f} GB |" + (f" {_time(r)} |" if timed else ""))
     return "\n".join(lines)
+
+
+def _time(record: dict) -> str:
+    speeds = record.get("matmul_gflops")
+    return f"{record['train_s']:.0f} s" + (f" ({speeds[0]:.0f}/{speeds[1]:.0f})" if speeds else "")
 
 
 def main(names: list[str]) -> None:

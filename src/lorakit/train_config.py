@@ -4,7 +4,7 @@
     lora:   {r: 16, lora_alpha: 16, target_modules: all-linear}     # any LoraConfig field
     method: lora                                                     # or full (full fine-tuning)
     data:   {train: examples/extract/train.jsonl, eval: examples/extract/eval.jsonl, max_seq_len: 256}
-    train:  {epochs: 1, batch_size: 8, lr: 1.0e-3}
+    train:  {epochs: 1, batch_size: 16, lr: 1.0e-3}
     eval:   {steps: 50, generate: true}
     output_dir: runs/extract
     seed: 0
@@ -65,7 +65,7 @@ class DataSection:
 class TrainSection:
     epochs: int = 1
     max_steps: int = 0  # > 0 overrides epochs
-    batch_size: int = 8
+    batch_size: int = 16  # rows per micro-batch; the demo measured 16 as good as 8 and 8% faster (README)
     grad_accum: int = 1
     lr: float = 2e-3
     weight_decay: float = 0.0
