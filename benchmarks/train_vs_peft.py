@@ -7,7 +7,7 @@ side runs in its own subprocess so that peak memory (RSS on CPU, ``max_memory_al
 is its own. ``--padded`` instead feeds both sides identical pre-padded batches in a plain loop
 (forward, backward, AdamW) so that only the per-token kernels are compared.
 
-    python benchmarks/train_vs_peft.py [--steps 20] [--padded]
+    python benchmarks/train_vs_peft.py [--steps 20] [--padded] [--repeats 2]
     python benchmarks/train_vs_peft.py --model random-1b --tokenizer DIR     # on a GPU
 
 Prints a table of supervised tokens/s, wall time, peak memory, final loss and ratios, and appends
@@ -20,6 +20,7 @@ import argparse
 import contextlib
 import json
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -190,22 +191,28 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--padded", action="store_true")
     ap.add_argument("--side", choices=["lorakit", "peft"])
+    ap.add_argument("--repeats", type=int, default=1, help="runs per side, alternating which goes first")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     if args.side:
         return child(args)
     model_dir(args.model, args.tokenizer)  # build once, before either side is timed
-    results = {}
-    for side in ("peft", "lorakit"):
-        cmd = [sys.executable, __file__, "--side", side, *sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
-        if line is None:
-            raise SystemExit(f"{side} side failed:\n{out.stderr[-3000:]}")
-        results[side] = json.loads(line[len("RESULT "):])
-    p, o = results["peft"], results["lorakit"]
-    for r in (p, o):
-        r["tokens_per_s"] = r["supervised_tokens"] / r["wall_s"]
+    runs: dict[str, list[dict[str, Any]]] = {"peft": [], "lorakit": []}
+    for k in range(args.repeats):  # ABBA order: a slow spell of a shared machine hits both sides
+        for side in ("peft", "lorakit") if k % 2 == 0 else ("lorakit", "peft"):
+            cmd = [sys.executable, __file__, "--side", side, *sys.argv[1:]]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise SystemExit(f"{side} side failed:\n{out.stderr[-3000:]}")
+            r = json.loads(line[len("RESULT "):])
+            r["tokens_per_s"] = r["supervised_tokens"] / r["wall_s"]
+            runs[side].append(r)
+    # each side: the median of its runs (throughput and wall time; the largest peak memory)
+    p, o = ({**rs[0], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
+             "wall_s": statistics.median(r["wall_s"] for r in rs),
+             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rs)} for rs in (runs["peft"], runs["lorakit"]))
+    pairs = [lo["tokens_per_s"] / pe["tokens_per_s"] for pe, lo in zip(runs["peft"], runs["lorakit"], strict=True)]
     cuda = torch.cuda.is_available()
     machine = torch.cuda.get_device_name() if cuda else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
     mem = "max_memory_allocated" if cuda else "peak RSS"
@@ -223,7 +230,9 @@ def main() -> None:
         lines.append(f"| {side} | {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} | "
                      f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {r['final_loss']:.4f} |")
     lines += ["", f"lorakit / PEFT: throughput {o['tokens_per_s'] / p['tokens_per_s']:.2f}×, peak memory "
-                  f"{o['peak_memory_bytes'] / p['peak_memory_bytes']:.2f}×.", ""]
+                  f"{o['peak_memory_bytes'] / p['peak_memory_bytes']:.2f}×"
+                  + (f" (median of {args.repeats} runs a side in ABBA order; each pair's throughput ratio: "
+                     f"{', '.join(f'{x:.2f}×' for x in pairs)})" if args.repeats > 1 else "") + ".", ""]
     text = "\n".join(lines)
     print(text)
     if not args.no_save:
