@@ -231,7 +231,8 @@ def main() -> None:
                      f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {r['final_loss']:.4f} |")
     lines += ["", f"lorakit / PEFT: throughput {o['tokens_per_s'] / p['tokens_per_s']:.2f}×, peak memory "
                   f"{o['peak_memory_bytes'] / p['peak_memory_bytes']:.2f}×"
-                  + (f" (median of {args.repeats} runs a side in ABBA order; each pair's throughput ratio: "
+                  + (f" ({args.repeats} runs a side in ABBA order: median throughput, largest peak memory; "
+                     f"each pair's throughput ratio: "
                      f"{', '.join(f'{x:.2f}×' for x in pairs)})" if args.repeats > 1 else "") + ".", ""]
     text = "\n".join(lines)
     print(text)

@@ -293,10 +293,11 @@ def test_fused_adamw_steps_like_the_per_tensor_loop(run_config):
     for p in params:
         p.data.normal_()
     reference = [p.detach().clone().requires_grad_() for p in params]
-    plain = torch.optim.AdamW([{"params": [r for r in reference if r.ndim >= 2], "weight_decay": 0.1},
-                               {"params": [r for r in reference if r.ndim < 2], "weight_decay": 0.0}],
-                              lr=trainer.optimizer.param_groups[0]["lr"], foreach=False)  # the warmup lr
-    plain.param_groups = [g for g in plain.param_groups if g["params"]]
+    twin = {id(p): r for p, r in zip(params, reference, strict=True)}
+    # the trainer's own groups (decay split, warmup lr), over the copies, stepped by the per-tensor loop
+    plain = torch.optim.AdamW([{"params": [twin[id(p)] for p in g["params"]],
+                                **{k: g[k] for k in ("lr", "betas", "eps", "weight_decay")}}
+                               for g in trainer.optimizer.param_groups], foreach=False)
     for _ in range(3):
         grads = [torch.randn_like(p) for p in params]
         for p, r, g in zip(params, reference, grads, strict=True):

@@ -39,9 +39,9 @@ RUNS: dict[str, list[str]] = {
     "alpha-2r": ["lora.lora_alpha=32"],
     "dropout-0.05": ["lora.lora_dropout=0.05"],
     "qv-only": ["lora.target_modules=[q_proj, v_proj]"],
-    # batch 8, the default before this version: the CSV runs below were measured with it (the JSON
-    # sweep above ran at batch 8 throughout). Batch 16 pays the shared system prefix and the
-    # optimizer step once per 16 rows and makes the matmuls twice as tall.
+    # batch 8, the default before batch 16: the first CSV runs of default, full and qlora-nf4 (and
+    # the whole JSON sweep) used it. Batch 16 pays the shared system prefix and the optimizer step
+    # once per 16 rows and makes the matmuls twice as tall.
     "default-b8": ["train.batch_size=8"],
     "full-b8": ["method=full", "train.lr=2e-5", "train.batch_size=8"],
     "qlora-nf4-b8": ["model.quantize=nf4", "train.batch_size=8"],
