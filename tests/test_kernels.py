@@ -184,3 +184,54 @@ def test_fused_mlp_equals_the_plain_model_and_keeps_less(dropout):
     assert plain_saved - fused_saved == expected_saving
     mlp = model.model.layers[0].mlp
     assert "forward" not in mlp.__dict__ and "_lorakit_unfused" not in mlp.__dict__  # restored
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+@pytest.mark.parametrize("base_dtype", [torch.bfloat16, torch.float32])
+def test_fused_paths_under_autocast_round_like_autocast(base_dtype, monkeypatch):
+    """bf16 autocast (what the trainer runs on a GPU; here CPU autocast), a bf16 or fp32 base and
+    fp32 adapters: the fused linear and MLP nodes run (one call per layer) and their loss and LoRA
+    gradients are as close to the fp32 result as the unfused autocast ops are, and close to those."""
+    model = get_lora_model(tiny_llama().to(base_dtype), LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model, std=0.2)
+    model.train()
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    g = torch.Generator().manual_seed(5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+    labels = ids.clone()
+    labels[:, :6] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    reference = copy.deepcopy(model).float()
+    calls = {"linear": 0, "mlp": 0}
+    real_linear, real_mlp = lorakit.layers.fused_lora_linear, lorakit.mlp.lora_swiglu
+    monkeypatch.setattr(lorakit.layers, "fused_lora_linear",
+                        lambda *a, **k: calls.__setitem__("linear", calls["linear"] + 1) or real_linear(*a, **k))
+    monkeypatch.setattr(lorakit.mlp, "lora_swiglu",
+                        lambda *a, **k: calls.__setitem__("mlp", calls["mlp"] + 1) or real_mlp(*a, **k))
+
+    def run(m, fused: bool, autocast: bool):
+        m.zero_grad()
+        monkeypatch.setattr(lorakit.layers, "FUSED_LINEAR", fused)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                fused_mlp(m) if fused else contextlib.nullcontext():
+            loss, n = causal_lm_loss(m, batch)
+        (loss / n).backward()
+        return float(loss.detach()) / n, {k: p.grad.clone() for k, p in m.named_parameters() if p.requires_grad}
+
+    exact_loss, exact = run(reference, False, False)  # fp32 throughout, no autocast
+    plain_loss, plain = run(model, False, True)
+    assert calls == {"linear": 0, "mlp": 0}
+    fused_loss, fused = run(model, True, True)
+    layers = model.config.num_hidden_layers
+    assert calls == {"linear": 4 * layers, "mlp": layers}  # q, k, v, o per layer; gate/up/down in the MLP node
+    assert abs(plain_loss - exact_loss) > 0  # autocast does round here, so the bounds below mean something
+    assert abs(fused_loss - exact_loss) <= 2 * abs(plain_loss - exact_loss) + 1e-4 * abs(exact_loss)
+    fused_err = {k: _rel(fused[k], exact[k]) for k in exact}
+    plain_err = {k: _rel(plain[k], exact[k]) for k in exact}
+    assert all(fused[k].dtype == torch.float32 for k in exact)
+    # bf16 noise (a few % here; it varies with the seed, either way round) vs a wrong term (≫ 10%)
+    assert max(fused_err.values()) < 0.15, max(fused_err.items(), key=lambda kv: kv[1])
+    assert sum(fused_err.values()) <= 2.5 * sum(plain_err.values())

@@ -206,6 +206,14 @@ class LoraLayer:
         return out if out is not None else torch.zeros((), dtype=x.dtype, device=x.device)
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype autocast would run a matmul on ``x`` in, or None outside autocast. Fused nodes
+    cast their operands to it and run with autocast off: the same products (operands rounded to
+    that dtype, results in it) as the unfused ops would get from autocast one by one."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def _params(module: nn.Module | nn.Parameter) -> list[nn.Parameter]:
     return [module] if isinstance(module, nn.Parameter) else list(module.parameters())
 
@@ -218,16 +226,16 @@ class _LinearLora(LoraLayer):
 
     def _fused_adapter(self, x: torch.Tensor) -> str | None:
         """The one active adapter when the fused kernel applies, else None: a plain ``nn.Linear`` /
-        ``Conv1D`` base (not quantized), exactly one unmerged active adapter, no mixed batch, one
-        dtype throughout and no autocast."""
+        ``Conv1D`` base (not quantized), exactly one unmerged active adapter, no mixed batch, and
+        either one dtype throughout or autocast (which the caller applies itself: ``autocast_dtype``)."""
         if not FUSED_LINEAR or self.adapters_disabled or "row_adapters" in self.__dict__ \
-                or "router_adapters" in self.__dict__:
-            return None
-        if self.base_class not in (nn.Linear, Conv1D) or torch.is_autocast_enabled(x.device.type):
+                or "router_adapters" in self.__dict__ or self.base_class not in (nn.Linear, Conv1D):
             return None
         live = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
-        if len(live) != 1:
+        if len(live) != 1 or not x.is_floating_point():
             return None
+        if autocast_dtype(x) is not None:
+            return live[0]
         dtype = self.weight.dtype  # type: ignore[attr-defined]
         return live[0] if x.dtype == dtype == self.lora_A[live[0]].weight.dtype else None
 
@@ -238,8 +246,14 @@ class _LinearLora(LoraLayer):
         weight = self.weight if self.base_class is nn.Linear else self.weight.T  # type: ignore[attr-defined]
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        return fused_lora_linear(x, weight, self.bias, self.lora_A[name].weight, self.lora_B[name].weight,  # type: ignore[attr-defined]
-                                 self.scaling[name], p)
+        tensors = (x, weight, self.bias, self.lora_A[name].weight, self.lora_B[name].weight)  # type: ignore[attr-defined]
+        cast = autocast_dtype(x)
+        if cast is None:
+            return fused_lora_linear(*tensors, self.scaling[name], p)
+        # what autocast does to each matmul, done once up front: every operand in its dtype
+        x, weight, bias, a, b = (t.to(cast) if t is not None else None for t in tensors)
+        with torch.autocast(x.device.type, enabled=False):
+            return fused_lora_linear(x, weight, bias, a, b, self.scaling[name], p)
 
     def _make_adapter(self, name: str, r: int) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)

@@ -4,8 +4,8 @@ Inside ``fused_mlp(model)``, every Llama-style MLP (``down_proj(silu(gate_proj(x
 as in Llama, Mistral, Qwen2/3 and SmolLM) whose three projections carry LoRA runs through the
 fused node, which keeps 2 fewer (N, I) activations per layer for the backward pass. A call that
 the node cannot take (adapters disabled or merged, several active adapters, dropout, a quantized
-or trained base, biases, autocast) runs the module's own forward, so results never change, only
-memory.
+or trained base, biases) runs the module's own forward, so results never change, only memory.
+Under autocast the node runs on operands cast to the autocast dtype, as each unfused matmul would.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.kernels.mlp import lora_swiglu
-from lorakit.layers import _LinearLora
+from lorakit.layers import _LinearLora, autocast_dtype
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
@@ -46,7 +46,13 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
         if not args and not kwargs else [None]
     if any(p is None for p in parts):
         return self._lorakit_unfused(x, *args, **kwargs)
-    return lora_swiglu(x, *parts)
+    cast = autocast_dtype(x)
+    if cast is None:
+        return lora_swiglu(x, *parts)
+    # autocast: every operand in its dtype once, then the node runs with autocast off
+    cast_parts = [(w.to(cast), a.to(cast), b.to(cast), s) for w, a, b, s in parts]  # type: ignore[misc]
+    with torch.autocast(x.device.type, enabled=False):
+        return lora_swiglu(x.to(cast), *cast_parts)
 
 
 @contextmanager

@@ -56,8 +56,8 @@ class _FusedLoraLinear(torch.autograd.Function):
         s = ctx.scale
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         needs = ctx.needs_input_grad
-        gh = (g @ b).mul_(s)  # (N, r)
-        grad_b = (g.T @ h).mul_(s) if needs[5] else None
+        gh = g @ (b * s)  # (N, r); the scale folded into the small operand (one rounding in bf16)
+        grad_b = g.T @ (h * s) if needs[5] else None
         grad_a = gh.T @ xl2 if needs[4] else None
         grad_x = grad_xl = None
         if needs[0] and ctx.same:

@@ -53,21 +53,24 @@ class _LoraSwiGLU(torch.autograd.Function):
         sg, su, sd = ctx.scales
         need = ctx.needs_input_grad
         gy = grad.reshape(-1, grad.shape[-1])  # (N, H)
-        sig = torch.sigmoid(g)
-        silu = g * sig
-        a = silu * u
-        ghd = (gy @ bd).mul_(sd)  # (N, r)
-        grad_bd = (gy.T @ hd).mul_(sd) if need[9] else None
+        dtype = g.dtype
+        acc = torch.promote_types(dtype, torch.float32)  # elementwise math: fp32 for bf16/fp16, rounded once
+        gf, uf = g.to(acc), u.to(acc)
+        sig = torch.sigmoid(gf)
+        silu = gf * sig
+        a = (silu * uf).to(dtype)
+        ghd = gy @ (bd * sd)  # (N, r)
+        grad_bd = gy.T @ (hd * sd) if need[9] else None
         grad_ad = ghd.T @ a if need[8] else None
         del a
-        da = torch.addmm(ghd @ ad, gy, wd)  # (N, I)
-        du = da * silu
+        da = torch.addmm(ghd @ ad, gy, wd).to(acc)  # (N, I)
+        du = (da * silu).to(dtype)
         del silu
-        dg = (1 - sig).mul_(g).add_(1).mul_(sig).mul_(da).mul_(u)  # ∂a ⊙ u ⊙ σ (1 + g (1 − σ))
-        del da, sig
-        ghg, ghu = (dg @ bg).mul_(sg), (du @ bu).mul_(su)  # (N, r)
-        grad_bg = (dg.T @ hg).mul_(sg) if need[3] else None
-        grad_bu = (du.T @ hu).mul_(su) if need[6] else None
+        dg = (1 - sig).mul_(gf).add_(1).mul_(sig).mul_(da).mul_(uf).to(dtype)  # ∂a ⊙ u ⊙ σ (1 + g (1 − σ))
+        del da, sig, gf, uf
+        ghg, ghu = dg @ (bg * sg), du @ (bu * su)  # (N, r)
+        grad_bg = dg.T @ (hg * sg) if need[3] else None
+        grad_bu = du.T @ (hu * su) if need[6] else None
         grad_ag = ghg.T @ x2 if need[2] else None
         grad_au = ghu.T @ x2 if need[5] else None
         grad_x = None
