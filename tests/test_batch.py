@@ -8,8 +8,10 @@ import pytest
 import torch
 
 import lorakit
+import lorakit.layers
 from conftest import randomize_adapters, tiny_bert_classifier, tiny_llama
-from lorakit.kernels.lora import gathered_lora, gathered_lora_reference
+from lorakit.kernels.lora import gathered_lora, gathered_lora_reference, grouped_lora
+from lorakit.layers import RowPlan
 
 ADAPTERS = {  # mixed ranks and target sets
     "a": lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
@@ -47,7 +49,41 @@ def test_gathered_kernel_matches_the_reference():
                                atol=1e-5, rtol=0)
 
 
-def test_prefill_rows_equal_each_adapter_alone(models):
+def test_grouped_kernel_matches_the_reference():
+    """Rows grouped by adapter (uneven groups, padding, rows with no adapter) give each row's own
+    product, as the row-by-row reference does."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(7, 3, 12, generator=g)
+    a, b = torch.randn(5, 6, 12, generator=g), torch.randn(5, 7, 6, generator=g)
+    a[0], b[0] = 0, 0
+    slots = [2, 0, 4, 4, 2, 4, 0]
+    plan = RowPlan.build(("p", "q", "r", "s"), slots, torch.device("cpu"))
+    assert plan.present == (2, 4) and tuple(plan.groups.shape) == (2, 3) and plan.grouped
+    assert plan.bare is not None and plan.bare.tolist() == [1, 6]
+    got = grouped_lora(x, a[list(plan.present)], b[list(plan.present)], plan.groups, plan.inverse, plan.bare)
+    torch.testing.assert_close(got, gathered_lora_reference(x, a, b, torch.tensor(slots)), atol=1e-5, rtol=0)
+
+
+def test_row_plan_falls_back_to_gathering_for_uneven_groups():
+    """Padding 1 + 1 + 6 rows to groups of 6 would triple the rank-r work: gather per row instead."""
+    assert not RowPlan.build(("p", "q", "r"), [1, 2, 3, 3, 3, 3, 3, 3], torch.device("cpu")).grouped
+    assert RowPlan.build(("p", "q", "r"), [1, 2, 2, 3, 3, 3, 0, 0], torch.device("cpu")).grouped
+    assert not RowPlan.build(("p",), [0, 0], torch.device("cpu")).grouped  # no adapter at all
+
+
+@pytest.fixture(params=["grouped", "gathered"])
+def kernel(request, monkeypatch):
+    """Run a test with rows grouped by adapter (the default here) and with per-row gathering."""
+    if request.param == "gathered":
+        monkeypatch.setattr(lorakit.layers, "GROUPED_MAX_PADDING", 0.0)
+    calls = []
+    real = getattr(lorakit.layers, f"{request.param}_lora")
+    monkeypatch.setattr(lorakit.layers, f"{request.param}_lora", lambda *a: calls.append(1) or real(*a))
+    yield calls
+    assert calls  # the kernel under test did run
+
+
+def test_prefill_rows_equal_each_adapter_alone(models, kernel):
     base, model = models
     ids = torch.randint(0, 128, (len(ROWS), 11), generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), lorakit.adapter_batch(model, ROWS):
@@ -60,7 +96,7 @@ def test_prefill_rows_equal_each_adapter_alone(models):
             assert (mixed[i] - base(ids[i:i + 1]).logits[0]).abs().max() > 1e-3
 
 
-def test_kv_cache_decode_rows_equal_each_adapter_alone(models):
+def test_kv_cache_decode_rows_equal_each_adapter_alone(models, kernel):
     base, model = models
     ids = torch.randint(0, 128, (len(ROWS), 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), lorakit.adapter_batch(model, ROWS):

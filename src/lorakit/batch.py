@@ -3,10 +3,12 @@
     with adapter_batch(model, ["sql", "chat", None, "sql"]):     # None / "base": the base model
         logits = model(input_ids).logits                         # also inside model.generate(...)
 
-Inside the block every LoRA layer computes its update for all rows at once: linear layers gather
-each row's (zero-padded, pre-scaled) A and B from a per-layer stack and run two batched matmuls
-(``kernels.lora.gathered_lora``); embeddings, convolutions and ``modules_to_save`` group rows by
-adapter. The base runs once for the whole batch. Meant for inference (dropout is not applied).
+Inside the block every LoRA layer computes its update for all rows at once. Linear layers group
+the rows by adapter and run two batched matmuls over the adapters present, each adapter's
+(zero-padded, pre-scaled) A and B read once (``kernels.lora.grouped_lora``); when the groups are
+so uneven that padding them to the largest would more than double the rank-r work, they gather
+each row's A and B instead (``kernels.lora.gathered_lora``). Embeddings, convolutions and
+``modules_to_save`` group rows by adapter. The base runs once for the whole batch. Meant for inference (dropout is not applied).
 """
 
 from __future__ import annotations
@@ -14,11 +16,10 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-import torch
 from torch import nn
 
 from lorakit.inject import adapter_configs
-from lorakit.layers import lora_layers
+from lorakit.layers import RowPlan, lora_layers
 from lorakit.saved import saved_modules
 
 BASE_NAMES = (None, "base")
@@ -40,10 +41,10 @@ def adapter_batch(model: nn.Module, adapter_ids: Sequence[str | None]) -> Iterat
     order = tuple(known)
     slots = {name: i for i, name in enumerate(order, 1)}
     device = next(model.parameters()).device
-    index = torch.tensor([slots[r] if r is not None else 0 for r in rows], device=device)
+    plan = RowPlan.build(order, [slots[r] if r is not None else 0 for r in rows], device)
     for layer in layers:
         layer.__dict__["row_adapters"] = rows
-        layer.__dict__["row_index"] = (order, index)
+        layer.__dict__["row_index"] = plan
     for module in saved:
         module.__dict__["row_adapters"] = rows
     try:

@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lorakit.layers import adopt
+from lorakit.layers import adopt, find_modules
 
 
 class ModulesToSave:
@@ -100,4 +100,4 @@ def saved_class_for(base_cls: type[nn.Module]) -> type[ModulesToSave]:
 
 
 def saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, ModulesToSave)]
+    return find_modules(model, ModulesToSave)

@@ -97,6 +97,30 @@ def gathered_lora(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
     return torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
 
+def grouped_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor,
+                 inverse: torch.Tensor, bare: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row LoRA updates for a mixed batch with the rows grouped by adapter: two batched matmuls
+    over the P adapters present, each adapter's weights read once and never copied per row.
+
+    x (B, T, in); a (P, r, in) and b (P, out, r) the present adapters (zero-padded to rank r, scale
+    folded into B); groups (P, G) the rows of each adapter, padded to the largest group G with any
+    row (the padding's results are never read); inverse (B,) each row's place p·G + g in the grouped
+    result (any place for a row without an adapter); bare: the rows without an adapter, or None:
+
+        x_p = x[groups[p]] (G·T, in)    y_p = x_p a_pᵀ b_pᵀ (G·T, out)    out[b] = y[inverse[b]]
+        out[bare] = 0
+
+    ``gathered_lora`` instead copies A and B once per row (B·r·(in+out) values a layer), which
+    costs more than the products themselves in a decode step (T = 1).
+    """
+    n, g = groups.shape
+    tokens, n_in = x.shape[1], x.shape[2]
+    xs = x.index_select(0, groups.reshape(-1)).reshape(n, g * tokens, n_in)
+    y = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)).reshape(n * g, tokens, -1)
+    out = y.index_select(0, inverse)
+    return out if bare is None else out.index_fill_(0, bare, 0.0)
+
+
 def gathered_lora_reference(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
                             index: torch.Tensor) -> torch.Tensor:
     """Row by row, the plain way: the reference ``gathered_lora`` is tested against."""
