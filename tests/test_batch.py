@@ -145,3 +145,32 @@ def test_unknown_adapter_and_merged_model_are_refused(models):
             pass
     finally:
         lorakit.unmerge(model)
+
+
+def test_stacked_adapters_follow_weight_and_scale_changes():
+    """The per-layer stacks a mixed batch reads are rebuilt when an adapter's weights change in
+    place, when a weight is replaced by a new tensor, and when its scale changes."""
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    for name in ("x", "y"):
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=4, target_modules="all-linear"), name)
+    randomize_adapters(model, std=0.3)
+    ids = torch.randint(0, 128, (2, 5), generator=torch.Generator().manual_seed(4))
+    layer = model.model.layers[0].self_attn.q_proj
+
+    def check():
+        with torch.no_grad(), lorakit.adapter_batch(model, ["x", "y"]):
+            mixed = model(ids).logits
+        for i, name in enumerate(["x", "y"]):
+            with torch.no_grad():
+                expected = alone(model, base, name, lambda m, i=i: m(ids[i:i + 1]).logits[0])
+            torch.testing.assert_close(mixed[i], expected, atol=1e-5, rtol=0)
+
+    check()
+    with torch.no_grad():
+        layer.lora_B["y"].weight.mul_(3.0)  # in place
+    check()
+    layer.lora_A["x"].weight = torch.nn.Parameter(torch.randn_like(layer.lora_A["x"].weight))  # a new tensor
+    check()
+    layer.scaling["y"] *= 0.5
+    check()

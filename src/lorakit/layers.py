@@ -311,14 +311,19 @@ class _LinearLora(LoraLayer):
     def stacked(self, order: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (N+1, r_max, in), s·B (N+1, out, r_max)) for the model-wide adapter ``order``: slot
         i+1 holds ``order[i]`` (zeros where this layer lacks it), slot 0 is all zeros. Cached until
-        the order changes or an adapter's weights change (their version counters move)."""
-        key = (order, tuple((n, self.lora_A[n].weight._version, self.lora_B[n].weight._version, self.scaling[n])
-                            for n in self.r))
+        the order, an adapter, its scale or its weights change (the tensors themselves or their
+        version counters, which every in-place update moves). Checked on every mixed-batch forward,
+        so it reads the parameters straight from the module dicts (16 adapters: ~10 µs a layer)."""
+        a_mods, b_mods = self.lora_A._modules, self.lora_B._modules
+        state = [(n, a_mods[n]._parameters["weight"], b_mods[n]._parameters["weight"], self.scaling[n])  # type: ignore[index]
+                 for n in self.r]
         cached = self.__dict__.get("_stack_cache")
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        if cached is not None and cached[0] == order and len(cached[1]) == len(state) and all(
+                n == n0 and s == s0 and wa is a0 and wb is b0 and wa._version == va and wb._version == vb
+                for (n, wa, wb, s), (n0, a0, va, b0, vb, s0) in zip(state, cached[1], strict=True)):
+            return cached[2]
         r_max = max(self.r.values())
-        ref = next(iter(self.lora_A.values())).weight
+        ref = state[0][1]
         a = torch.zeros(len(order) + 1, r_max, self.in_features, dtype=ref.dtype, device=ref.device)
         b = torch.zeros(len(order) + 1, self.out_features, r_max, dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
@@ -327,13 +332,14 @@ class _LinearLora(LoraLayer):
                     r = self.r[name]
                     a[slot, :r] = self.lora_A[name].weight
                     b[slot, :, :r] = self.lora_B[name].weight * self.scaling[name]
-        self.__dict__["_stack_cache"] = (key, (a, b))
+        seen = [(n, wa, wa._version, wb, wb._version, s) for n, wa, wb, s in state]
+        self.__dict__["_stack_cache"] = (order, seen, (a, b))
+        self.__dict__.pop("_present_cache", None)
         return a, b
 
-    def present_stacked(self, plan: RowPlan) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A (P, r_max, in), s·B (P, out, r_max)) of the P adapter slots a mixed batch uses, in
-        ``plan.present`` order; cached for the last set of slots (a whole generate call)."""
-        a, b = self.stacked(plan.order)
+    def present_stacked(self, plan: RowPlan, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (P, r_max, in), s·B (P, out, r_max)): the P slots of ``plan.present`` taken from the
+        stacks ``a``, ``b`` (``stacked``); cached for the last set of slots (a whole generate call)."""
         key = (plan.present, a.data_ptr(), b.data_ptr())
         cached = self.__dict__.get("_present_cache")
         if cached is None or cached[0] != key:
@@ -347,7 +353,7 @@ class _LinearLora(LoraLayer):
         shape = x.shape
         x3 = x.reshape(shape[0], -1, shape[-1]).to(a.dtype)  # (B, T, in)
         if plan.grouped:
-            a_p, b_p = self.present_stacked(plan)
+            a_p, b_p = self.present_stacked(plan, a, b)
             out = grouped_lora(x3, a_p, b_p, plan.groups, plan.inverse, plan.bare)
         else:
             out = gathered_lora(x3, a, b, plan.index)
