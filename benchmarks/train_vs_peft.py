@@ -6,8 +6,9 @@ its documentation does it: ``get_peft_model`` + ``Trainer`` with a dynamic-paddi
 side runs in its own subprocess so that peak memory (RSS on CPU, ``max_memory_allocated`` on GPU)
 is its own. Wall time is each side's training loop (lorakit's ``train_s``; the Trainer's
 ``on_train_begin`` to ``on_train_end``): model loading, tokenization and lorakit's closing save,
-loss plot and model card are outside it on both sides. ``--padded`` instead feeds both sides identical pre-padded batches in a plain loop
-(forward, backward, AdamW) so that only the per-token kernels are compared.
+loss plot and model card are outside it on both sides. ``--padded`` instead feeds both sides
+identical pre-padded batches in a plain loop (forward, backward, AdamW) so that only the per-token
+kernels are compared.
 
     python benchmarks/train_vs_peft.py [--steps 20] [--padded] [--repeats 2]
     python benchmarks/train_vs_peft.py --model random-1b --tokenizer DIR     # on a GPU

@@ -8,7 +8,8 @@ the rows by adapter and run two batched matmuls over the adapters present, each 
 (zero-padded, pre-scaled) A and B read once (``kernels.lora.grouped_lora``); when the groups are
 so uneven that padding them to the largest would more than double the rank-r work, they gather
 each row's A and B instead (``kernels.lora.gathered_lora``). Embeddings, convolutions and
-``modules_to_save`` group rows by adapter. The base runs once for the whole batch. Meant for inference (dropout is not applied).
+``modules_to_save`` group rows by adapter. The base runs once for the whole batch. Meant for
+inference (dropout is not applied).
 """
 
 from __future__ import annotations

@@ -339,12 +339,13 @@ class _LinearLora(LoraLayer):
 
     def present_stacked(self, plan: RowPlan, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (P, r_max, in), s·B (P, out, r_max)): the P slots of ``plan.present`` taken from the
-        stacks ``a``, ``b`` (``stacked``); cached for the last set of slots (a whole generate call)."""
-        key = (plan.present, a.data_ptr(), b.data_ptr())
+        stacks ``a``, ``b`` (``stacked``); cached for the last set of slots (a whole generate call)
+        until ``stacked`` rebuilds the stacks, which drops this cache."""
         cached = self.__dict__.get("_present_cache")
-        if cached is None or cached[0] != key:
+        if cached is None or cached[0] != plan.present:
             slots = torch.tensor(plan.present, device=a.device)
-            cached = self.__dict__["_present_cache"] = (key, (a.index_select(0, slots), b.index_select(0, slots)))
+            cached = self.__dict__["_present_cache"] = (plan.present, (a.index_select(0, slots),
+                                                                       b.index_select(0, slots)))
         return cached[1]
 
     def _rows_term(self, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
@@ -486,9 +487,10 @@ def lora_class_for(base_cls: type[nn.Module]) -> type[LoraLayer] | None:
 
 def find_modules(model: nn.Module, cls: type | tuple[type, ...]) -> list[tuple[str, Any]]:
     """(name, module) for every module of type ``cls`` in ``model``, in ``named_modules`` order,
-    without walking into the matches or into LoRA layers (which hold only their adapters): a LoRA layer holds an ``nn.Linear`` pair per adapter, so with
-    many adapters the full walk is dominated by modules that can hold nothing (16 adapters on the
-    135 M model: 52 ms a walk, which ``adapter_batch`` pays per decode step in the server)."""
+    without walking into the matches or into LoRA layers. A LoRA layer holds only its adapters, an
+    ``nn.Linear`` pair each, so with many adapters the full walk is dominated by modules that can
+    hold nothing (16 adapters on the 135 M model: 52 ms a walk, which ``adapter_batch`` pays per
+    decode step in the server)."""
     found: list[tuple[str, Any]] = []
     seen: set[int] = set()
     stack: list[tuple[str, nn.Module]] = [("", model)]
