@@ -9,12 +9,17 @@ appends it to benchmarks/RESULTS.md.
 
     python benchmarks/multi_adapter.py                         # SmolLM2-135M-Instruct (CPU or GPU)
     python benchmarks/multi_adapter.py --model random-1b       # 1.2 B random Llama from config (GPU)
+
+On a GPU with triton installed, lorakit's mixed batches are also timed with its Triton kernel
+(``lorakit.layers.MIXED_KERNEL = "triton"``: one segmented-gather kernel per layer, added into the
+base output in place), and that kernel's logits are checked against the PyTorch path's.
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import importlib.util
 import platform
 import statistics
 import sys
@@ -26,6 +31,7 @@ from typing import Any
 import torch
 
 import lorakit
+import lorakit.layers
 from lorakit.layers import lora_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -103,12 +109,14 @@ def main() -> None:
     with torch.no_grad():
         prefill_cache = base(ids, use_cache=True).past_key_values  # same cache shape for every variant
 
-    def ours_fn(rows: list[str]) -> tuple[Any, Any]:
+    def ours_fn(rows: list[str], kernel: str = "torch") -> tuple[Any, Any]:
         def prefill(_: Any) -> None:
+            lorakit.layers.MIXED_KERNEL = kernel
             with lorakit.adapter_batch(ours, rows):
                 ours(ids, use_cache=False)
 
         def decode(cache: Any) -> None:
+            lorakit.layers.MIXED_KERNEL = kernel
             with lorakit.adapter_batch(ours, rows):
                 ours(step_ids, past_key_values=cache, use_cache=True)
         return prefill, decode
@@ -132,6 +140,17 @@ def main() -> None:
     with torch.no_grad():
         b = theirs(input_ids=ids[:4], adapter_names=rows16[:4]).logits.float()
     max_diff = float((a - b).abs().max())
+    kernels = ["torch"] + (["triton"] if device.type == "cuda" and importlib.util.find_spec("triton") else [])
+    notes = []
+    if "triton" in kernels:
+        lorakit.layers.MIXED_KERNEL = "triton"
+        with torch.no_grad(), lorakit.adapter_batch(ours, rows16):
+            t = ours(ids).logits.float()
+        with torch.no_grad(), lorakit.adapter_batch(ours, rows16):
+            lorakit.layers.MIXED_KERNEL = "torch"
+            c = ours(ids).logits.float()
+        notes.append(f"Triton kernel vs PyTorch path, 16-adapter logits: max |diff| {float((t - c).abs().max()):.2e} "
+                     f"(max |logit| {float(c.abs().max()):.1f}).")
 
     results = {}
     for label, (pre, dec) in {"lorakit single": single(ours, lambda: lorakit.set_adapter(ours, "a0")),
@@ -139,9 +158,11 @@ def main() -> None:
         results[label] = (timer(device, pre, args.repeat), timer(device, dec, args.repeat, cache))
     for k in (1, 4, 16):
         rows = [f"a{i % k}" for i in range(args.batch)]
-        for label, fns in ((f"lorakit mixed {k}", ours_fn(rows)), (f"peft mixed {k}", peft_fn(rows))):
-            pre, dec = fns
+        variants = [(f"lorakit mixed {k}" + ("" if kernel == "torch" else f" ({kernel})"), ours_fn(rows, kernel))
+                    for kernel in kernels] + [(f"peft mixed {k}", peft_fn(rows))]
+        for label, (pre, dec) in variants:
             results[label] = (timer(device, pre, args.repeat), timer(device, dec, args.repeat, cache))
+    lorakit.layers.MIXED_KERNEL = "torch"
     merged = lorakit.merge_and_unload(copy.deepcopy(ours), adapter_names=["a0"])
     results["merged (a0)"] = (timer(device, lambda _: merged(ids, use_cache=False), args.repeat),
                               timer(device, lambda c: merged(step_ids, past_key_values=c, use_cache=True),
@@ -166,7 +187,13 @@ def main() -> None:
         lines.append(f"| {label} | {pre * 1e3:.2f} | {dec * 1e3:.2f} | {pre / own[0]:.2f} | {dec / own[1]:.2f} |")
     speed = [f"{k} adapters: prefill {results[f'peft mixed {k}'][0] / results[f'lorakit mixed {k}'][0]:.2f}×, "
              f"decode {results[f'peft mixed {k}'][1] / results[f'lorakit mixed {k}'][1]:.2f}×" for k in (1, 4, 16)]
-    lines += ["", "lorakit mixed vs PEFT mixed (time ratio PEFT / lorakit): " + "; ".join(speed), ""]
+    lines += ["", "lorakit mixed vs PEFT mixed (time ratio PEFT / lorakit): " + "; ".join(speed) + "."]
+    if "triton" in kernels:
+        speed = [f"{k} adapters: prefill {results[f'peft mixed {k}'][0] / results[f'lorakit mixed {k} (triton)'][0]:.2f}×, "
+                 f"decode {results[f'peft mixed {k}'][1] / results[f'lorakit mixed {k} (triton)'][1]:.2f}×"
+                 for k in (1, 4, 16)]
+        lines += ["", "lorakit mixed (triton) vs PEFT mixed: " + "; ".join(speed) + ". " + " ".join(notes)]
+    lines.append("")
     text = "\n".join(lines)
     print(text)
     if not args.no_save:

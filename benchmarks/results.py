@@ -11,4 +11,6 @@ def append_entry(text: str) -> None:
     """Insert ``text`` (a '## ' section) before the newest existing entry."""
     content = RESULTS.read_text()
     i = content.find("\n## ")
-    RESULTS.write_text(content[:i] + "\n\n" + text + content[i:] if i >= 0 else content + "\n" + text)
+    text = text.strip("\n") + "\n"
+    RESULTS.write_text(content[:i].rstrip("\n") + "\n\n" + text + content[i:] if i >= 0
+                       else content.rstrip("\n") + "\n\n" + text)

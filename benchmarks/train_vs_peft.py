@@ -148,6 +148,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
     from lorakit.data import collate
     from lorakit.loss import causal_lm_loss
     from lorakit.mlp import fused_mlp
+    from lorakit.norm import fused_norms
 
     tok, exs = examples(path, args.steps * args.batch)
     cuda = torch.cuda.is_available()
@@ -165,8 +166,10 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     tokens, loss_value = 0, 0.0
     start = time.perf_counter()
-    # lorakit's side runs with the trainer's per-token kernels (fused_mlp falls back under autocast)
-    with fused_mlp(model) if side == "lorakit" else contextlib.nullcontext():
+    with contextlib.ExitStack() as kernels:
+        if side == "lorakit":  # the trainer's per-token kernels
+            kernels.enter_context(fused_mlp(model))
+            kernels.enter_context(fused_norms(model))
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 from torch import nn
+
+if not torch.cuda.is_available():
+    # Triton kernels run in Triton's interpreter on CPU tensors; it must be chosen before anything
+    # imports triton (torch may, lazily), so here rather than in a fixture.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:

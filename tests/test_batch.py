@@ -71,14 +71,21 @@ def test_row_plan_falls_back_to_gathering_for_uneven_groups():
     assert not RowPlan.build(("p",), [0, 0], torch.device("cpu")).grouped  # no adapter at all
 
 
-@pytest.fixture(params=["grouped", "gathered"])
+@pytest.fixture(params=["grouped", "gathered", "triton"])
 def kernel(request, monkeypatch):
-    """Run a test with rows grouped by adapter (the default here) and with per-row gathering."""
+    """Run a test with rows grouped by adapter (the default here), with per-row gathering, and with
+    the Triton kernel (in Triton's interpreter on the CPU; skipped where triton is not installed)."""
+    target = lorakit.layers
     if request.param == "gathered":
         monkeypatch.setattr(lorakit.layers, "GROUPED_MAX_PADDING", 0.0)
+    if request.param == "triton":
+        pytest.importorskip("triton")  # on the CPU: in the interpreter (conftest sets TRITON_INTERPRET=1)
+        monkeypatch.setattr(lorakit.layers, "MIXED_KERNEL", "triton")
+        target = lorakit.layers.triton_lora
+    name = "segmented_lora_add_" if request.param == "triton" else f"{request.param}_lora"
     calls = []
-    real = getattr(lorakit.layers, f"{request.param}_lora")
-    monkeypatch.setattr(lorakit.layers, f"{request.param}_lora", lambda *a: calls.append(1) or real(*a))
+    real = getattr(target, name)
+    monkeypatch.setattr(target, name, lambda *a: calls.append(1) or real(*a))
     yield calls
     assert calls  # the kernel under test did run
 

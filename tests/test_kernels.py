@@ -235,3 +235,133 @@ def test_fused_paths_under_autocast_round_like_autocast(base_dtype, monkeypatch)
     # bf16 noise (a few % here; it varies with the seed, either way round) vs a wrong term (≫ 10%)
     assert max(fused_err.values()) < 0.15, max(fused_err.items(), key=lambda kv: kv[1])
     assert sum(fused_err.values()) <= 2.5 * sum(plain_err.values())
+
+
+@pytest.mark.parametrize("train_weight", [False, True])
+def test_rms_norm_matches_float64_math(train_weight):
+    """The fused RMSNorm on fp32 inputs: values and gradients equal the float64 formula
+    w · x / sqrt(mean(x²) + ε) to fp32 rounding, and the forward equals Llama's module bit for bit."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lorakit.kernels.norm import rms_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = (3 * torch.randn(4, 6, 48, generator=g)).requires_grad_()
+    module = LlamaRMSNorm(48, eps=1e-5)
+    with torch.no_grad():
+        module.weight.copy_(1 + 0.3 * torch.randn(48, generator=g))
+    module.weight.requires_grad_(train_weight)
+    y = rms_norm(x, module.weight, 1e-5)
+    assert torch.equal(y, module(x))
+    x64, w64 = x.detach().double().requires_grad_(), module.weight.detach().double().requires_grad_(train_weight)
+    ref = w64 * x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(y.double(), ref, atol=2e-6, rtol=1e-6)
+    up = torch.randn(y.shape, generator=g)
+    inputs, inputs64 = [x, module.weight][: 1 + train_weight], [x64, w64][: 1 + train_weight]
+    for got, want in zip(torch.autograd.grad(y, inputs, up), torch.autograd.grad(ref, inputs64, up.double())):
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_rms_norm_in_bf16_equals_autograd_and_keeps_half():
+    """On bf16 inputs the fused node gives the plain module's output and gradients exactly (same
+    ops, same roundings) and keeps the bf16 input instead of autograd's fp32 copy and the normalised
+    value (a trained weight here)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lorakit.kernels.norm import rms_norm
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 10, 64, generator=g).bfloat16().requires_grad_()
+    module = LlamaRMSNorm(64).bfloat16()
+    with torch.no_grad():
+        module.weight.copy_(1 + 0.3 * torch.randn(64, generator=g))
+    up = torch.randn(2, 10, 64, generator=g).bfloat16()
+    plain, plain_saved = _saved_bytes(lambda: module(x))
+    fused, fused_saved = _saved_bytes(lambda: rms_norm(x, module.weight, module.variance_epsilon))
+    assert torch.equal(fused, plain)
+    for got, want in zip(torch.autograd.grad(fused, (x, module.weight), up),
+                         torch.autograd.grad(plain, (x, module.weight), up)):
+        assert torch.equal(got, want)
+    n = x.numel()
+    weight, rows = 64 * 2, 20 * 4  # the bf16 weight and the fp32 (…, 1) factor, kept by both
+    assert plain_saved == 4 * n + 2 * n + weight + rows  # the fp32 copy of x; n for the weight's gradient
+    assert fused_saved == 2 * n + weight + rows  # x itself
+
+
+def test_fused_norms_switch_llama_norms_only_and_change_nothing_but_memory(monkeypatch):
+    """``fused_norms`` on a LoRA Llama in bf16 autocast: every Llama RMSNorm (2 per layer + the
+    final one) switches, a Gemma-style norm does not, the loss and LoRA gradients are unchanged,
+    and each switched norm on the training path keeps 2 bytes less per element of its input. On an
+    fp32 model (nothing to save) the modules' own forwards run."""
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    import lorakit.norm
+    from lorakit.norm import fused_norms, is_llama_rms_norm
+
+    calls = []
+    real = lorakit.norm.rms_norm
+    monkeypatch.setattr(lorakit.norm, "rms_norm", lambda *a: calls.append(a[0].dtype) or real(*a))
+
+    assert not is_llama_rms_norm(GemmaRMSNorm(8))
+    model = get_lora_model(tiny_llama().bfloat16(), LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model)
+    model.train()
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    batch = {"input_ids": ids, "labels": labels}
+
+    def run(fused):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16), fused_norms(model) if fused else contextlib.nullcontext() \
+                as count:
+            (loss, n), saved = _saved_bytes(lambda: causal_lm_loss(model, batch))
+        (loss / n).backward()
+        return count, float(loss.detach()), saved, {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    _, plain_loss, plain_saved, plain_grads = run(False)
+    count, fused_loss, fused_saved, fused_grads = run(True)
+    layers = model.config.num_hidden_layers
+    assert count == 2 * layers + 1
+    assert fused_loss == plain_loss
+    for k, v in plain_grads.items():
+        assert torch.equal(fused_grads[k], v), k
+    # all norms but the first keep something (its input, the embeddings' output, needs no gradient)
+    kept = 2 * layers + 1 - 1
+    assert plain_saved - fused_saved == kept * ids.numel() * model.config.hidden_size * (4 - 2)
+    assert calls == [torch.bfloat16] * (2 * layers + 1)
+    norm = model.model.norm
+    assert "forward" not in norm.__dict__ and not any("_lorakit" in k for k in norm.__dict__)
+    calls.clear()
+    model.float()
+    with fused_norms(model) as count:
+        model(input_ids=ids)
+    assert count == 2 * layers + 1 and calls == []
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_segmented_lora_matches_the_reference(dtype):
+    """The Triton mixed-adapter kernel (interpreted on the CPU): rows of uneven groups, a rank-5
+    adapter zero-padded to 8, rows without an adapter left untouched, T = 6 tokens a row (a group of
+    18 tokens spans two row blocks), a layer wider than one column block; ``y`` updated in place."""
+    pytest.importorskip("triton")
+    from lorakit.kernels.lora import gathered_lora_reference
+    from lorakit.kernels.triton_lora import segmented_lora_add_, segments
+
+    g = torch.Generator().manual_seed(0)
+    slots, rank, k_in, n_out, tokens = [2, 0, 1, 2, 3, 2, 0], 8, 40, 70, 6
+    a = torch.randn(4, rank, k_in, generator=g)
+    b = torch.randn(4, n_out, rank, generator=g)
+    a[0], b[0] = 0, 0
+    a[2, 5:], b[2, :, 5:] = 0, 0
+    x = torch.randn(len(slots), tokens, k_in, generator=g).to(dtype)
+    y = torch.randn(len(slots), tokens, n_out, generator=g).to(dtype)
+    want = y.double() + gathered_lora_reference(x.double(), a.double(), b.double(), torch.tensor(slots))
+    rows, start, length, slot, longest = segments(slots, x.device)
+    assert rows.tolist() == [2, 0, 3, 5, 4] and length.tolist() == [1, 3, 1] and longest == 3
+    out = y.clone()
+    assert segmented_lora_add_(out, x, a, b, rows, start, length, slot, longest) is out
+    bare = [i for i, s in enumerate(slots) if s == 0]
+    assert torch.equal(out[bare], y[bare])
+    tol = 1e-5 if dtype == torch.float32 else 2**-8  # fp32 sums, rounded once into y's dtype
+    torch.testing.assert_close(out.double(), want, atol=tol * want.abs().max().item(), rtol=tol)

@@ -20,6 +20,7 @@ Adapters live in ``nn.ModuleDict``s keyed by adapter name, with PEFT's in-memory
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -28,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit.kernels import triton_lora
 from lorakit.kernels.lora import fused_lora_linear, gathered_lora, grouped_lora, lora_linear
 
 # Use the fused LoRA-linear autograd node where it applies (see `_LinearLora._fused_adapter`);
@@ -36,6 +38,11 @@ FUSED_LINEAR = True
 # mixed batches run rows grouped by adapter (kernels.lora.grouped_lora) unless padding the groups to
 # the largest one would multiply the rank-r work by more than this; then the per-row gathered kernel
 GROUPED_MAX_PADDING = 2.0
+# "triton": mixed batches at inference add each row's update into the base output with one Triton
+# kernel per linear layer (kernels.triton_lora) where it can run (CUDA and triton installed, or CPU
+# under TRITON_INTERPRET=1); "torch": the grouped / gathered PyTorch kernels. Opt-in until its
+# speed is measured on a GPU (benchmarks/multi_adapter.py).
+MIXED_KERNEL = os.environ.get("LORAKIT_MIXED_KERNEL", "torch")
 
 # Attributes a LoRA layer adds to its base; removed again by `to_base`.
 _LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_router")
@@ -168,6 +175,11 @@ class LoraLayer:
             out.index_add_(0, idx, term)
         return out if out is not None else torch.zeros((), dtype=x.dtype, device=x.device)
 
+    def _rows_add_(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        """A mixed batch's updates added into ``result`` in place by a fused kernel, or None where
+        none applies (then ``_rows_term`` runs)."""
+        return None
+
     def merge_adapter(self, name: str) -> None:
         """W ← W + s · B A (quantized layers override this)."""
         with torch.no_grad():
@@ -189,7 +201,8 @@ class LoraLayer:
         if rows is not None:  # a mixed batch: each row has its own adapter (see lorakit.batch)
             if len(rows) != x.shape[0]:
                 raise ValueError(f"adapter_batch got {len(rows)} adapter ids for a batch of {x.shape[0]} rows")
-            return result + self._rows_term(x, rows).to(result.dtype)
+            added = self._rows_add_(result, x)
+            return added if added is not None else result + self._rows_term(x, rows).to(result.dtype)
         if "router_adapters" in self.__dict__:  # a learned router weighs the adapters per token
             return result + self._routed_term(x).to(result.dtype)
         for name in self.active_adapters:
@@ -218,7 +231,7 @@ class RowPlan:
     ``index`` (B,): each row's slot; ``present``: the slots some row uses, ascending, without 0;
     ``groups`` (P, G), ``inverse`` (B,) and ``bare`` (rows without an adapter, or None): the rows
     grouped by present slot, as ``kernels.lora.grouped_lora`` takes them; ``grouped``: whether
-    layers use that kernel.
+    layers use that kernel; ``segments``: the same grouping as ``kernels.triton_lora`` takes it.
     """
 
     order: tuple[str, ...]
@@ -228,6 +241,7 @@ class RowPlan:
     inverse: torch.Tensor
     bare: torch.Tensor | None
     grouped: bool
+    segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
 
     @classmethod
     def build(cls, order: tuple[str, ...], row_slots: list[int], device: torch.device) -> RowPlan:
@@ -243,7 +257,8 @@ class RowPlan:
         return cls(order, torch.tensor(row_slots, device=device), present,
                    torch.tensor(groups, dtype=torch.long, device=device).reshape(len(present), width),
                    torch.tensor(inverse, dtype=torch.long, device=device),
-                   torch.tensor(bare, device=device) if bare else None, grouped)
+                   torch.tensor(bare, device=device) if bare else None, grouped,
+                   triton_lora.segments(row_slots, device))
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
@@ -347,6 +362,17 @@ class _LinearLora(LoraLayer):
             cached = self.__dict__["_present_cache"] = (plan.present, (a.index_select(0, slots),
                                                                        b.index_select(0, slots)))
         return cached[1]
+
+    def _rows_add_(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        if MIXED_KERNEL != "triton" or torch.is_grad_enabled() or not result.is_contiguous() \
+                or not triton_lora.available(x):
+            return None
+        plan: RowPlan = self.__dict__["row_index"]
+        a, b = self.stacked(plan.order)
+        batch = x.shape[0]
+        triton_lora.segmented_lora_add_(result.view(batch, -1, result.shape[-1]), x.reshape(batch, -1, x.shape[-1]),
+                                        a, b, *plan.segments)
+        return result
 
     def _rows_term(self, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
         plan: RowPlan = self.__dict__["row_index"]

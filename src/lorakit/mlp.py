@@ -10,7 +10,6 @@ Under autocast the node runs on operands cast to the autocast dtype, as each unf
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,6 +19,7 @@ from torch import nn
 
 from lorakit.kernels.mlp import lora_swiglu
 from lorakit.layers import _LinearLora, autocast_dtype
+from lorakit.patch import patched_forward, unfused
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
@@ -45,7 +45,7 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
     parts = [_projection(getattr(self, n), x) for n in ("gate_proj", "up_proj", "down_proj")] \
         if not args and not kwargs else [None]
     if any(p is None for p in parts):
-        return self._lorakit_unfused(x, *args, **kwargs)
+        return unfused(self)(x, *args, **kwargs)
     cast = autocast_dtype(x)
     if cast is None:
         return lora_swiglu(x, *parts)
@@ -59,14 +59,5 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
 def fused_mlp(model: nn.Module) -> Iterator[int]:
     """Within the block, gated MLPs with LoRA on all three projections use the fused node; yields
     how many MLPs were switched."""
-    switched = [m for m in model.modules() if is_gated_mlp(m) and "_lorakit_unfused" not in m.__dict__]
-    for m in switched:
-        m._lorakit_unfused = m.forward  # the bound forward in use (class method or an earlier patch)
-        m.forward = types.MethodType(_fused_forward, m)
-    try:
-        yield len(switched)
-    finally:
-        for m in switched:
-            m.forward = m.__dict__.pop("_lorakit_unfused")
-            if getattr(m.forward, "__func__", None) is type(m).forward:
-                del m.forward  # back to the class's own
+    with patched_forward([m for m in model.modules() if is_gated_mlp(m)], _fused_forward) as n:
+        yield n

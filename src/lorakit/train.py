@@ -56,6 +56,7 @@ from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.loss import causal_lm_loss
 from lorakit.mlp import fused_mlp
 from lorakit.models import empty_model, load_model
+from lorakit.norm import fused_norms
 from lorakit.report import MetricsLog, plot_loss, write_model_card
 from lorakit.train_config import ConfigError, RunConfig, build_config, dump_config, load_config
 
@@ -360,7 +361,8 @@ class Trainer:
         bar = _progress(self.total_steps, self.state.step, self.progress)
         self.model.train()
         try:
-            with padding_free(self.model) if self.padding_free else contextlib.nullcontext(), fused_mlp(self.model):
+            with padding_free(self.model) if self.padding_free else contextlib.nullcontext(), \
+                    fused_mlp(self.model), fused_norms(self.model):
                 self._loop(metrics, bar)
             train_s = time.perf_counter() - start
         except KeyboardInterrupt:
