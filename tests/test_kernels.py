@@ -339,11 +339,12 @@ def test_fused_norms_switch_llama_norms_only_and_change_nothing_but_memory(monke
     assert count == 2 * layers + 1 and calls == []
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_segmented_lora_matches_the_reference(dtype):
+@pytest.mark.parametrize("dtype,programs", [(torch.float32, 1), (torch.float32, 100), (torch.bfloat16, 4)])
+def test_triton_segmented_lora_matches_the_reference(dtype, programs):
     """The Triton mixed-adapter kernel (interpreted on the CPU): rows of uneven groups, a rank-5
     adapter zero-padded to 8, rows without an adapter left untouched, T = 6 tokens a row (a group of
-    18 tokens spans two row blocks), a layer wider than one column block; ``y`` updated in place."""
+    18 tokens spans two row blocks), a layer of two column blocks, taken by one program per token
+    block (1 program wanted) or one per column block (100 wanted); ``y`` updated in place."""
     pytest.importorskip("triton")
     from lorakit.kernels.lora import gathered_lora_reference
     from lorakit.kernels.triton_lora import segmented_lora_add_, segments
@@ -360,8 +361,44 @@ def test_triton_segmented_lora_matches_the_reference(dtype):
     rows, start, length, slot, longest = segments(slots, x.device)
     assert rows.tolist() == [2, 0, 3, 5, 4] and length.tolist() == [1, 3, 1] and longest == 3
     out = y.clone()
-    assert segmented_lora_add_(out, x, a, b, rows, start, length, slot, longest) is out
+    assert segmented_lora_add_(out, x, a, b, rows, start, length, slot, longest, programs) is out
     bare = [i for i, s in enumerate(slots) if s == 0]
     assert torch.equal(out[bare], y[bare])
     tol = 1e-5 if dtype == torch.float32 else 2**-8  # fp32 sums, rounded once into y's dtype
     torch.testing.assert_close(out.double(), want, atol=tol * want.abs().max().item(), rtol=tol)
+
+
+_COMPILE_FOR_H100 = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from lorakit.kernels.triton_lora import _kernel
+
+kernel = _kernel()
+x_dtype, w_dtype = sys.argv[1:3]
+pointers = {"x": x_dtype, "a": w_dtype, "b": w_dtype, "y": x_dtype, "rows": "i32", "seg_start": "i32",
+            "seg_len": "i32", "seg_slot": "i32"}
+blocks = {"BM": 16, "BN": 64, "BK": 64, "BR": 16}
+signature = {n: f"*{pointers[n]}" if n in pointers else "constexpr" if n in blocks else "i32" for n in kernel.arg_names}
+compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=blocks), target=GPUTarget("cuda", 90, 32))
+print(len(compiled.asm["cubin"]), ".target sm_90" in compiled.asm["ptx"])
+"""
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [("bf16", "fp32"), ("fp16", "fp16")])
+def test_triton_segmented_lora_compiles_for_an_h100(x_dtype, w_dtype):
+    """The interpreter accepts code a GPU compile refuses (tile shapes, dot operand types), so the
+    kernel is also compiled, without a GPU, through Triton's whole pipeline to an sm_90 cubin (in a
+    process without TRITON_INTERPRET, which changes what ``triton.language`` does)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100, x_dtype, w_dtype], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    size, sm90 = done.stdout.split()[-2:]
+    assert int(size) > 1000 and sm90 == "True"

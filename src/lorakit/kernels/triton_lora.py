@@ -7,9 +7,12 @@ For every token t of a row b in segment p, in place on the base output y (B·T, 
 
     y[t] ← round_y( y[t] + (x[t] A_{s_p}ᵀ) B_{s_p}ᵀ )          products and the sum in fp32
 
-One program takes BM tokens of one segment and BN output columns: it forms the (BM, R) shrink
-x A_{s_p}ᵀ over K in BK steps, multiplies by the (R, BN) block of B_{s_p}ᵀ and adds into y; each
-(token, column) has exactly one writer, so no atomics. Each adapter's A and B are read straight
+One program takes BM tokens of one segment: it forms the (BM, R) shrink x A_{s_p}ᵀ over K in BK
+steps, then for each of its BN-column blocks multiplies by that (R, BN) block of B_{s_p}ᵀ and adds
+into y; each (token, column) has exactly one writer, so no atomics. The columns are split over
+``n_split`` programs per token block, chosen so that about ``programs`` run in all: a decode step
+(few tokens) spreads the columns (each program redoes the small shrink), a prefill (many token
+blocks) keeps them in one program and forms each shrink once. Each adapter's A and B are read straight
 from the stacks (no per-row or per-group copies, no padding of uneven groups, rows without an
 adapter are never touched), and the base output is updated in place: one launch per layer in
 place of the grouped path's gathers, two batched matmuls, scatter and add.
@@ -46,7 +49,7 @@ def _kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def segmented_lora(x, a, b, y, rows, seg_start, seg_len, seg_slot, tokens_per_row, K, N, R,
+    def segmented_lora(x, a, b, y, rows, seg_start, seg_len, seg_slot, tokens_per_row, K, N, R, n_split,
                        sxm, sxk, sas, sar, sak, sbs, sbn, sbr, sym, syn,
                        BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, BR: tl.constexpr):
         p = tl.program_id(0)
@@ -68,14 +71,15 @@ def _kernel() -> Any:
             av = tl.load(a + slot * sas + r[None, :] * sar + k[:, None] * sak, mask=(r[None, :] < R) & (k[:, None] < K),
                          other=0.0).to(tl.float32)  # (BK, BR) = A_sᵀ block
             h += tl.dot(xv, av, input_precision="ieee")
-        n = tl.program_id(2) * BN + tl.arange(0, BN)
-        bv = tl.load(b + slot * sbs + n[None, :] * sbn + r[:, None] * sbr, mask=(r[:, None] < R) & (n[None, :] < N),
-                     other=0.0).to(tl.float32)  # (BR, BN) = B_sᵀ block
-        update = tl.dot(h, bv, input_precision="ieee")
-        out = y + token[:, None] * sym + n[None, :] * syn
-        ok = m_ok[:, None] & (n[None, :] < N)
-        old = tl.load(out, mask=ok, other=0.0).to(tl.float32)
-        tl.store(out, (old + update).to(y.dtype.element_ty), mask=ok)
+        for n0 in range(tl.program_id(2) * BN, N, n_split * BN):  # this program's column blocks
+            n = n0 + tl.arange(0, BN)
+            bv = tl.load(b + slot * sbs + n[None, :] * sbn + r[:, None] * sbr, mask=(r[:, None] < R) & (n[None, :] < N),
+                         other=0.0).to(tl.float32)  # (BR, BN) = B_sᵀ block
+            update = tl.dot(h, bv, input_precision="ieee")
+            out = y + token[:, None] * sym + n[None, :] * syn
+            ok = m_ok[:, None] & (n[None, :] < N)
+            old = tl.load(out, mask=ok, other=0.0).to(tl.float32)
+            tl.store(out, (old + update).to(y.dtype.element_ty), mask=ok)
 
     return segmented_lora
 
@@ -86,12 +90,13 @@ def _pow2(n: int, least: int) -> int:
 
 def segmented_lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, rows: torch.Tensor,
                         seg_start: torch.Tensor, seg_len: torch.Tensor, seg_slot: torch.Tensor,
-                        max_len: int) -> torch.Tensor:
+                        max_len: int, programs: int | None = None) -> torch.Tensor:
     """Add each row's LoRA update into ``y`` in place (see the module docstring) and return y.
 
     y (B, T, N) and x (B, T, K) as the layer's output and input; a (S, R, K), b (S, N, R) the
     stacks (slot 0 unused here); rows (U,) the rows with an adapter sorted by slot; seg_start,
-    seg_len, seg_slot (P,) each present slot's run in ``rows``; max_len the longest run (rows).
+    seg_len, seg_slot (P,) each present slot's run in ``rows``; max_len the longest run (rows);
+    programs: how many programs to aim for (default: 4 per streaming multiprocessor on CUDA).
     """
     batch, tokens, n_out = y.shape
     k_in, rank = x.shape[-1], a.shape[1]
@@ -100,8 +105,12 @@ def segmented_lora_add_(y: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: to
         return y
     block_m = 16  # tl.dot's smallest tile; a decode step's segments are a few rows
     block_n = 64 if n_out <= 4096 else 128
-    grid = (len(seg_len), -(-max_len * tokens // block_m), -(-n_out // block_n))
-    _kernel()[grid](x2, a, b, y2, rows, seg_start, seg_len, seg_slot, tokens, k_in, n_out, rank,
+    if programs is None:
+        programs = 4 * torch.cuda.get_device_properties(y.device).multi_processor_count if y.is_cuda else 1
+    token_blocks, col_blocks = len(seg_len) * -(-max_len * tokens // block_m), -(-n_out // block_n)
+    n_split = min(col_blocks, max(1, -(-programs // token_blocks)))
+    grid = (len(seg_len), -(-max_len * tokens // block_m), n_split)
+    _kernel()[grid](x2, a, b, y2, rows, seg_start, seg_len, seg_slot, tokens, k_in, n_out, rank, n_split,
                     x2.stride(0), x2.stride(1), a.stride(0), a.stride(1), a.stride(2), b.stride(0), b.stride(1),
                     b.stride(2), y2.stride(0), y2.stride(1),
                     BM=block_m, BN=block_n, BK=64, BR=_pow2(rank, 16))
