@@ -402,3 +402,15 @@ def test_triton_segmented_lora_compiles_for_an_h100(x_dtype, w_dtype):
     assert done.returncode == 0, done.stderr[-2000:]
     size, sm90 = done.stdout.split()[-2:]
     assert int(size) > 1000 and sm90 == "True"
+
+
+def test_fused_lora_linear_without_gradients_runs_the_same_ops():
+    """With gradients off the fused linear skips its autograd node: bitwise the same output."""
+    g = torch.Generator().manual_seed(2)
+    x, w, bias, a, b = (torch.randn(*s, generator=g) for s in ((3, 5, 16), (12, 16), (12,), (4, 16), (12, 4)))
+    a.requires_grad_()
+    with_node = fused_lora_linear(x, w, bias, a, b, 0.7)
+    with torch.no_grad():
+        without = fused_lora_linear(x, w, bias, a, b, 0.7)
+    assert with_node.grad_fn is not None and without.grad_fn is None
+    assert torch.equal(with_node.detach(), without)

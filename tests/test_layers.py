@@ -102,3 +102,27 @@ def test_dropout_applies_only_in_training():
     torch.manual_seed(0)
     c = model(TOKENS).logits.detach()
     assert (c - a).abs().max() > 1e-4
+
+
+def test_inference_on_a_bf16_base_rounds_once():
+    """fp32 adapters on a bf16 base, gradients off: base output + LoRA term is summed in fp32 and
+    rounded to bf16 once (as PEFT sums), so it equals the float64 sum rounded to bf16 on all but
+    fp32-noise ties; rounding the term to bf16 first would miss about a third of the elements."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential()
+    model.q_proj = torch.nn.Linear(256, 256).bfloat16()
+    lorakit.get_lora_model(model, lorakit.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"]))
+    layer = model.q_proj
+    assert layer.lora_A["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        layer.lora_B["default"].weight.normal_(0, 0.3)
+    x = torch.randn(64, 256).bfloat16()
+    with torch.no_grad():
+        got = layer(x)
+        base = torch.nn.functional.linear(x, layer.weight, layer.bias)
+    a, b = layer.lora_A["default"].weight.double(), layer.lora_B["default"].weight.double()
+    want = (base.double() + (x.double() @ a.T @ b.T) * 2.0).to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16
+    assert (got != want).float().mean() < 1e-3
+    trained = layer(x)  # with gradients on: a new tensor, the term rounded first (autograd-safe)
+    assert trained.requires_grad and (trained.detach() != want).float().mean() > 0.1

@@ -202,12 +202,12 @@ class LoraLayer:
             if len(rows) != x.shape[0]:
                 raise ValueError(f"adapter_batch got {len(rows)} adapter ids for a batch of {x.shape[0]} rows")
             added = self._rows_add_(result, x)
-            return added if added is not None else result + self._rows_term(x, rows).to(result.dtype)
+            return added if added is not None else _add(result, self._rows_term(x, rows))
         if "router_adapters" in self.__dict__:  # a learned router weighs the adapters per token
             return result + self._routed_term(x).to(result.dtype)
         for name in self.active_adapters:
             if name in self.r and name not in self.merged_adapters:
-                result = result + self._lora_term(name, x).to(result.dtype)
+                result = _add(result, self._lora_term(name, x))
         return result
 
     def _routed_term(self, x: torch.Tensor) -> torch.Tensor:
@@ -269,6 +269,13 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
 
 
+def _add(result: torch.Tensor, term: torch.Tensor) -> torch.Tensor:
+    """``result + term`` in result's dtype. With gradients off (inference) the sum is formed in
+    the term's precision (fp32 adapters on a bf16 base: fp32) and rounded once, in place in the
+    base layer's fresh output, as PEFT's sum is; with gradients on, out of place (term rounded first)."""
+    return result.add_(term) if not torch.is_grad_enabled() else result + term.to(result.dtype)
+
+
 def _params(module: nn.Module | nn.Parameter) -> list[nn.Parameter]:
     return [module] if isinstance(module, nn.Parameter) else list(module.parameters())
 
@@ -279,30 +286,31 @@ class _LinearLora(LoraLayer):
     in_features: int
     out_features: int
 
-    def _fused_adapter(self, x: torch.Tensor) -> str | None:
+    def _fused_adapter(self, x: torch.Tensor, cast: torch.dtype | None) -> str | None:
         """The one active adapter when the fused kernel applies, else None: a plain ``nn.Linear`` /
         ``Conv1D`` base (not quantized), exactly one unmerged active adapter, no mixed batch, and
-        either one dtype throughout or autocast (which the caller applies itself: ``autocast_dtype``)."""
+        either one dtype throughout or autocast (``cast``, from ``autocast_dtype(x)``; the caller
+        applies it itself)."""
         if not FUSED_LINEAR or self.adapters_disabled or "row_adapters" in self.__dict__ \
                 or "router_adapters" in self.__dict__ or self.base_class not in (nn.Linear, Conv1D):
             return None
         live = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
         if len(live) != 1 or not x.is_floating_point():
             return None
-        if autocast_dtype(x) is not None:
+        if cast is not None:
             return live[0]
         dtype = self.weight.dtype  # type: ignore[attr-defined]
         return live[0] if x.dtype == dtype == self.lora_A[live[0]].weight.dtype else None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        name = None if args or kwargs else self._fused_adapter(x)
+        cast = autocast_dtype(x)
+        name = None if args or kwargs else self._fused_adapter(x, cast)
         if name is None:
             return LoraLayer.forward(self, x, *args, **kwargs)
         weight = self.weight if self.base_class is nn.Linear else self.weight.T  # type: ignore[attr-defined]
         dropout = self.lora_dropout[name]
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
         tensors = (x, weight, self.bias, self.lora_A[name].weight, self.lora_B[name].weight)  # type: ignore[attr-defined]
-        cast = autocast_dtype(x)
         if cast is None:
             return fused_lora_linear(*tensors, self.scaling[name], p)
         # what autocast does to each matmul, done once up front: every operand in its dtype

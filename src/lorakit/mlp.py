@@ -31,7 +31,7 @@ def is_gated_mlp(module: nn.Module) -> bool:
 
 def _projection(layer: _LinearLora, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
     """(W, A, B, scale) when ``layer`` can join the fused node for input ``x``, else None."""
-    name = layer._fused_adapter(x)
+    name = layer._fused_adapter(x, autocast_dtype(x))
     if name is None or layer.bias is not None or layer.weight.requires_grad:  # type: ignore[attr-defined]
         return None
     dropout = layer.lora_dropout[name]

@@ -27,6 +27,15 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return F.linear(x, weight, bias) + scale * (x_lora @ a.T @ b.T)
 
 
+def _forward(x2: torch.Tensor, xl2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+             b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(y (N, out), h (N, r)) for 2-d x and x_lora: h = x_l Aᵀ first, then x Wᵀ (+ bias) with s · h Bᵀ
+    accumulated into it in place."""
+    h = xl2 @ a.T  # (N, r)
+    y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T  # (N, out)
+    return y.addmm_(h, b.T, alpha=scale), h
+
+
 class _FusedLoraLinear(torch.autograd.Function):
     """One autograd node for ``y = x Wᵀ + bias + s · x_l Aᵀ Bᵀ`` (x_l = dropout(x), or x itself).
 
@@ -43,9 +52,7 @@ class _FusedLoraLinear(torch.autograd.Function):
                 a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
         shape = x.shape
         x2, xl2 = x.reshape(-1, shape[-1]), x_lora.reshape(-1, shape[-1])
-        h = xl2 @ a.T  # (N, r)
-        y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T  # (N, out)
-        y.addmm_(h, b.T, alpha=scale)
+        y, h = _forward(x2, xl2, weight, bias, a, b, scale)
         ctx.scale, ctx.shape, ctx.same = scale, shape, x_lora is x
         ctx.save_for_backward(x2 if weight.requires_grad else None, xl2, h, weight, a, b)
         return y.reshape(*shape[:-1], weight.shape[0])
@@ -78,9 +85,14 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     """``x Wᵀ + bias + s · dropout(x) Aᵀ Bᵀ`` as one autograd node (see ``_FusedLoraLinear``).
 
     All tensors must share one dtype and device. With ``dropout_p == 0`` the input is not copied
-    and only x and the rank-r intermediate are kept for the backward pass.
+    and only x and the rank-r intermediate are kept for the backward pass. With gradients off
+    (inference) the same ops run without the autograd node.
     """
     x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+    if not torch.is_grad_enabled():  # inference: the same ops without an autograd node's overhead
+        x2 = x.reshape(-1, x.shape[-1])
+        y, _ = _forward(x2, x_lora.reshape(-1, x.shape[-1]) if x_lora is not x else x2, weight, bias, a, b, scale)
+        return y.reshape(*x.shape[:-1], weight.shape[0])
     return _FusedLoraLinear.apply(x, x_lora, weight, bias, a, b, scale)
 
 
