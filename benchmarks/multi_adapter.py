@@ -55,21 +55,31 @@ def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn
     return model.eval()
 
 
-def timer(device: torch.device, fn: Any, repeat: int, setup: Any = None) -> float:
-    """Median seconds of ``fn(setup())`` over ``repeat`` runs after 2 warm-ups (setup not timed)."""
-    times = []
+def once(device: torch.device, fn: Any, arg: Any) -> float:
+    """Seconds of one ``fn(arg)`` without gradients (synchronised on CUDA)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    with torch.no_grad():
+        fn(arg)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def interleaved(device: torch.device, variants: dict[str, tuple[Any, Any]], repeat: int,
+                cache: Any) -> dict[str, tuple[float, float]]:
+    """(median prefill s, median decode s) per variant. Every round times every variant once, in
+    turn, so a slow spell of the machine falls on all of them alike; 2 warm-up rounds first.
+    Each decode step gets a fresh copy of the prefilled cache (the copy is not timed)."""
+    times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in variants}
     for i in range(repeat + 2):
-        arg = setup() if setup else None
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        with torch.no_grad():
-            fn(arg)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for label, (prefill, decode) in variants.items():
+            pre, dec = once(device, prefill, None), once(device, decode, cache())
+            if i >= 2:
+                times[label][0].append(pre)
+                times[label][1].append(dec)
+    return {k: (statistics.median(p), statistics.median(d)) for k, (p, d) in times.items()}
 
 
 def main() -> None:
@@ -126,7 +136,7 @@ def main() -> None:
                 lambda cache: theirs(input_ids=step_ids, adapter_names=rows, past_key_values=cache, use_cache=True))
 
     def single(model: Any, activate: Any) -> tuple[Any, Any]:
-        activate()
+        activate()  # once: the mixed variants leave each model's active adapter as it was (checked below)
         return (lambda _: model(ids, use_cache=False),
                 lambda cache: model(step_ids, past_key_values=cache, use_cache=True))
 
@@ -152,31 +162,28 @@ def main() -> None:
         notes.append(f"Triton kernel vs PyTorch path, 16-adapter logits: max |diff| {float((t - c).abs().max()):.2e} "
                      f"(max |logit| {float(c.abs().max()):.1f}).")
 
-    results = {}
-    for label, (pre, dec) in {"lorakit single": single(ours, lambda: lorakit.set_adapter(ours, "a0")),
-                              "peft single": single(theirs, lambda: theirs.set_adapter("a0"))}.items():
-        results[label] = (timer(device, pre, args.repeat), timer(device, dec, args.repeat, cache))
+    variants = {"lorakit single": single(ours, lambda: lorakit.set_adapter(ours, "a0")),
+                "peft single": single(theirs, lambda: theirs.set_adapter("a0"))}
     for k in (1, 4, 16):
         rows = [f"a{i % k}" for i in range(args.batch)]
-        variants = [(f"lorakit mixed {k}" + ("" if kernel == "torch" else f" ({kernel})"), ours_fn(rows, kernel))
-                    for kernel in kernels] + [(f"peft mixed {k}", peft_fn(rows))]
-        for label, (pre, dec) in variants:
-            results[label] = (timer(device, pre, args.repeat), timer(device, dec, args.repeat, cache))
-    lorakit.layers.MIXED_KERNEL = "torch"
+        for kernel in kernels:
+            variants[f"lorakit mixed {k}" + ("" if kernel == "torch" else f" ({kernel})")] = ours_fn(rows, kernel)
+        variants[f"peft mixed {k}"] = peft_fn(rows)
     merged = lorakit.merge_and_unload(copy.deepcopy(ours), adapter_names=["a0"])
-    results["merged (a0)"] = (timer(device, lambda _: merged(ids, use_cache=False), args.repeat),
-                              timer(device, lambda c: merged(step_ids, past_key_values=c, use_cache=True),
-                                    args.repeat, cache))
-    results["plain base"] = (timer(device, lambda _: base(ids, use_cache=False), args.repeat),
-                             timer(device, lambda c: base(step_ids, past_key_values=c, use_cache=True),
-                                   args.repeat, cache))
+    variants["merged (a0)"] = (lambda _: merged(ids, use_cache=False),
+                               lambda c: merged(step_ids, past_key_values=c, use_cache=True))
+    variants["plain base"] = (lambda _: base(ids, use_cache=False),
+                              lambda c: base(step_ids, past_key_values=c, use_cache=True))
+    results = interleaved(device, variants, args.repeat, cache)
+    lorakit.layers.MIXED_KERNEL = "torch"
+    assert theirs.active_adapter == "a0" and all(layer.active_adapters == ["a0"] for _, layer in lora_layers(ours))
 
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or 'x86_64'}, " \
         f"{torch.get_num_threads()} threads"
     lines = [f"## {time.strftime('%Y-%m-%d')} — mixed-adapter batches, {args.model} on {machine}", "",
              f"`python benchmarks/multi_adapter.py --model {args.model}`: batch {args.batch}, prompt "
              f"{args.prompt_len} tokens, 16 adapters r=16 on all linear layers, {dtype}, torch "
-             f"{torch.__version__}, peft {peft.__version__}, median of {args.repeat}. Mixed-batch logits lorakit vs "
+             f"{torch.__version__}, peft {peft.__version__}, median of {args.repeat} rounds, each timing every variant in turn. Mixed-batch logits lorakit vs "
              f"PEFT: max |diff| {max_diff:.2e}.", "",
              "| variant | prefill ms | decode step ms | prefill / own single | decode / own single |",
              "|---|---|---|---|---|"]

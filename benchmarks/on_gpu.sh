@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Every GPU measurement issue 7 asks for, in two calls of the `device` tool's run (H100 or H200),
+# each with carry [".gpu"] and one of these commands (each fits the tool's 10 minutes a call):
+#
+#   bash benchmarks/on_gpu.sh train     # train_vs_peft.py: each side's own trainer (2 ABBA pairs), then padded
+#   bash benchmarks/on_gpu.sh serve     # multi_adapter.py: PyTorch and Triton mixed-batch kernels vs PEFT
+#
+# `.gpu/tok` holds the SmolLM2 tokenizer (the bundled data's token counts); the 1.2 B Llama has
+# random weights built from config, nothing is downloaded. Tables go to $OUT (the device's
+# RESULTS.md is not copied back): paste them into benchmarks/RESULTS.md with the device named.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH=src
+out=${OUT:-/tmp}
+case "${1:-}" in train|serve) ;; *) echo "usage: bash benchmarks/on_gpu.sh train|serve" >&2; exit 2 ;; esac
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
+case "$1" in
+  train)
+    python3 benchmarks/train_vs_peft.py --model random-1b --tokenizer .gpu/tok --steps 40 --repeats 2 --no-save \
+      | tee "$out/train_vs_peft.txt"
+    python3 benchmarks/train_vs_peft.py --model random-1b --tokenizer .gpu/tok --steps 40 --padded --no-save \
+      | tee "$out/train_vs_peft_padded.txt"
+    ;;
+  serve)
+    python3 benchmarks/multi_adapter.py --model random-1b --repeat 20 --no-save | tee "$out/multi_adapter.txt"
+    ;;
+esac
