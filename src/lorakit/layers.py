@@ -19,6 +19,7 @@ Adapters live in ``nn.ModuleDict``s keyed by adapter name, with PEFT's in-memory
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -231,7 +232,7 @@ class RowPlan:
     ``index`` (B,): each row's slot; ``present``: the slots some row uses, ascending, without 0;
     ``groups`` (P, G), ``inverse`` (B,) and ``bare`` (rows without an adapter, or None): the rows
     grouped by present slot, as ``kernels.lora.grouped_lora`` takes them; ``grouped``: whether
-    layers use that kernel; ``segments``: the same grouping as ``kernels.triton_lora`` takes it.
+    layers use that kernel; ``row_slots``: ``index`` as a tuple.
     """
 
     order: tuple[str, ...]
@@ -241,7 +242,13 @@ class RowPlan:
     inverse: torch.Tensor
     bare: torch.Tensor | None
     grouped: bool
-    segments: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]
+    row_slots: tuple[int, ...]
+
+    @functools.cached_property
+    def segments(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+        """The grouping as ``kernels.triton_lora`` takes it; built on first use (only that kernel
+        reads it, and on a GPU it costs host-to-device copies)."""
+        return triton_lora.segments(list(self.row_slots), self.index.device)
 
     @classmethod
     def build(cls, order: tuple[str, ...], row_slots: list[int], device: torch.device) -> RowPlan:
@@ -258,7 +265,7 @@ class RowPlan:
                    torch.tensor(groups, dtype=torch.long, device=device).reshape(len(present), width),
                    torch.tensor(inverse, dtype=torch.long, device=device),
                    torch.tensor(bare, device=device) if bare else None, grouped,
-                   triton_lora.segments(row_slots, device))
+                   tuple(row_slots))
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
