@@ -9,6 +9,7 @@ appends it to benchmarks/RESULTS.md.
 
     python benchmarks/multi_adapter.py                         # SmolLM2-135M-Instruct (CPU or GPU)
     python benchmarks/multi_adapter.py --model random-1b       # 1.2 B random Llama from config (GPU)
+    python benchmarks/multi_adapter.py --decode-only --repeat 30   # decode steps only: many short rounds
 
 On a GPU with triton installed, lorakit's mixed batches are also timed with its Triton kernel
 (``lorakit.layers.MIXED_KERNEL = "triton"``: one segmented-gather kernel per layer, added into the
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
+import math
 import platform
 import statistics
 import sys
@@ -67,19 +69,31 @@ def once(device: torch.device, fn: Any, arg: Any) -> float:
     return time.perf_counter() - start
 
 
-def interleaved(device: torch.device, variants: dict[str, tuple[Any, Any]], repeat: int,
-                cache: Any) -> dict[str, tuple[float, float]]:
-    """(median prefill s, median decode s) per variant. Every round times every variant once, in
-    turn, so a slow spell of the machine falls on all of them alike; 2 warm-up rounds first.
-    Each decode step gets a fresh copy of the prefilled cache (the copy is not timed)."""
+def interleaved(device: torch.device, variants: dict[str, tuple[Any, Any]], repeat: int, cache: Any,
+                prefill: bool = True) -> dict[str, tuple[list[float], list[float]]]:
+    """(prefill seconds, decode seconds) of each round, per variant. Every round times every variant
+    once, in turn, so a slow spell of the machine falls on all of them alike; 2 warm-up rounds
+    first. Each decode step gets a fresh copy of the prefilled cache (the copy is not timed);
+    ``prefill=False`` times decode steps only (prefill lists stay empty)."""
     times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in variants}
     for i in range(repeat + 2):
-        for label, (prefill, decode) in variants.items():
-            pre, dec = once(device, prefill, None), once(device, decode, cache())
+        for label, (pre_fn, dec_fn) in variants.items():
+            pre = once(device, pre_fn, None) if prefill else None
+            dec = once(device, dec_fn, cache())
             if i >= 2:
-                times[label][0].append(pre)
+                if pre is not None:
+                    times[label][0].append(pre)
                 times[label][1].append(dec)
-    return {k: (statistics.median(p), statistics.median(d)) for k, (p, d) in times.items()}
+    return times
+
+
+def median_ratio(a: list[float], b: list[float]) -> float:
+    """The median over rounds of a/b, each round's pair timed back to back (nan without rounds)."""
+    return statistics.median(x / y for x, y in zip(a, b, strict=True)) if a else math.nan
+
+
+def cell(value: float, fmt: str) -> str:
+    return "–" if math.isnan(value) else format(value, fmt)
 
 
 def main() -> None:
@@ -90,6 +104,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=10)
+    ap.add_argument("--decode-only", action="store_true", help="time decode steps only (more rounds in less time)")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -174,32 +189,40 @@ def main() -> None:
                                lambda c: merged(step_ids, past_key_values=c, use_cache=True))
     variants["plain base"] = (lambda _: base(ids, use_cache=False),
                               lambda c: base(step_ids, past_key_values=c, use_cache=True))
-    results = interleaved(device, variants, args.repeat, cache)
+    rounds = interleaved(device, variants, args.repeat, cache, prefill=not args.decode_only)
+    results = {k: tuple(statistics.median(t) if t else math.nan for t in v) for k, v in rounds.items()}
     lorakit.layers.MIXED_KERNEL = "torch"
     assert theirs.active_adapter == "a0" and all(layer.active_adapters == ["a0"] for _, layer in lora_layers(ours))
 
     machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or 'x86_64'}, " \
         f"{torch.get_num_threads()} threads"
     lines = [f"## {time.strftime('%Y-%m-%d')} — mixed-adapter batches, {args.model} on {machine}", "",
-             f"`python benchmarks/multi_adapter.py --model {args.model}`: batch {args.batch}, prompt "
-             f"{args.prompt_len} tokens, 16 adapters r=16 on all linear layers, {dtype}, torch "
-             f"{torch.__version__}, peft {peft.__version__}, median of {args.repeat} rounds, each timing every variant in turn. Mixed-batch logits lorakit vs "
-             f"PEFT: max |diff| {max_diff:.2e}.", "",
+             f"`python benchmarks/multi_adapter.py --model {args.model}{' --decode-only' if args.decode_only else ''} "
+             f"--repeat {args.repeat}`: batch {args.batch}, prompt {args.prompt_len} tokens, 16 adapters r=16 on all "
+             f"linear layers, {dtype}, torch {torch.__version__}, peft {peft.__version__}; {args.repeat} rounds, each "
+             f"timing every variant in turn: medians of the times, and of each round's ratio to the variant's "
+             f"own single-adapter batch. Mixed-batch logits lorakit vs PEFT: max |diff| {max_diff:.2e}.", "",
              "| variant | prefill ms | decode step ms | prefill / own single | decode / own single |",
              "|---|---|---|---|---|"]
     for label, (pre, dec) in results.items():
-        own = results["peft single"] if label.startswith("peft") else results["lorakit single"]
-        if label in ("merged (a0)", "plain base"):
-            own = results["plain base"]
-        lines.append(f"| {label} | {pre * 1e3:.2f} | {dec * 1e3:.2f} | {pre / own[0]:.2f} | {dec / own[1]:.2f} |")
-    speed = [f"{k} adapters: prefill {results[f'peft mixed {k}'][0] / results[f'lorakit mixed {k}'][0]:.2f}×, "
-             f"decode {results[f'peft mixed {k}'][1] / results[f'lorakit mixed {k}'][1]:.2f}×" for k in (1, 4, 16)]
-    lines += ["", "lorakit mixed vs PEFT mixed (time ratio PEFT / lorakit): " + "; ".join(speed) + "."]
+        own = "peft single" if label.startswith("peft") else "lorakit single"
+        own = "plain base" if label in ("merged (a0)", "plain base") else own
+        ratios = [median_ratio(rounds[label][j], rounds[own][j]) for j in (0, 1)]
+        lines.append(f"| {label} | {cell(pre * 1e3, '.2f')} | {dec * 1e3:.2f} | {cell(ratios[0], '.2f')} | "
+                     f"{ratios[1]:.2f} |")
+
+    def versus(ours_label: str) -> str:
+        parts = []
+        for k in (1, 4, 16):
+            theirs_k, ours_k = results[f"peft mixed {k}"], results[ours_label % k]
+            pre = "" if args.decode_only else f"prefill {theirs_k[0] / ours_k[0]:.2f}×, "
+            parts.append(f"{k} adapters: {pre}decode {theirs_k[1] / ours_k[1]:.2f}×")
+        return "; ".join(parts)
+
+    lines += ["", "lorakit mixed vs PEFT mixed (time ratio PEFT / lorakit): " + versus("lorakit mixed %d") + "."]
     if "triton" in kernels:
-        speed = [f"{k} adapters: prefill {results[f'peft mixed {k}'][0] / results[f'lorakit mixed {k} (triton)'][0]:.2f}×, "
-                 f"decode {results[f'peft mixed {k}'][1] / results[f'lorakit mixed {k} (triton)'][1]:.2f}×"
-                 for k in (1, 4, 16)]
-        lines += ["", "lorakit mixed (triton) vs PEFT mixed: " + "; ".join(speed) + ". " + " ".join(notes)]
+        lines += ["", "lorakit mixed (triton) vs PEFT mixed: " + versus("lorakit mixed %d (triton)") + ". "
+                  + " ".join(notes)]
     lines.append("")
     text = "\n".join(lines)
     print(text)
