@@ -50,8 +50,8 @@ def test_gathered_kernel_matches_the_reference():
 
 
 def test_grouped_kernel_matches_the_reference():
-    """Rows grouped by adapter (uneven groups, padding, rows with no adapter) give each row's own
-    product, as the row-by-row reference does."""
+    """Rows grouped by adapter (uneven groups, padding, rows with no adapter; one adapter present)
+    give each row's own product, as the row-by-row reference does."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 3, 12, generator=g)
     a, b = torch.randn(5, 6, 12, generator=g), torch.randn(5, 7, 6, generator=g)
@@ -62,6 +62,10 @@ def test_grouped_kernel_matches_the_reference():
     assert plan.bare is not None and plan.bare.tolist() == [1, 6]
     got = grouped_lora(x, a[list(plan.present)], b[list(plan.present)], plan.groups, plan.inverse, plan.bare)
     torch.testing.assert_close(got, gathered_lora_reference(x, a, b, torch.tensor(slots)), atol=1e-5, rtol=0)
+    for slots in ([3, 0, 3, 3, 0, 3, 3], [3] * 7):  # one adapter present, with and without bare rows
+        plan = RowPlan.build(("p", "q", "r", "s"), slots, torch.device("cpu"))
+        got = grouped_lora(x, a[list(plan.present)], b[list(plan.present)], plan.groups, plan.inverse, plan.bare)
+        torch.testing.assert_close(got, gathered_lora_reference(x, a, b, torch.tensor(slots)), atol=1e-5, rtol=0)
 
 
 def test_row_plan_falls_back_to_gathering_for_uneven_groups():

@@ -122,10 +122,14 @@ def grouped_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: torc
         x_p = x[groups[p]] (G·T, in)    y_p = x_p a_pᵀ b_pᵀ (G·T, out)    out[b] = y[inverse[b]]
         out[bare] = 0
 
+    With one adapter present (P = 1) the rows are not regrouped at all: x a_0ᵀ b_0ᵀ for every row.
     ``gathered_lora`` instead copies A and B once per row (B·r·(in+out) values a layer), which
     costs more than the products themselves in a decode step (T = 1).
     """
     n, g = groups.shape
+    if n == 1:  # one adapter: every row in place, no gather or scatter (rows without one zeroed after)
+        out = (x @ a[0].T) @ b[0].T
+        return out if bare is None else out.index_fill_(0, bare, 0.0)
     tokens, n_in = x.shape[1], x.shape[2]
     xs = x.index_select(0, groups.reshape(-1)).reshape(n, g * tokens, n_in)
     y = torch.bmm(torch.bmm(xs, a.transpose(1, 2)), b.transpose(1, 2)).reshape(n * g, tokens, -1)
