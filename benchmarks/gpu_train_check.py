@@ -16,12 +16,7 @@ from pathlib import Path
 
 import torch
 
-SIZES = {
-    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2),
-    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-               num_key_value_heads=4),
-}
+from results import LLAMA_SIZES as SIZES
 
 
 def main() -> None:

@@ -37,19 +37,15 @@ import lorakit.layers
 from lorakit.layers import lora_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append_entry
+from results import LLAMA_SIZES, append_entry
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     if name.startswith("random-"):
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        sizes = {"random-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                                   num_attention_heads=32, num_key_value_heads=4),
-                 "random-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                     num_attention_heads=4, num_key_value_heads=2)}
         torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=49152, tie_word_embeddings=False, **sizes[name])
+        cfg = LlamaConfig(vocab_size=49152, tie_word_embeddings=False, **LLAMA_SIZES[name.removeprefix("random-")])
         return LlamaForCausalLM(cfg).to(device, dtype).eval()
     from lorakit.models import load_model
 

@@ -1,10 +1,17 @@
-"""Shared by the benchmark scripts: entries go into RESULTS.md newest first."""
+"""Shared by the benchmark scripts: entries go into RESULTS.md newest first; the Llama shapes of
+the random-weight models they build from config (nothing is downloaded)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
+LLAMA_SIZES = {
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4),  # 1.2 B parameters with SmolLM2's 49 152-token vocabulary, untied
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2),
+}
 
 
 def append_entry(text: str) -> None:

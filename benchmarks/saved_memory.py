@@ -34,9 +34,10 @@ from typing import Any
 
 import torch
 
+from results import LLAMA_SIZES
+
 SHAPES = {
-    "1b": (dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                num_key_value_heads=4, tie_word_embeddings=False), torch.bfloat16),
+    "1b": ({**LLAMA_SIZES["1b"], "tie_word_embeddings": False}, torch.bfloat16),
     "135m": (dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                   num_key_value_heads=3, tie_word_embeddings=True), torch.float32),
 }

@@ -47,10 +47,9 @@ def model_dir(name: str, tokenizer: str | None) -> str:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer)
-    size = {"random-1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                              num_key_value_heads=4),
-            "random-tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2)}[name]
+    from results import LLAMA_SIZES
+
+    size = LLAMA_SIZES[name.removeprefix("random-")]
     path = Path(tempfile.gettempdir()) / f"lorakit-bench-{name}"
     if not (path / "config.json").exists():
         torch.manual_seed(0)

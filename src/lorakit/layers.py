@@ -356,12 +356,12 @@ class _LinearLora(LoraLayer):
         ref = state[0][1]
         a = torch.zeros(len(order) + 1, r_max, self.in_features, dtype=ref.dtype, device=ref.device)
         b = torch.zeros(len(order) + 1, self.out_features, r_max, dtype=ref.dtype, device=ref.device)
+        slots = {name: slot for slot, name in enumerate(order, 1)}
         with torch.no_grad():
-            for slot, name in enumerate(order, 1):
-                if name in self.r:
-                    r = self.r[name]
-                    a[slot, :r] = self.lora_A[name].weight
-                    b[slot, :, :r] = self.lora_B[name].weight * self.scaling[name]
+            for name, wa, wb, scale in state:
+                if name in slots:
+                    a[slots[name], :self.r[name]] = wa
+                    b[slots[name], :, :self.r[name]] = wb * scale
         seen = [(n, wa, wa._version, wb, wb._version, s) for n, wa, wb, s in state]
         self.__dict__["_stack_cache"] = (order, seen, (a, b))
         self.__dict__.pop("_present_cache", None)

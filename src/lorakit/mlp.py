@@ -29,9 +29,11 @@ def is_gated_mlp(module: nn.Module) -> bool:
             and all(isinstance(getattr(module, n, None), _LinearLora) for n in ("gate_proj", "up_proj", "down_proj")))
 
 
-def _projection(layer: _LinearLora, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
-    """(W, A, B, scale) when ``layer`` can join the fused node for input ``x``, else None."""
-    name = layer._fused_adapter(x, autocast_dtype(x))
+def _projection(layer: _LinearLora, x: torch.Tensor,
+                cast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
+    """(W, A, B, scale) when ``layer`` can join the fused node for input ``x`` (under autocast to
+    ``cast``, or None), else None."""
+    name = layer._fused_adapter(x, cast)
     if name is None or layer.bias is not None or layer.weight.requires_grad:  # type: ignore[attr-defined]
         return None
     dropout = layer.lora_dropout[name]
@@ -42,11 +44,11 @@ def _projection(layer: _LinearLora, x: torch.Tensor) -> tuple[torch.Tensor, torc
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    parts = [_projection(getattr(self, n), x) for n in ("gate_proj", "up_proj", "down_proj")] \
+    cast = autocast_dtype(x)
+    parts = [_projection(getattr(self, n), x, cast) for n in ("gate_proj", "up_proj", "down_proj")] \
         if not args and not kwargs else [None]
     if any(p is None for p in parts):
         return unfused(self)(x, *args, **kwargs)
-    cast = autocast_dtype(x)
     if cast is None:
         return lora_swiglu(x, *parts)
     # autocast: every operand in its dtype once, then the node runs with autocast off

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import Counter
+from itertools import accumulate
 from typing import Any
 
 import torch
@@ -121,11 +123,11 @@ def segments(row_slots: list[int], device: torch.device) -> tuple[torch.Tensor, 
                                                                  torch.Tensor, int]:
     """(rows, seg_start, seg_len, seg_slot, max_len) for ``segmented_lora_add_`` from each row's
     slot (0: no adapter)."""
-    order = sorted((s, i) for i, s in enumerate(row_slots) if s)
-    rows = [i for _, i in order]
-    slots = sorted({s for s, _ in order})
-    lengths = [sum(1 for s, _ in order if s == slot) for slot in slots]
-    starts = [sum(lengths[:j]) for j in range(len(slots))]
+    rows = sorted((i for i, s in enumerate(row_slots) if s), key=lambda i: row_slots[i])  # stable: in order
+    counts = Counter(row_slots[i] for i in rows)
+    slots = sorted(counts)
+    lengths = [counts[s] for s in slots]
+    starts = list(accumulate(lengths, initial=0))[:-1]
 
     def t(v: list[int]) -> torch.Tensor:
         return torch.tensor(v, dtype=torch.int32, device=device)
