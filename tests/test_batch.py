@@ -50,22 +50,47 @@ def test_gathered_kernel_matches_the_reference():
 
 
 def test_grouped_kernel_matches_the_reference():
-    """Rows grouped by adapter (uneven groups, padding, rows with no adapter; one adapter present)
-    give each row's own product, as the row-by-row reference does."""
+    """Rows grouped by adapter (uneven groups, padding, rows with no adapter, an absent slot inside
+    the range; one adapter present) give each row's own product, as the row-by-row reference does."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(7, 3, 12, generator=g)
     a, b = torch.randn(5, 6, 12, generator=g), torch.randn(5, 7, 6, generator=g)
     a[0], b[0] = 0, 0
     slots = [2, 0, 4, 4, 2, 4, 0]
     plan = RowPlan.build(("p", "q", "r", "s"), slots, torch.device("cpu"))
-    assert plan.present == (2, 4) and tuple(plan.groups.shape) == (2, 3) and plan.grouped
+    # slot 3 is absent, but running 3 groups of 3 over slots 2..4 is 9 <= 2 x 5 rows: a slice, no copy
+    assert plan.present == (2, 4) and plan.slots == (2, 3, 4) and plan.span and plan.grouped
+    assert tuple(plan.groups.shape) == (3, 3)
     assert plan.bare is not None and plan.bare.tolist() == [1, 6]
-    got = grouped_lora(x, a[list(plan.present)], b[list(plan.present)], plan.groups, plan.inverse, plan.bare)
+    got = grouped_lora(x, a[2:5], b[2:5], plan.groups, plan.inverse, plan.bare)
+    torch.testing.assert_close(got, gathered_lora_reference(x, a, b, torch.tensor(slots)), atol=1e-5, rtol=0)
+    slots = [1, 4, 4, 0, 4, 0, 0]  # slots 1..4 in groups of 3 would be 12 > 2 x 4 rows: slots 1 and 4 only
+    plan = RowPlan.build(("p", "q", "r", "s"), slots, torch.device("cpu"))
+    assert plan.slots == (1, 4) and not plan.span and plan.grouped and tuple(plan.groups.shape) == (2, 3)
+    got = grouped_lora(x, a[[1, 4]], b[[1, 4]], plan.groups, plan.inverse, plan.bare)
     torch.testing.assert_close(got, gathered_lora_reference(x, a, b, torch.tensor(slots)), atol=1e-5, rtol=0)
     for slots in ([3, 0, 3, 3, 0, 3, 3], [3] * 7):  # one adapter present, with and without bare rows
         plan = RowPlan.build(("p", "q", "r", "s"), slots, torch.device("cpu"))
-        got = grouped_lora(x, a[list(plan.present)], b[list(plan.present)], plan.groups, plan.inverse, plan.bare)
+        assert plan.slots == (3,) and plan.span
+        got = grouped_lora(x, a[3:4], b[3:4], plan.groups, plan.inverse, plan.bare)
         torch.testing.assert_close(got, gathered_lora_reference(x, a, b, torch.tensor(slots)), atol=1e-5, rtol=0)
+
+
+def test_group_stacks_slice_a_range_and_copy_scattered_slots(models):
+    """A contiguous range of slots is read from the layer's stacks in place (same storage); scattered
+    slots are copied once and the copy reused while the slots stay the same."""
+    _, model = models
+    layer = model.model.layers[0].mlp.down_proj
+    order = tuple(ADAPTERS)
+    a, b = layer.stacked(order)
+    span = RowPlan.build(order, [1, 3, 3, 0, 1], torch.device("cpu"))
+    a_s, b_s = layer.group_stacks(span, a, b)
+    assert span.span and a_s.data_ptr() == a[1].data_ptr() and b_s.data_ptr() == b[1].data_ptr()
+    assert torch.equal(a_s, a[1:4]) and torch.equal(b_s, b[1:4])
+    apart = RowPlan.build(order, [1, 4, 4, 4], torch.device("cpu"))
+    a_p, b_p = layer.group_stacks(apart, a, b)
+    assert not apart.span and torch.equal(a_p, a[[1, 4]]) and torch.equal(b_p, b[[1, 4]])
+    assert layer.group_stacks(apart, a, b)[0] is a_p
 
 
 def test_row_plan_falls_back_to_gathering_for_uneven_groups():
@@ -105,6 +130,22 @@ def test_prefill_rows_equal_each_adapter_alone(models, kernel):
         torch.testing.assert_close(mixed[i], expected, atol=1e-5, rtol=0)
         if name not in (None, "base"):
             assert (mixed[i] - base(ids[i:i + 1]).logits[0]).abs().max() > 1e-3
+
+
+def test_scattered_adapters_rows_equal_each_adapter_alone(models, kernel):
+    """Adapters "a" (slot 1) and "d" (slot 4) only, unevenly: the groups run over those two slots'
+    copied weights rather than over slots 1..4."""
+    base, model = models
+    rows = ["d", "a", "d", "d"]
+    ids = torch.randint(0, 128, (len(rows), 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad(), lorakit.adapter_batch(model, rows):
+        plan = model.model.layers[0].mlp.up_proj.row_index
+        mixed = model(ids).logits
+    assert plan.slots == (1, 4) and not plan.span
+    for i, name in enumerate(rows):
+        with torch.no_grad():
+            expected = alone(model, base, name, lambda m, i=i: m(ids[i:i + 1]).logits[0])
+        torch.testing.assert_close(mixed[i], expected, atol=1e-5, rtol=0)
 
 
 def test_kv_cache_decode_rows_equal_each_adapter_alone(models, kernel):

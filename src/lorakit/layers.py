@@ -230,14 +230,19 @@ class RowPlan:
 
     ``order``: the model-wide slot order (slot i+1 holds ``order[i]``; slot 0: no adapter);
     ``index`` (B,): each row's slot; ``present``: the slots some row uses, ascending, without 0;
-    ``groups`` (P, G), ``inverse`` (B,) and ``bare`` (rows without an adapter, or None): the rows
-    grouped by present slot, as ``kernels.lora.grouped_lora`` takes them; ``grouped``: whether
-    layers use that kernel; ``row_slots``: ``index`` as a tuple.
+    ``slots``: the slots the row groups run over, either every slot from the first present to the
+    last (``span``: layers read that slice of their stacks in place, a view) or, where that range
+    is mostly absent adapters, ``present`` only (layers copy those slots' weights);
+    ``groups`` (len(slots), G), ``inverse`` (B,) and ``bare`` (rows without an adapter, or None):
+    the rows grouped by slot, as ``kernels.lora.grouped_lora`` takes them (an absent slot's group
+    is all padding); ``grouped``: whether layers use that kernel; ``row_slots``: ``index`` as a tuple.
     """
 
     order: tuple[str, ...]
     index: torch.Tensor
     present: tuple[int, ...]
+    slots: tuple[int, ...]
+    span: bool
     groups: torch.Tensor
     inverse: torch.Tensor
     bare: torch.Tensor | None
@@ -252,17 +257,25 @@ class RowPlan:
 
     @classmethod
     def build(cls, order: tuple[str, ...], row_slots: list[int], device: torch.device) -> RowPlan:
+        """Group the rows. The grouped kernel's rank-r work is len(slots) × G rows (G: the largest
+        group); it is used while that stays within ``GROUPED_MAX_PADDING`` × the rows with an
+        adapter, over the whole present range if that fits (no weight copies), else over the
+        present slots alone."""
         present = tuple(sorted(set(row_slots) - {0}))
-        members = [[i for i, s in enumerate(row_slots) if s == p] for p in present]
-        width = max((len(m) for m in members), default=0)
-        groups = [m + [0] * (width - len(m)) for m in members]  # padding: any row, its result unused
-        place = {row: p * width + k for p, m in enumerate(members) for k, row in enumerate(m)}
+        members = {p: [i for i, s in enumerate(row_slots) if s == p] for p in present}
+        width = max((len(m) for m in members.values()), default=0)
+        used = len(row_slots) - row_slots.count(0)
+        span = tuple(range(present[0], present[-1] + 1)) if present else ()
+        fits = len(span) * width <= GROUPED_MAX_PADDING * used
+        slots = span if fits else present
+        grouped = used > 0 and len(slots) * width <= GROUPED_MAX_PADDING * used
+        rows = [members.get(p, []) for p in slots]
+        groups = [m + [0] * (width - len(m)) for m in rows]  # padding: any row, its result unused
+        place = {row: p * width + k for p, m in enumerate(rows) for k, row in enumerate(m)}
         inverse = [place.get(i, 0) for i in range(len(row_slots))]
         bare = [i for i, s in enumerate(row_slots) if s == 0]
-        used = len(row_slots) - len(bare)
-        grouped = used > 0 and len(present) * width <= GROUPED_MAX_PADDING * used
-        return cls(order, torch.tensor(row_slots, device=device), present,
-                   torch.tensor(groups, dtype=torch.long, device=device).reshape(len(present), width),
+        return cls(order, torch.tensor(row_slots, device=device), present, slots, fits and len(slots) > 0,
+                   torch.tensor(groups, dtype=torch.long, device=device).reshape(len(slots), width),
                    torch.tensor(inverse, dtype=torch.long, device=device),
                    torch.tensor(bare, device=device) if bare else None, grouped,
                    tuple(row_slots))
@@ -367,15 +380,20 @@ class _LinearLora(LoraLayer):
         self.__dict__.pop("_present_cache", None)
         return a, b
 
-    def present_stacked(self, plan: RowPlan, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(A (P, r_max, in), s·B (P, out, r_max)): the P slots of ``plan.present`` taken from the
-        stacks ``a``, ``b`` (``stacked``); cached for the last set of slots (a whole generate call)
-        until ``stacked`` rebuilds the stacks, which drops this cache."""
+    def group_stacks(self, plan: RowPlan, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A (S, r_max, in), s·B (S, out, r_max)) for the S slots of ``plan.slots``, from the stacks
+        ``a``, ``b`` (``stacked``). A contiguous range of slots (``plan.span``) is a slice of the
+        stacks, no copy; otherwise those slots are copied, and the copy cached for the last set of
+        slots until ``stacked`` rebuilds the stacks (which drops this cache). A serving batch's
+        adapters change from step to step, so copying would cost a full read and write of the
+        adapters' weights a step (16 × r16 adapters on a 135 M model: 330 MB)."""
+        if plan.span:
+            return a[plan.slots[0]:plan.slots[-1] + 1], b[plan.slots[0]:plan.slots[-1] + 1]
         cached = self.__dict__.get("_present_cache")
-        if cached is None or cached[0] != plan.present:
-            slots = torch.tensor(plan.present, device=a.device)
-            cached = self.__dict__["_present_cache"] = (plan.present, (a.index_select(0, slots),
-                                                                       b.index_select(0, slots)))
+        if cached is None or cached[0] != plan.slots:
+            slots = torch.tensor(plan.slots, device=a.device)
+            cached = self.__dict__["_present_cache"] = (plan.slots, (a.index_select(0, slots),
+                                                                     b.index_select(0, slots)))
         return cached[1]
 
     def _rows_add_(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
@@ -395,7 +413,7 @@ class _LinearLora(LoraLayer):
         shape = x.shape
         x3 = x.reshape(shape[0], -1, shape[-1]).to(a.dtype)  # (B, T, in)
         if plan.grouped:
-            a_p, b_p = self.present_stacked(plan, a, b)
+            a_p, b_p = self.group_stacks(plan, a, b)
             out = grouped_lora(x3, a_p, b_p, plan.groups, plan.inverse, plan.bare)
         else:
             out = gathered_lora(x3, a, b, plan.index)
