@@ -4,10 +4,11 @@
         logits = model(input_ids).logits                         # also inside model.generate(...)
 
 Inside the block every LoRA layer computes its update for all rows at once. Linear layers group
-the rows by adapter and run two batched matmuls over the adapters present, each adapter's
-(zero-padded, pre-scaled) A and B read once (``kernels.lora.grouped_lora``); when the groups are
-so uneven that padding them to the largest would more than double the rank-r work, they gather
-each row's A and B instead (``kernels.lora.gathered_lora``). Embeddings, convolutions and
+the rows by adapter and run two batched matmuls over the adapters' slots, each adapter's
+(zero-padded, pre-scaled) A and B read once, in place from the layer's stacks when the slots from
+the first present adapter to the last are few enough (``kernels.lora.grouped_lora``); when the
+groups are so uneven that padding them to the largest would more than double the rank-r work,
+they gather each row's A and B instead (``kernels.lora.gathered_lora``). Embeddings, convolutions and
 ``modules_to_save`` group rows by adapter. The base runs once for the whole batch. Meant for
 inference (dropout is not applied).
 """

@@ -16,7 +16,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -270,7 +270,15 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    def _step(self, group: Sequence[Sequence[Sequence[Example]]]) -> tuple[float, float, int]:
+    @contextlib.contextmanager
+    def fast_paths(self) -> Iterator[nn.Module]:
+        """The model as training runs it: padding-free attention (where on), the fused SwiGLU MLP and
+        RMSNorm nodes."""
+        with padding_free(self.model) if self.padding_free else contextlib.nullcontext(), \
+                fused_mlp(self.model), fused_norms(self.model):
+            yield self.model
+
+    def step(self, group: Sequence[Sequence[Sequence[Example]]]) -> tuple[float, float, int]:
         """One optimizer step over micro-batches ``group`` (each the global micro-batch of all ranks;
         this rank takes rows rank, rank+W, …): returns (mean loss, grad norm, tokens)."""
         pad, world = self.tokenizer.pad_token_id, self.world
@@ -361,8 +369,7 @@ class Trainer:
         bar = _progress(self.total_steps, self.state.step, self.progress)
         self.model.train()
         try:
-            with padding_free(self.model) if self.padding_free else contextlib.nullcontext(), \
-                    fused_mlp(self.model), fused_norms(self.model):
+            with self.fast_paths():
                 self._loop(metrics, bar)
             train_s = time.perf_counter() - start
         except KeyboardInterrupt:
@@ -393,7 +400,7 @@ class Trainer:
             for index in range(s.step_in_epoch, len(groups)):
                 tick = time.perf_counter()
                 lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
-                loss, grad_norm, tokens = self._step(groups[index])
+                loss, grad_norm, tokens = self.step(groups[index])
                 elapsed = time.perf_counter() - tick
                 s.step, s.step_in_epoch, s.tokens = s.step + 1, index + 1, s.tokens + tokens
                 self.last_loss = loss

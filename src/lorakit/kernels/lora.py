@@ -112,17 +112,18 @@ def gathered_lora(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor,
 def grouped_lora(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, groups: torch.Tensor,
                  inverse: torch.Tensor, bare: torch.Tensor | None = None) -> torch.Tensor:
     """Per-row LoRA updates for a mixed batch with the rows grouped by adapter: two batched matmuls
-    over the P adapters present, each adapter's weights read once and never copied per row.
+    over P adapter slots, each adapter's weights read once and never copied per row.
 
-    x (B, T, in); a (P, r, in) and b (P, out, r) the present adapters (zero-padded to rank r, scale
-    folded into B); groups (P, G) the rows of each adapter, padded to the largest group G with any
-    row (the padding's results are never read); inverse (B,) each row's place p·G + g in the grouped
+    x (B, T, in); a (P, r, in) and b (P, out, r) the slots' adapters (zero-padded to rank r, scale
+    folded into B; may be a slice of a larger stack, slots no row uses included); groups (P, G) the
+    rows of each slot, padded to the largest group G with any row (the padding's results are never
+    read; a slot no row uses is all padding); inverse (B,) each row's place p·G + g in the grouped
     result (any place for a row without an adapter); bare: the rows without an adapter, or None:
 
         x_p = x[groups[p]] (G·T, in)    y_p = x_p a_pᵀ b_pᵀ (G·T, out)    out[b] = y[inverse[b]]
         out[bare] = 0
 
-    With one adapter present (P = 1) the rows are not regrouped at all: x a_0ᵀ b_0ᵀ for every row.
+    With one slot (P = 1) the rows are not regrouped at all: x a_0ᵀ b_0ᵀ for every row.
     ``gathered_lora`` instead copies A and B once per row (B·r·(in+out) values a layer), which
     costs more than the products themselves in a decode step (T = 1).
     """
