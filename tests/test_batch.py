@@ -148,6 +148,27 @@ def test_scattered_adapters_rows_equal_each_adapter_alone(models, kernel):
         torch.testing.assert_close(mixed[i], expected, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("rows", [["b", "b", "b"], ["a", "a", "a"], ["b", None, "b"]])
+def test_one_adapter_batch_runs_the_single_adapter_node(models, monkeypatch, rows):
+    """Every row on one adapter: the layers that have it run the fused single-adapter node (the
+    same ops as that adapter set active), the others the base alone; with a bare row the grouped
+    path runs. Each row equals its adapter alone."""
+    base, model = models
+    calls = []
+    real = lorakit.layers.fused_lora_linear
+    monkeypatch.setattr(lorakit.layers, "fused_lora_linear", lambda *a: calls.append(1) or real(*a))
+    ids = torch.randint(0, 128, (len(rows), 6), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad(), lorakit.adapter_batch(model, rows):
+        mixed = model(ids).logits
+    n_layers = sum(1 for _, layer in lorakit.layers.lora_layers(model)
+                   if rows[0] in layer.r and isinstance(layer, torch.nn.Linear))
+    assert len(calls) == (n_layers if None not in rows else 0) and n_layers > 0
+    for i, name in enumerate(rows):
+        with torch.no_grad():
+            expected = alone(model, base, name, lambda m, i=i: m(ids[i:i + 1]).logits[0])
+        torch.testing.assert_close(mixed[i], expected, atol=1e-5, rtol=0)
+
+
 def test_kv_cache_decode_rows_equal_each_adapter_alone(models, kernel):
     base, model = models
     ids = torch.randint(0, 128, (len(ROWS), 6), generator=torch.Generator().manual_seed(2))

@@ -308,14 +308,22 @@ class _LinearLora(LoraLayer):
     out_features: int
 
     def _fused_adapter(self, x: torch.Tensor, cast: torch.dtype | None) -> str | None:
-        """The one active adapter when the fused kernel applies, else None: a plain ``nn.Linear`` /
-        ``Conv1D`` base (not quantized), exactly one unmerged active adapter, no mixed batch, and
-        either one dtype throughout or autocast (``cast``, from ``autocast_dtype(x)``; the caller
-        applies it itself)."""
-        if not FUSED_LINEAR or self.adapters_disabled or "row_adapters" in self.__dict__ \
-                or "router_adapters" in self.__dict__ or self.base_class not in (nn.Linear, Conv1D):
+        """The one adapter when the fused kernel applies, else None: a plain ``nn.Linear`` /
+        ``Conv1D`` base (not quantized), exactly one unmerged active adapter (or a mixed batch in
+        which every row uses the same adapter, which this layer has), and either one dtype
+        throughout or autocast (``cast``, from ``autocast_dtype(x)``; the caller applies it itself)."""
+        if not FUSED_LINEAR or self.adapters_disabled or "router_adapters" in self.__dict__ \
+                or self.base_class not in (nn.Linear, Conv1D):
             return None
-        live = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
+        if "row_adapters" in self.__dict__:
+            plan: RowPlan = self.__dict__["row_index"]
+            if len(plan.present) != 1 or plan.bare is not None or len(plan.row_slots) != x.shape[0]:
+                return None
+            live = [plan.order[plan.present[0] - 1]]
+            if live[0] not in self.r:
+                return None
+        else:
+            live = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
         if len(live) != 1 or not x.is_floating_point():
             return None
         if cast is not None:
@@ -330,7 +338,8 @@ class _LinearLora(LoraLayer):
             return LoraLayer.forward(self, x, *args, **kwargs)
         weight = self.weight if self.base_class is nn.Linear else self.weight.T  # type: ignore[attr-defined]
         dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+        mixed = "row_adapters" in self.__dict__  # mixed batches apply no dropout
+        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training and not mixed else 0.0
         tensors = (x, weight, self.bias, self.lora_A[name].weight, self.lora_B[name].weight)  # type: ignore[attr-defined]
         if cast is None:
             return fused_lora_linear(*tensors, self.scaling[name], p)
