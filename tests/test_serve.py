@@ -257,3 +257,50 @@ def test_cli_serve_starts_and_answers(setup, tiny_model_dir):
     bad = subprocess.run([sys.executable, "-m", "lorakit", "serve", "--model", str(tiny_model_dir), "--adapter",
                           "no-equals-sign"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "expected NAME=DIR" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_growing_cache_layer_appends_in_place_and_equals_concatenation():
+    """The engine's cache layer writes each step's keys and values into spare columns: the same
+    tensors as concatenating, earlier results left intact, and a new buffer only when the room runs
+    out (room for half as many tokens again, at least 16)."""
+    from lorakit.engine import _GrowingLayer
+
+    g = torch.Generator().manual_seed(0)
+    keys, values = torch.randn(2, 3, 5, 4, generator=g), torch.randn(2, 3, 5, 4, generator=g)
+    layer = _GrowingLayer(keys.clone(), values.clone())
+    seen, moves, buffer = [], 0, None
+    for _ in range(30):
+        k, v = torch.randn(2, 3, 1, 4, generator=g), torch.randn(2, 3, 1, 4, generator=g)
+        got_k, got_v = layer.update(k, v)
+        keys, values = torch.cat([keys, k], dim=2), torch.cat([values, v], dim=2)
+        assert torch.equal(got_k, keys) and torch.equal(got_v, values) and layer.get_seq_length() == keys.shape[2]
+        moves += layer.buffers[0] is not buffer
+        buffer = layer.buffers[0]
+        seen.append((got_k, keys))
+    assert moves == 2  # step 1: 5 tokens + room for 16 = 21 columns; step 17: 21 + 16 = 37
+    assert layer.buffers[0].shape[2] == 37
+    assert all(torch.equal(a, b) for a, b in seen)  # later writes did not touch earlier views
+
+
+def test_growing_cache_decodes_like_a_dynamic_cache():
+    """Greedy decode of a tiny Llama over a cache of growing layers: logits equal a dynamic cache's."""
+    from transformers import DynamicCache
+
+    from conftest import tiny_llama
+    from lorakit.engine import _GrowingLayer, _new_cache
+
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        prefill = model(ids, use_cache=True).past_key_values
+        growing = _new_cache()
+        growing.layers = [_GrowingLayer(layer.keys.clone(), layer.values.clone()) for layer in prefill.layers]
+        dynamic = DynamicCache()
+        for i, layer in enumerate(prefill.layers):
+            dynamic.update(layer.keys.clone(), layer.values.clone(), i)
+        step = ids[:, -1:]
+        for _ in range(20):
+            a = model(step, past_key_values=growing, use_cache=True).logits
+            b = model(step, past_key_values=dynamic, use_cache=True).logits
+            assert torch.equal(a, b)
+            step = a[:, -1:].argmax(-1)

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.cache_utils import DynamicLayer
 
 from lorakit.batch import adapter_batch
 from lorakit.generate import SamplingOptions, _Streamer
@@ -67,6 +68,7 @@ class Engine:
         self.waiting: queue.Queue[Request | tuple[Callable[[], Any], queue.Queue]] = queue.Queue()
         self.rows: list[Request] = []
         self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: keys, values (B, H, T, D)
+        self.layers: list[_GrowingLayer] = []  # the same, as cache layers that append in place
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, T): 0 = left padding
         self.steps = 0  # decode steps run (for tests and metrics)
         self.max_rows_seen = 0
@@ -171,9 +173,13 @@ class Engine:
         last = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
         positions = self.mask.sum(1, keepdim=True)  # each row's own length so far
         mask = torch.cat([self.mask, torch.ones_like(positions)], dim=1)
+        if len(self.layers) != len(self.cache):  # the batch's rows changed: fresh buffers
+            self.layers = [_GrowingLayer(k, v) for k, v in self.cache]
+        cache = _new_cache()
+        cache.layers = self.layers
         with adapter_batch(self.model, [r.adapter for r in rows]):
-            out = self.model(input_ids=last, attention_mask=mask, position_ids=positions,
-                             past_key_values=_to_cache(self.cache), use_cache=True)
+            out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                             use_cache=True)
         self.cache, self.mask = _cache_tensors(out.past_key_values), mask
         self.steps += 1
         self._advance(rows, out.logits[:, -1])
@@ -222,11 +228,12 @@ class Engine:
                           for (k0, v0), (k1, v1) in zip(self.cache, cache)]
             self.mask = torch.cat([_left_pad_mask(self.mask, length), _left_pad_mask(mask, length)])
             self.rows = self.rows + list(new)
+        self.layers = []
         self.max_rows_seen = max(self.max_rows_seen, len(self.rows))
 
     def _select(self, keep: list[int]) -> None:
         """Keep rows ``keep``; drop leading columns that are padding in every remaining row."""
-        self.rows = [self.rows[i] for i in keep]
+        self.rows, self.layers = [self.rows[i] for i in keep], []
         if not self.rows:
             self.cache, self.mask = [], self.mask[:0, :0]
             return
@@ -267,11 +274,36 @@ def _new_cache() -> Any:
     return DynamicCache()
 
 
-def _to_cache(tensors: list[tuple[torch.Tensor, torch.Tensor]]) -> Any:
-    cache = _new_cache()
-    for layer, (k, v) in enumerate(tensors):
-        cache.update(k, v, layer)
-    return cache
+class _GrowingLayer(DynamicLayer):
+    """A cache layer whose keys and values (B, H, T, D) are the first T columns of buffers with spare
+    columns: ``update`` writes the new tokens into that room instead of concatenating, so a decode
+    step copies one token per layer, not the whole cache (a dynamic cache copies all T tokens every
+    step). When the room runs out the buffers move to new ones with space for half as many tokens
+    again: amortised O(1) copying per token."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        super().__init__()
+        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
+        self.keys, self.values = keys, values
+        self.buffers = [keys, values]  # no room yet: the first update moves them
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        length, n = self.keys.shape[2], key_states.shape[2]
+        if length + n > self.buffers[0].shape[2]:
+            room = max(16, (length + n) // 2)
+            self.buffers = [_with_room(t, room) for t in (self.keys, self.values)]
+        for buffer, new in zip(self.buffers, (key_states, value_states), strict=True):
+            buffer[:, :, length:length + n] = new
+        self.keys, self.values = (b[:, :, :length + n] for b in self.buffers)
+        return self.keys, self.values
+
+
+def _with_room(t: torch.Tensor, room: int) -> torch.Tensor:
+    """A new (B, H, T + room, D) buffer whose first T columns hold ``t``."""
+    buffer = t.new_empty(*t.shape[:2], t.shape[2] + room, t.shape[3])
+    buffer[:, :, :t.shape[2]] = t
+    return buffer
 
 
 def _cache_tensors(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
