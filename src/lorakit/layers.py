@@ -366,7 +366,7 @@ class _LinearLora(LoraLayer):
         i+1 holds ``order[i]`` (zeros where this layer lacks it), slot 0 is all zeros. Cached until
         the order, an adapter, its scale or its weights change (the tensors themselves or their
         version counters, which every in-place update moves). Checked on every mixed-batch forward,
-        so it reads the parameters straight from the module dicts (16 adapters: ~8 µs a layer)."""
+        so it reads the parameters straight from the module dicts (16 adapters: ~18 µs a layer on the CPU)."""
         mods = self._modules  # type: ignore[attr-defined]
         a_mods, b_mods = mods["lora_A"]._modules, mods["lora_B"]._modules  # (nn.Module.__getattr__ is slow)
         names = tuple(self.r)
