@@ -9,6 +9,7 @@ two, each from the same prefilled state. Prints the median decode step and the r
 the table to benchmarks/RESULTS.md.
 
     python benchmarks/engine_cache.py [--rows 4] [--prompt-len 2048] [--steps 20] [--rounds 4]
+    python benchmarks/engine_cache.py --model random-1b --tokenizer DIR --rows 32   # on a GPU
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from lorakit.models import load_model
 from lorakit.pool import AdapterPool
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append_entry
+from results import LLAMA_SIZES, append_entry
 
 
 class Concatenating(DynamicLayer):
@@ -46,6 +47,7 @@ class Concatenating(DynamicLayer):
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--tokenizer", help="tokenizer directory for random-* models")
     ap.add_argument("--rows", type=int, default=4)
     ap.add_argument("--prompt-len", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=20)
@@ -54,7 +56,16 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, tok = load_model(args.model, dtype=dtype, device=device)
+    if args.model.startswith("random-"):  # a Llama of random weights built from config (nothing downloaded)
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        if not args.tokenizer:
+            ap.error("--model random-* needs --tokenizer DIR")
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=49152, tie_word_embeddings=False, **LLAMA_SIZES[args.model.removeprefix("random-")])
+        model, tok = LlamaForCausalLM(cfg).to(device, dtype), AutoTokenizer.from_pretrained(args.tokenizer)
+    else:
+        model, tok = load_model(args.model, dtype=dtype, device=device)
     engine = Engine(model.eval(), tok, AdapterPool(model), max_batch=args.rows)
     engine.eos = set()  # every row decodes all steps
     g = torch.Generator().manual_seed(0)

@@ -3,7 +3,8 @@
 # each with carry [".gpu"] and one of these commands (each fits the tool's 10 minutes a call):
 #
 #   bash benchmarks/on_gpu.sh train     # train_vs_peft.py: each side's own trainer (2 ABBA pairs), then padded
-#   bash benchmarks/on_gpu.sh serve     # multi_adapter.py: PyTorch and Triton mixed-batch kernels vs PEFT
+#   bash benchmarks/on_gpu.sh serve     # multi_adapter.py: PyTorch and Triton mixed-batch kernels vs PEFT;
+#                                       # engine_cache.py: the serving engine's in-place KV cache
 #
 # `.gpu/tok` holds the SmolLM2 tokenizer (the bundled data's token counts); the 1.2 B Llama has
 # random weights built from config, nothing is downloaded. Tables go to $OUT (the device's
@@ -23,5 +24,7 @@ case "$1" in
     ;;
   serve)
     python3 benchmarks/multi_adapter.py --model random-1b --repeat 20 --no-save | tee "$out/multi_adapter.txt"
+    python3 benchmarks/engine_cache.py --model random-1b --tokenizer .gpu/tok --rows 32 --prompt-len 2048 --no-save \
+      | tee "$out/engine_cache.txt"
     ;;
 esac
