@@ -25,14 +25,13 @@ from typing import Any
 import torch
 from transformers.cache_utils import DynamicLayer
 
-import lorakit.engine
-from lorakit.engine import Engine, Request
+from lorakit.engine import Engine, Request, _GrowingLayer
 from lorakit.generate import SamplingOptions
 from lorakit.models import load_model
 from lorakit.pool import AdapterPool
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import LLAMA_SIZES, append_entry
+from results import append_entry, random_llama
 
 
 class Concatenating(DynamicLayer):
@@ -57,13 +56,11 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.model.startswith("random-"):  # a Llama of random weights built from config (nothing downloaded)
-        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+        from transformers import AutoTokenizer
 
         if not args.tokenizer:
             ap.error("--model random-* needs --tokenizer DIR")
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=49152, tie_word_embeddings=False, **LLAMA_SIZES[args.model.removeprefix("random-")])
-        model, tok = LlamaForCausalLM(cfg).to(device, dtype), AutoTokenizer.from_pretrained(args.tokenizer)
+        model, tok = random_llama(args.model, device, dtype), AutoTokenizer.from_pretrained(args.tokenizer)
     else:
         model, tok = load_model(args.model, dtype=dtype, device=device)
     engine = Engine(model.eval(), tok, AdapterPool(model), max_batch=args.rows)
@@ -72,16 +69,16 @@ def main() -> None:
     rows = [Request(torch.randint(100, 1000, (args.prompt_len,), generator=g).tolist(), None,
                     SamplingOptions(max_new_tokens=10**6), lambda _: None) for _ in range(args.rows)]
     engine._prefill(rows)
-    cache, mask, generated = [(k.clone(), v.clone()) for k, v in engine.cache], engine.mask.clone(), \
-        [list(r.generated) for r in rows]
-    variants: dict[str, Any] = {"append in place (lorakit)": lorakit.engine._GrowingLayer,
+    cache, mask, generated = [(layer.keys.clone(), layer.values.clone()) for layer in engine.cache], \
+        engine.mask.clone(), [list(r.generated) for r in rows]
+    variants: dict[str, Any] = {"append in place (lorakit)": _GrowingLayer,
                                 "concatenate (DynamicCache)": Concatenating}
     times: dict[str, list[float]] = {k: [] for k in variants}
     tokens: dict[str, list[list[int]]] = {}
     for i in range(args.rounds):
         for label in list(variants) if i % 2 == 0 else list(variants)[::-1]:
-            lorakit.engine._GrowingLayer = variants[label]
-            engine.cache, engine.mask, engine.layers = [(k.clone(), v.clone()) for k, v in cache], mask.clone(), []
+            engine.cache = [variants[label](k.clone(), v.clone()) for k, v in cache]  # no row joins or leaves
+            engine.mask = mask.clone()
             for r, gen in zip(rows, generated, strict=True):
                 r.generated = list(gen)
             steps = []
@@ -95,7 +92,6 @@ def main() -> None:
                 steps.append(time.perf_counter() - start)
             times[label].append(statistics.median(steps[2:]))
             tokens[label] = [list(r.generated) for r in rows]
-    lorakit.engine._GrowingLayer = variants["append in place (lorakit)"]
     same = len({str(t) for t in tokens.values()}) == 1
     ours, theirs = (statistics.median(t) for t in times.values())
     machine = torch.cuda.get_device_name() if device.type == "cuda" else \

@@ -37,16 +37,12 @@ import lorakit.layers
 from lorakit.layers import lora_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import LLAMA_SIZES, append_entry
+from results import append_entry, random_llama
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     if name.startswith("random-"):
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=49152, tie_word_embeddings=False, **LLAMA_SIZES[name.removeprefix("random-")])
-        return LlamaForCausalLM(cfg).to(device, dtype).eval()
+        return random_llama(name, device, dtype)
     from lorakit.models import load_model
 
     model, _ = load_model(name, dtype=dtype, device=device)

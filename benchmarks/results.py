@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
 RESULTS = Path(__file__).parent / "RESULTS.md"
 LLAMA_SIZES = {
     "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
@@ -12,6 +14,16 @@ LLAMA_SIZES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2),
 }
+
+
+def random_llama(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """``random-<size>``: a Llama of ``LLAMA_SIZES[size]`` with random weights (seed 0), SmolLM2's
+    49 152-token vocabulary and an untied head, in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=49152, tie_word_embeddings=False, **LLAMA_SIZES[name.removeprefix("random-")])
+    return LlamaForCausalLM(cfg).to(device, dtype).eval()
 
 
 def append_entry(text: str) -> None:

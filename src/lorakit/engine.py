@@ -67,8 +67,7 @@ class Engine:
         self.pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else next(iter(self.eos))
         self.waiting: queue.Queue[Request | tuple[Callable[[], Any], queue.Queue]] = queue.Queue()
         self.rows: list[Request] = []
-        self.cache: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer: keys, values (B, H, T, D)
-        self.layers: list[_GrowingLayer] = []  # the same, as cache layers that append in place
+        self.cache: list[_GrowingLayer] = []  # per layer: keys, values (B, H, T, D), appended in place
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, T): 0 = left padding
         self.steps = 0  # decode steps run (for tests and metrics)
         self.max_rows_seen = 0
@@ -173,14 +172,12 @@ class Engine:
         last = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)
         positions = self.mask.sum(1, keepdim=True)  # each row's own length so far
         mask = torch.cat([self.mask, torch.ones_like(positions)], dim=1)
-        if len(self.layers) != len(self.cache):  # the batch's rows changed: fresh buffers
-            self.layers = [_GrowingLayer(k, v) for k, v in self.cache]
         cache = _new_cache()
-        cache.layers = self.layers
+        cache.layers = self.cache  # each layer writes this step's token into its buffers
         with adapter_batch(self.model, [r.adapter for r in rows]):
             out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True)
-        self.cache, self.mask = _cache_tensors(out.past_key_values), mask
+        self.mask = mask
         self.steps += 1
         self._advance(rows, out.logits[:, -1])
 
@@ -220,20 +217,20 @@ class Engine:
     def _append(self, new: list[Request], cache: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor) -> None:
         """Add prefilled rows to the running batch, left-padding whichever side is shorter."""
         if not self.rows:
-            self.rows, self.cache, self.mask = list(new), cache, mask
+            self.rows, self.mask = list(new), mask
         else:
             length = max(self.mask.shape[1], mask.shape[1])
-            self.cache = [(torch.cat([_left_pad(k0, length), _left_pad(k1, length)]),
-                           torch.cat([_left_pad(v0, length), _left_pad(v1, length)]))
-                          for (k0, v0), (k1, v1) in zip(self.cache, cache)]
+            cache = [(torch.cat([_left_pad(old.keys, length), _left_pad(k, length)]),
+                      torch.cat([_left_pad(old.values, length), _left_pad(v, length)]))
+                     for old, (k, v) in zip(self.cache, cache)]
             self.mask = torch.cat([_left_pad_mask(self.mask, length), _left_pad_mask(mask, length)])
             self.rows = self.rows + list(new)
-        self.layers = []
+        self.cache = [_GrowingLayer(k, v) for k, v in cache]
         self.max_rows_seen = max(self.max_rows_seen, len(self.rows))
 
     def _select(self, keep: list[int]) -> None:
         """Keep rows ``keep``; drop leading columns that are padding in every remaining row."""
-        self.rows, self.layers = [self.rows[i] for i in keep], []
+        self.rows = [self.rows[i] for i in keep]
         if not self.rows:
             self.cache, self.mask = [], self.mask[:0, :0]
             return
@@ -241,8 +238,8 @@ class Engine:
         mask = self.mask.index_select(0, index)
         start = int((mask.sum(0) == 0).long().cumprod(0).sum())  # all-padding columns on the left
         self.mask = mask[:, start:]
-        self.cache = [(k.index_select(0, index)[:, :, start:], v.index_select(0, index)[:, :, start:])
-                      for k, v in self.cache]
+        self.cache = [_GrowingLayer(layer.keys.index_select(0, index)[:, :, start:],
+                                    layer.values.index_select(0, index)[:, :, start:]) for layer in self.cache]
 
 
 def _sample(logits: torch.Tensor, o: SamplingOptions, generator: torch.Generator | None) -> int:
