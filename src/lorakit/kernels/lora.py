@@ -68,7 +68,7 @@ class _FusedLoraLinear(torch.autograd.Function):
         grad_a = gh.T @ xl2 if needs[4] else None
         grad_x = grad_xl = None
         if needs[0] and ctx.same:
-            grad_x = torch.addmm(gh @ a, g, weight)  # g W + g_h A
+            grad_x = torch.mm(g, weight).addmm_(gh, a)  # g W + g_h A, the rank-r term added in place
         else:
             grad_x = g @ weight if needs[0] else None
             grad_xl = gh @ a if needs[1] else None

@@ -63,7 +63,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         grad_bd = gy.T @ (hd * sd) if need[9] else None
         grad_ad = ghd.T @ a if need[8] else None
         del a
-        da = torch.addmm(ghd @ ad, gy, wd).to(acc)  # (N, I)
+        da = torch.mm(gy, wd).addmm_(ghd, ad).to(acc)  # (N, I); rank-r terms are added in place
         du = (da * silu).to(dtype)
         del silu
         dg = (1 - sig).mul_(gf).add_(1).mul_(sig).mul_(da).mul_(uf).to(dtype)  # ∂a ⊙ u ⊙ σ (1 + g (1 − σ))
@@ -75,7 +75,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         grad_au = ghu.T @ x2 if need[5] else None
         grad_x = None
         if need[0]:
-            grad_x = torch.addmm(ghg @ ag, dg, wg).addmm_(du, wu).addmm_(ghu, au).reshape(ctx.shape)
+            grad_x = torch.mm(dg, wg).addmm_(du, wu).addmm_(ghg, ag).addmm_(ghu, au).reshape(ctx.shape)
         return grad_x, None, grad_ag, grad_bg, None, grad_au, grad_bu, None, grad_ad, grad_bd, None
 
 
