@@ -13,7 +13,9 @@ one (V, c) buffer is live at a time, turned in place into Gᵀ, and only ∂loss
 gradient. The FLOPs are those of the plain way (one matmul forward, one or two backward).
 
 Logits are computed transposed, Wᵀ-major as (V, c) = W hᵀ: on CPU BLAS that orientation of the
-skinny product runs faster, and the softmax then reduces over dim 0.
+skinny product runs faster, and the softmax then reduces over dim 0. The chunk's buffer is turned
+into exp(z − max) in place, and from it into the softmax, so the exponentials are taken once and
+no second (V, c) tensor is made (``torch.logsumexp`` would make one and exponentiate it again).
 """
 
 from __future__ import annotations
@@ -55,11 +57,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             zt = (w @ hc.T).to(acc)  # (V, c)
             if bias is not None:
                 zt += bias.to(acc)[:, None]
-            lse = torch.logsumexp(zt, dim=0)  # (c,)
-            loss += (lse - zt[yc, cols]).sum()
+            target = zt[yc, cols]  # (c,), read before zt is overwritten
+            peak = zt.amax(dim=0)  # (c,)
+            total = zt.sub_(peak).exp_().sum(dim=0)  # Σ exp(z − max), exponentials kept in zt
+            loss += (total.log() + peak - target).sum()  # logsumexp − z_y
             if not grads:
                 continue
-            gt = zt.sub_(lse).exp_()  # softmax, transposed
+            gt = zt.div_(total)  # softmax, transposed
             gt[yc, cols] -= 1.0  # Gᵀ (V, c)
             if need_h:
                 grad_h[start:start + step] = (gt.T.to(dtype) @ w).to(hidden.dtype)
