@@ -65,9 +65,9 @@ class _LoraSwiGLU(torch.autograd.Function):
         del a
         da = torch.mm(gy, wd).addmm_(ghd, ad).to(acc)  # (N, I); rank-r terms are added in place
         du = (da * silu).to(dtype)
-        del silu
-        dg = (1 - sig).mul_(gf).add_(1).mul_(sig).mul_(da).mul_(uf).to(dtype)  # ∂a ⊙ u ⊙ σ (1 + g (1 − σ))
-        del da, sig, gf, uf
+        # ∂a ⊙ u ⊙ σ (1 + g (1 − σ)), as σ + silu − σ·silu formed in silu's buffer (no temporary)
+        dg = silu.addcmul_(sig, silu, value=-1).add_(sig).mul_(da).mul_(uf).to(dtype)
+        del da, sig, gf, uf, silu
         ghg, ghu = dg @ (bg * sg), du @ (bu * su)  # (N, r)
         grad_bg = dg.T @ (hg * sg) if need[3] else None
         grad_bu = du.T @ (hu * su) if need[6] else None
