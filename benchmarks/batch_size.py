@@ -17,7 +17,6 @@ runs (``examples/extract/sweep.py``).
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -30,7 +29,7 @@ from lorakit.train import Trainer
 from lorakit.train_config import load_config
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append_entry
+from results import append_entry, machine
 
 CONFIG = Path(__file__).parent.parent / "examples" / "extract" / "config.yaml"
 
@@ -67,9 +66,7 @@ def main() -> None:
     for b in sizes:
         lines.append(f"| {b} | {len(steps[b])} | {med[b]:.1f} | {len(rows) / med[b]:.2f} | "
                      f"{', '.join(f'{t:.1f}' for t in times[b])} |")
-    machine = (torch.cuda.get_device_name() if trainer.device.type == "cuda"
-               else f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
-    text = (f"## {time.strftime('%Y-%m-%d')} — batch 16 vs batch 8, lorakit trainer, {machine}\n\n"
+    text = (f"## {time.strftime('%Y-%m-%d')} — batch 16 vs batch 8, lorakit trainer, {machine(trainer.device)}\n\n"
             f"`python benchmarks/batch_size.py --rows {args.rows} --rounds {args.rounds}`: the demo config "
             f"({cfg.model.name}, default LoRA, {trainer.model.dtype}), the first {len(rows)} bundled rows "
             f"({tokens} tokens), whole optimizer steps, {args.rounds} alternating rounds; torch {torch.__version__}."

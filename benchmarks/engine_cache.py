@@ -15,7 +15,6 @@ the table to benchmarks/RESULTS.md.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import time
@@ -31,7 +30,7 @@ from lorakit.models import load_model
 from lorakit.pool import AdapterPool
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append_entry, random_llama
+from results import append_entry, machine, random_llama
 
 
 class Concatenating(DynamicLayer):
@@ -94,12 +93,10 @@ def main() -> None:
             tokens[label] = [list(r.generated) for r in rows]
     same = len({str(t) for t in tokens.values()}) == 1
     ours, theirs = (statistics.median(t) for t in times.values())
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else \
-        f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
     lines = ["| cache layer | decode step ms (median) | each round, ms |", "|---|---|---|"]
     for label, ts in times.items():
         lines.append(f"| {label} | {statistics.median(ts) * 1e3:.1f} | {', '.join(f'{t * 1e3:.0f}' for t in ts)} |")
-    text = (f"## {time.strftime('%Y-%m-%d')} — serving engine KV cache, {args.model} on {machine}\n\n"
+    text = (f"## {time.strftime('%Y-%m-%d')} — serving engine KV cache, {args.model} on {machine(device)}\n\n"
             f"`python benchmarks/engine_cache.py --rows {args.rows} --prompt-len {args.prompt_len} --steps {args.steps} "
             f"--rounds {args.rounds}`: {args.rows} rows with {args.prompt_len}-token prompts, {dtype}, greedy, "
             f"{args.steps} decode steps a round (median of steps 3 on), {args.rounds} alternating rounds; torch "

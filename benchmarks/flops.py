@@ -20,7 +20,6 @@ side's time, so it compares the two directly; "% of peak" is each side's own cou
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -61,6 +60,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--no-save", action="store_true", help="print the table only")
     args = ap.parse_args()
 
     import peft
@@ -72,7 +72,7 @@ def main() -> None:
     from lorakit.loss import causal_lm_loss
     from lorakit.models import load_model
     from lorakit.train_config import DEFAULT_LORA
-    from results import append_entry
+    from results import append_entry, machine
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -123,14 +123,18 @@ def main() -> None:
         s = statistics.median(times[name])
         lines.append(f"| {name} | {flops[name] / 1e9:.0f} | {s:.2f} | {flops[name] / s / 1e9:.1f} | "
                      f"{100 * flops[name] / s / 1e9 / best_peak:.0f}% | {flops['lorakit'] / s / 1e9:.1f} |")
-    table = "\n".join(lines)
-    machine = torch.cuda.get_device_name() if cuda else f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+    floor = flops["lorakit"] / 1e9 / best_peak  # lorakit's counted FLOPs at the matmul peak
+    ceiling = (f"At the matmul peak lorakit's step would take {floor:.2f} s: the most it can be ahead of PEFT's "
+               f"measured step on these FLOPs is {statistics.median(times['PEFT']) / floor:.2f}× "
+               f"(now {statistics.median(times['PEFT']) / statistics.median(times['lorakit']):.2f}×).")
+    table = "\n".join(lines) + "\n\n" + ceiling
     print(f"matmul peak: {best_peak:.1f} GFLOP/s ({dtype})")
     print(table)
-    append_entry(f"## flops.py — {time.strftime('%Y-%m-%d')}, {machine}, torch {torch.__version__}, "
-                 f"peft {peft.__version__}\n\nSmolLM2-135M-Instruct {str(dtype).split('.')[-1]}, LoRA r=16 all linear, "
-                 f"batches of 8 bundled examples, {args.steps} steps × {args.rounds} interleaved rounds; matmul "
-                 f"peak (2048³, best of the run) {best_peak:.1f} GFLOP/s.\n\n{table}\n")
+    if not args.no_save:
+        append_entry(f"## flops.py — {time.strftime('%Y-%m-%d')}, {machine()}, torch {torch.__version__}, "
+                     f"peft {peft.__version__}\n\nSmolLM2-135M-Instruct {str(dtype).split('.')[-1]}, LoRA r=16 all linear, "
+                     f"batches of 8 bundled examples, {args.steps} steps × {args.rounds} interleaved rounds; matmul "
+                     f"peak (2048³, best of the run) {best_peak:.1f} GFLOP/s.\n\n{table}\n")
 
 
 if __name__ == "__main__":

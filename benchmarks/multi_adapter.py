@@ -22,7 +22,6 @@ import argparse
 import copy
 import importlib.util
 import math
-import platform
 import statistics
 import sys
 import tempfile
@@ -37,7 +36,7 @@ import lorakit.layers
 from lorakit.layers import lora_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append_entry, random_llama
+from results import append_entry, machine, random_llama
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -65,11 +64,13 @@ def interleaved(device: torch.device, variants: dict[str, tuple[Any, Any]], repe
                 prefill: bool = True) -> dict[str, tuple[list[float], list[float]]]:
     """(prefill seconds, decode seconds) of each round, per variant. Every round times every variant
     once, in turn, so a slow spell of the machine falls on all of them alike; 2 warm-up rounds
-    first. Each decode step gets the prefilled cache from ``cache()`` (not timed);
+    first. Odd rounds run the variants in reverse order, so that no variant always comes first or
+    right after the same one (a fixed order put 4% between two variants running the same ops on a
+    CPU). Each decode step gets the prefilled cache from ``cache()`` (not timed);
     ``prefill=False`` times decode steps only (prefill lists stay empty)."""
     times: dict[str, tuple[list[float], list[float]]] = {k: ([], []) for k in variants}
     for i in range(repeat + 2):
-        for label, (pre_fn, dec_fn) in variants.items():
+        for label, (pre_fn, dec_fn) in list(variants.items())[::-1 if i % 2 else 1]:
             pre = once(device, pre_fn, None) if prefill else None
             dec = once(device, dec_fn, cache())
             if i >= 2:
@@ -213,9 +214,7 @@ def main() -> None:
     lorakit.layers.MIXED_KERNEL = "torch"
     assert theirs.active_adapter == "a0" and all(layer.active_adapters == ["a0"] for _, layer in lora_layers(ours))
 
-    machine = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU {platform.processor() or 'x86_64'}, " \
-        f"{torch.get_num_threads()} threads"
-    lines = [f"## {time.strftime('%Y-%m-%d')} — mixed-adapter batches, {args.model} on {machine}", "",
+    lines = [f"## {time.strftime('%Y-%m-%d')} — mixed-adapter batches, {args.model} on {machine(device)}", "",
              f"`python benchmarks/multi_adapter.py --model {args.model}{' --decode-only' if args.decode_only else ''} "
              f"--repeat {args.repeat}`: batch {args.batch}, prompt {args.prompt_len} tokens, 16 adapters r=16 on all "
              f"linear layers, {dtype}, torch {torch.__version__}, peft {peft.__version__}; {args.repeat} rounds, each "

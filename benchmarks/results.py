@@ -26,6 +26,25 @@ def random_llama(name: str, device: torch.device, dtype: torch.dtype) -> torch.n
     return LlamaForCausalLM(cfg).to(device, dtype).eval()
 
 
+def machine(device: torch.device | str | None = None) -> str:
+    """The machine in words for a table's heading: the GPU's name, or the CPU's model, its vector
+    instruction set as torch uses it and the thread count (CPU speed across sessions differs by
+    ISA: the same 2 cores gave a 65 GFLOP/s fp32 matmul peak with AVX2 and 211 with AVX-512)."""
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available()
+                                                                           else "cpu")
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
+    except OSError:
+        pass
+    return f"CPU {name} ({torch.backends.cpu.get_cpu_capability()}), {torch.get_num_threads()} threads"
+
+
 def append_entry(text: str) -> None:
     """Insert ``text`` (a '## ' section) before the newest existing entry."""
     content = RESULTS.read_text()

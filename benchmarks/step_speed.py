@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from lorakit.loss import causal_lm_loss
 from lorakit.mlp import fused_mlp
 from lorakit.models import load_model
 from lorakit.train_config import DEFAULT_LORA
-from results import append_entry
+from results import append_entry, machine
 
 HERE = Path(__file__).parent
 DATA = HERE.parent / "examples" / "extract" / "train.jsonl"
@@ -93,8 +92,7 @@ def main() -> None:
     table = "\n".join(lines)
     print(table)
     print(f"loss spread across variants: {spread:.2e}")
-    append_entry(f"## step_speed.py — {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-                 f"{torch.get_num_threads()} threads, torch {torch.__version__}\n\n"
+    append_entry(f"## step_speed.py — {time.strftime('%Y-%m-%d')}, {machine()}, torch {torch.__version__}\n\n"
                  f"SmolLM2-135M-Instruct fp32, default LoRA (r16, all linear), batches of 8 bundled examples "
                  f"({tokens:.0f} real tokens per batch), {args.steps} steps × {args.rounds} interleaved rounds; "
                  f"loss equal across variants within {spread:.1e}.\n\n{table}\n")

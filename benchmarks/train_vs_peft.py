@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import platform
 import statistics
 import subprocess
 import sys
@@ -231,13 +230,15 @@ def main() -> None:
              "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rs)} for rs in (runs["peft"], runs["lorakit"]))
     pairs = [lo["tokens_per_s"] / pe["tokens_per_s"] for pe, lo in zip(runs["peft"], runs["lorakit"], strict=True)]
     cuda = torch.cuda.is_available()
-    machine = torch.cuda.get_device_name() if cuda else f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
     mem = "max_memory_allocated" if cuda else "peak RSS"
     variant = "identical padded batches, plain loop" if args.padded else "each side's own trainer, dynamic padding"
     import peft
     import transformers
 
-    lines = [f"## {time.strftime('%Y-%m-%d')} — training, lorakit vs PEFT + Trainer ({variant}), {args.model} on {machine}",
+    sys.path.insert(0, str(HERE))
+    from results import append_entry, machine
+
+    lines = [f"## {time.strftime('%Y-%m-%d')} — training, lorakit vs PEFT + Trainer ({variant}), {args.model} on {machine()}",
              "", f"`python benchmarks/train_vs_peft.py --model {args.model} --steps {args.steps}"
              f"{' --padded' if args.padded else ''}`: batch {args.batch}, r=16, alpha=32, all linear layers, lr "
              f"{args.lr}, {'bf16 autocast' if cuda else 'fp32'}; torch {torch.__version__}, transformers "
@@ -254,9 +255,6 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if not args.no_save:
-        sys.path.insert(0, str(HERE))
-        from results import append_entry
-
         append_entry(text)
 
 
