@@ -79,6 +79,29 @@ def test_lora_on_quantized_base_trains_only_adapters(method):
     assert (logits(model) - base_out).abs().max() > 1e-3
 
 
+def test_eval_mode_keeps_the_4bit_layout_on_avx512_bf16_cpus(monkeypatch):
+    """bitsandbytes repacks 4-bit weights for its bf16 CPU kernel at the first eval-mode forward
+    on CPUs with AVX512-BF16 (and fails on layers this small); lorakit keeps the layout training
+    uses, so evaluation computes exactly as training does. The CPU check is faked so that this
+    runs on any CPU."""
+    import bitsandbytes as bnb
+
+    monkeypatch.setattr(bnb.nn.modules, "has_avx512bf16", lambda: True)
+    model = tiny_llama()
+    quantize_model(model, "nf4")
+    lorakit.get_lora_model(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model, std=0.3)
+    train_mode = logits(model.train())
+    assert torch.equal(logits(model.eval()), train_mode)
+    states = [p.quant_state for p in model.parameters() if type(p).__name__ == "Params4bit"]
+    assert len(states) == 7 * len(model.model.layers)
+    assert not any(getattr(s, "packing_format_for_cpu", False) for s in states)
+    # a 4-bit layer quantized elsewhere (a transformers BitsAndBytesConfig model) gets the same
+    layer = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4")
+    assert layer.support_avx512bf16_for_cpu
+    assert not lorakit.layers.lora_class_for(type(layer)).from_base(layer).support_avx512bf16_for_cpu
+
+
 def test_adapter_from_quantized_base_loads_on_both_bases(tmp_path):
     base = tiny_llama()
     qmodel = copy.deepcopy(base)

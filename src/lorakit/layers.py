@@ -87,6 +87,8 @@ class LoraLayer:
     def from_base(cls, base: nn.Module) -> LoraLayer:
         """A LoRA layer that owns ``base``'s parameters, buffers and hooks (no copies)."""
         layer = adopt(cls, base)
+        if hasattr(layer, "support_avx512bf16_for_cpu"):  # a bitsandbytes 4-bit base: see quant.keep_4bit_layout
+            layer.support_avx512bf16_for_cpu = False
         nn.Module.__setattr__(layer, "lora_dropout", nn.ModuleDict())
         layer.r, layer.lora_alpha, layer.scaling = {}, {}, {}
         layer.active_adapters, layer.merged_adapters = [], []

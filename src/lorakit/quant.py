@@ -96,7 +96,18 @@ def _quantized(bnb: Any, linear: nn.Linear, method: str, double_quant: bool, com
                                      compress_statistics=double_quant, module=q)
     if has_bias:
         q.bias = nn.Parameter(linear.bias.data.detach().clone(), requires_grad=False)
+    keep_4bit_layout(q)
     return q.to(device)  # moving the parameter quantizes it
+
+
+def keep_4bit_layout(module: nn.Module) -> None:
+    """Keep a bitsandbytes 4-bit layer's weights in the one layout that training, merging and
+    saving read. On CPUs with AVX512-BF16, bitsandbytes otherwise repacks them, at the first
+    forward in eval mode without gradients, into a layout for its bf16 inference kernel: evaluation
+    would then compute differently from training, the repacking fails outright for layers whose
+    sizes do not fit its blocks, and the layout stays changed afterwards."""
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
