@@ -42,6 +42,28 @@ def test_varlen_attention_matches_the_per_segment_reference(prefix, flash, monke
         torch.testing.assert_close(a, b, atol=1e-12, rtol=0)
 
 
+def test_varlen_attention_under_cpu_autocast_runs_in_bf16_like_sdpa():
+    """Under CPU bf16 autocast, rotary leaves q and k in fp32 beside a bf16 v; the flash node casts
+    them as SDPA's autocast would and equals the reference on the bf16-rounded inputs (gradients
+    flow back in each input's own dtype)."""
+    g = torch.Generator().manual_seed(0)
+    lengths, prefix = [4, 5, 1, 9, 3], 4
+    cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    n = sum(lengths)
+    q = torch.randn(1, 6, n, 8, generator=g, requires_grad=True)
+    k = torch.randn(1, 2, n, 8, generator=g, requires_grad=True)
+    v = torch.randn(1, 2, n, 8, generator=g).to(torch.bfloat16).requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = varlen_attention(q, k, v, cu, 9, scale=0.3, prefix=prefix)
+    ref = varlen_attention_reference(q.detach().bfloat16().double(), k.detach().bfloat16().double(),
+                                     v.detach().double(), cu, scale=0.3, prefix=prefix)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=0)  # bf16 output rounding
+    out.float().sum().backward()
+    assert (q.grad.dtype, k.grad.dtype, v.grad.dtype) == (torch.float32, torch.float32, torch.bfloat16)
+    assert q.grad.abs().sum() > 0 and k.grad.abs().sum() > 0
+
+
 def test_flash_segments_keep_only_unpadded_qkv_the_output_and_the_log_sum_exp():
     g = torch.Generator().manual_seed(0)
     lengths, prefix, h, hkv, d = [4, 5, 1, 9, 3], 4, 6, 2, 8

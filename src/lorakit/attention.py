@@ -168,7 +168,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     """
     plan = plan_segments(cu_seqlens, max_len, prefix)
     if FLASH_CPU and q.device.type == "cpu" and dropout_p == 0:
-        return _FlashSegments.apply(q, k, v, plan, scale)
+        # under autocast, what SDPA would run in (rotary leaves q, k in fp32 beside a bf16 v)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+        return _FlashSegments.apply(q.to(dtype), k.to(dtype), v.to(dtype), plan, scale)
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
     out = F.scaled_dot_product_attention(_pad(q, plan.queries), _pad(k, plan.keys), _pad(v, plan.keys),
                                          attn_mask=plan.mask, is_causal=plan.mask is None, scale=scale,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -92,6 +93,32 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+CPUINFO = "/proc/cpuinfo"
+
+
+def cpu_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag): there
+    bf16 matmuls run ~4× fp32's (AMD EPYC with AVX512-BF16, 2 cores: 810-936 vs 217-224 GFLOP/s)
+    and a LoRA step under bf16 autocast ~1.9× faster; elsewhere they are slower than fp32.
+    ``LORAKIT_CPU_BF16=0`` / ``=1`` overrides the check."""
+    forced = os.environ.get("LORAKIT_CPU_BF16")
+    if forced in ("0", "1"):
+        return forced == "1"
+    try:
+        with open(CPUINFO) as f:
+            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
+    """``train.bf16``: auto = on a GPU, and on a CPU with native bf16 matmuls (``cpu_native_bf16``)."""
+    if setting == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and cpu_native_bf16())
+    return bool(setting)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -178,7 +205,9 @@ class Trainer:
         from lorakit.quant import weight_memory_bytes
 
         self.base_weight_bytes = weight_memory_bytes(self.model)
-        self.autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if self.device.type == "cuda" else None
+        self.bf16 = resolve_bf16(config.train.bf16, self.device)
+        device_type = self.device.type
+        self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if self.bf16 else None
         self._load_data()
         if config.method == "lora":
             get_lora_model(self.model, config.lora_config())
@@ -357,6 +386,7 @@ class Trainer:
         if main:
             (self.out / "config.yaml").write_text(dump_config(cfg))
         quant = f", {cfg.model.quantize} base" if cfg.model.quantize else ""
+        quant += ", bf16 autocast" if self.bf16 else ""
         self.log(f"lorakit train: {cfg.method} on {cfg.model.name} ({self.device}{quant}), "
                  f"trainable {self.trainable:,d} / {self.total:,d} params ({100 * self.trainable / self.total:.2f}%), "
                  f"base weights {self.base_weight_bytes / 2**20:.1f} MiB")

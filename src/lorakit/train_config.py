@@ -76,6 +76,9 @@ class TrainSection:
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
+    # auto | true | false: matmuls under bf16 autocast (weights and adapters stay in their dtype);
+    # auto = on a GPU, and on CPUs that multiply bf16 natively (AVX512-BF16 or AMX; see lorakit.train)
+    bf16: bool | str = "auto"
     logging_steps: int = 1
     save_steps: int = 0  # 0: only at each epoch end
     save_total_limit: int = 2
@@ -157,6 +160,7 @@ class RunConfig:
             (self.data.max_seq_len >= 8, "data.max_seq_len must be >= 8"),
             (0 <= self.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
             (self.data.padding_free in (True, False, "auto"), "data.padding_free must be auto, true or false"),
+            (t.bf16 in (True, False, "auto"), "train.bf16 must be auto, true or false"),
         ]
         for ok, message in checks:
             if not ok:
