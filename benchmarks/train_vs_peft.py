@@ -8,9 +8,10 @@ is its own. Wall time is each side's training loop (lorakit's ``train_s``; the T
 ``on_train_begin`` to ``on_train_end``): model loading, tokenization and lorakit's closing save,
 loss plot and model card are outside it on both sides. ``--padded`` instead feeds both sides
 identical pre-padded batches in a plain loop (forward, backward, AdamW) so that only the per-token
-kernels are compared.
+kernels are compared. On the CPU both sides run fp32 unless ``--bf16`` puts both under bf16
+autocast (lorakit's own default, ``train.bf16: auto``, does so on CPUs with native bf16).
 
-    python benchmarks/train_vs_peft.py [--steps 20] [--padded] [--repeats 2]
+    python benchmarks/train_vs_peft.py [--steps 20] [--padded] [--repeats 2] [--bf16]
     python benchmarks/train_vs_peft.py --model random-1b --tokenizer DIR     # on a GPU
 
 Prints a table of supervised tokens/s, wall time, peak memory, final loss and ratios, and appends
@@ -59,6 +60,12 @@ def model_dir(name: str, tokenizer: str | None) -> str:
     return str(path)
 
 
+def bf16(args: argparse.Namespace) -> bool:
+    """Both sides' matmuls under bf16 autocast: always on a GPU; on the CPU with ``--bf16`` (PEFT's
+    ``TrainingArguments(bf16=True)``, lorakit's ``train.bf16: true``), else fp32 on both."""
+    return torch.cuda.is_available() or args.bf16
+
+
 def peak_memory() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
@@ -84,6 +91,7 @@ def run_lorakit(args: argparse.Namespace, path: str) -> dict[str, Any]:
     trainer = Trainer(build_config({
         "model": {"name": path}, "lora": LORA, "data": {"train": str(DATA), "max_seq_len": 256},
         "train": {"max_steps": args.steps, "batch_size": args.batch, "lr": args.lr, "warmup_ratio": 0.1,
+                  "bf16": bf16(args),
                   "schedule": "cosine", "max_grad_norm": 1.0, "resume": "never", "save_steps": 0,
                   "save_total_limit": 0},
         "output_dir": out, "seed": 0}), progress=False, log=lambda _: None)
@@ -118,7 +126,7 @@ def run_peft(args: argparse.Namespace, path: str) -> dict[str, Any]:
     targs = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch,
                               max_steps=args.steps, learning_rate=args.lr, lr_scheduler_type="cosine",
                               warmup_steps=round(0.1 * args.steps), max_grad_norm=1.0, logging_steps=1, save_strategy="no",
-                              report_to=[], bf16=cuda, use_cpu=not cuda, seed=0, disable_tqdm=True,
+                              report_to=[], bf16=bf16(args), use_cpu=not cuda, seed=0, disable_tqdm=True,
                               dataloader_num_workers=0)
     clock: dict[str, float] = {}
 
@@ -161,7 +169,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
     batches = [collate([[e] for e in exs[k:k + args.batch]], tok.pad_token_id) for k in range(0, len(exs), args.batch)]
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16(args))
     tokens, loss_value = 0, 0.0
     start = time.perf_counter()
     with contextlib.ExitStack() as kernels:
@@ -206,6 +214,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--padded", action="store_true")
+    ap.add_argument("--bf16", action="store_true", help="CPU: both sides under bf16 autocast (a GPU always is)")
     ap.add_argument("--side", choices=["lorakit", "peft"])
     ap.add_argument("--repeats", type=int, default=1, help="runs per side, alternating which goes first")
     ap.add_argument("--no-save", action="store_true")
@@ -240,8 +249,8 @@ def main() -> None:
 
     lines = [f"## {time.strftime('%Y-%m-%d')} — training, lorakit vs PEFT + Trainer ({variant}), {args.model} on {machine()}",
              "", f"`python benchmarks/train_vs_peft.py --model {args.model} --steps {args.steps}"
-             f"{' --padded' if args.padded else ''}`: batch {args.batch}, r=16, alpha=32, all linear layers, lr "
-             f"{args.lr}, {'bf16 autocast' if cuda else 'fp32'}; torch {torch.__version__}, transformers "
+             f"{' --padded' if args.padded else ''}{' --bf16' if args.bf16 else ''}`: batch {args.batch}, r=16, "
+             f"alpha=32, all linear layers, lr {args.lr}, {'bf16 autocast' if bf16(args) else 'fp32'}; torch {torch.__version__}, transformers "
              f"{transformers.__version__}, peft {peft.__version__}.", "",
              f"| side | supervised tokens/s | wall s | {mem} | final train loss |", "|---|---|---|---|---|"]
     for side, r in (("PEFT + Trainer" if not args.padded else "PEFT", p), ("lorakit", o)):
