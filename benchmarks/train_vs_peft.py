@@ -9,7 +9,7 @@ is its own. Wall time is each side's training loop (lorakit's ``train_s``; the T
 loss plot and model card are outside it on both sides. ``--padded`` instead feeds both sides
 identical pre-padded batches in a plain loop (forward, backward, AdamW) so that only the per-token
 kernels are compared. On the CPU both sides run fp32 unless ``--bf16`` puts both under bf16
-autocast (lorakit's own default, ``train.bf16: auto``, does so on CPUs with native bf16).
+autocast (lorakit's ``train.bf16: true``; worth it on CPUs with native bf16, see the README).
 
     python benchmarks/train_vs_peft.py [--steps 20] [--padded] [--repeats 2] [--bf16]
     python benchmarks/train_vs_peft.py --model random-1b --tokenizer DIR     # on a GPU

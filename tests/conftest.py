@@ -13,10 +13,6 @@ if not torch.cuda.is_available():
     # Triton kernels run in Triton's interpreter on CPU tensors; it must be chosen before anything
     # imports triton (torch may, lazily), so here rather than in a fixture.
     os.environ.setdefault("TRITON_INTERPRET", "1")
-# train.bf16=auto would pick bf16 autocast on CPUs with native bf16 (AVX512-BF16, AMX) and fp32
-# elsewhere; tests that compare runs exactly must not depend on which CPU CI lands on (also
-# inherited by the torchrun workers the distributed tests start). Tests of the choice override it.
-os.environ["LORAKIT_CPU_BF16"] = "0"
 
 
 def tiny_llama(seed: int = 0) -> nn.Module:

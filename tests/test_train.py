@@ -342,22 +342,24 @@ def test_qlora_run_reports_base_memory_and_saves_a_peft_adapter(run_config, tiny
         build_config(run_config(model={"quantize": "nf4"}, method="full"))
 
 
-def test_bf16_auto_follows_the_cpu_flags(monkeypatch, tmp_path, run_config):
+def test_bf16_auto_is_gpu_only_and_native_bf16_cpus_get_a_hint(monkeypatch, tmp_path, run_config):
     import lorakit.train as T
 
     cpuinfo = tmp_path / "cpuinfo"
     monkeypatch.setattr(T, "CPUINFO", str(cpuinfo))
-    monkeypatch.delenv("LORAKIT_CPU_BF16")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert T.resolve_bf16("auto", cuda) and not T.resolve_bf16("auto", cpu)
+    assert T.resolve_bf16(True, cpu) and not T.resolve_bf16(False, cuda)
     for flags, native in (("fpu sse2 avx2 fma", False), ("avx512f avx512_bf16 avx512vl", True), ("avx2 amx_bf16", True)):
         cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
         assert T.cpu_native_bf16() is native
-        assert T.resolve_bf16("auto", cpu) is native
+        lines: list[str] = []
+        cfg = build_config(run_config(train={"max_steps": 1, "save_steps": 0}, eval={"steps": 0},
+                                      output_dir=str(tmp_path / flags.split()[1])))
+        Trainer(cfg, progress=False, log=lines.append).run()
+        assert any("train.bf16=true trains about 1.9x faster" in x for x in lines) is native
     cpuinfo.unlink()
-    assert T.cpu_native_bf16() is False  # no /proc/cpuinfo: fp32
-    monkeypatch.setenv("LORAKIT_CPU_BF16", "1")
-    assert T.resolve_bf16("auto", cpu) and not T.resolve_bf16(False, cpu) and T.resolve_bf16(True, cpu)
-    assert T.resolve_bf16("auto", cuda)
+    assert T.cpu_native_bf16() is False  # no /proc/cpuinfo: no hint
     with pytest.raises(ConfigError, match="train.bf16 must be auto, true or false"):
         build_config(run_config(train={"bf16": "maybe"}))
 
