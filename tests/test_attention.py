@@ -93,16 +93,20 @@ def _loss_and_grads(model, batch):
 def _check_flat_equals_padded(model, examples, pad_id, prefix=0):
     assert supports_padding_free(model)
     padded_loss, padded_grads = _loss_and_grads(model, collate([[e] for e in examples], pad_id))
-    for share in (False, True):
-        batch = collate_flat([[e] for e in examples], share_prefix=share)
+    fillers = []
+    for share, multiple in ((False, 1), (True, 1), (False, 16), (True, 16)):  # 16: rounded up with a filler
+        batch = collate_flat([[e] for e in examples], share_prefix=share, multiple=multiple, pad_id=pad_id)
         assert batch.get("shared_prefix", 0) == (prefix if share else 0)
-        assert batch["input_ids"].shape[1] == sum(len(e.input_ids) for e in examples) - (len(examples) - 1) * (
-            prefix if share else 0)
+        real = sum(len(e.input_ids) for e in examples) - (len(examples) - 1) * (prefix if share else 0)
+        assert batch["input_ids"].shape[1] == -(-real // multiple) * multiple
+        assert (batch["input_ids"][0, real:] == pad_id).all() and (batch["labels"][0, real:] == IGNORE).all()
+        fillers.append(batch["input_ids"].shape[1] - real)
         with padding_free(model):
             flat_loss, flat_grads = _loss_and_grads(model, batch)
         assert abs(flat_loss - padded_loss) <= 1e-5
         for name, grad in padded_grads.items():
             torch.testing.assert_close(flat_grads[name], grad, atol=1e-5, rtol=0, msg=name)
+    assert any(fillers)  # the rounding did add a filler segment somewhere
 
 
 def test_padding_free_llama_loss_and_gradients_equal_padded_batches(tiny_model_dir, tokenizer):

@@ -345,7 +345,8 @@ def shared_prefix(examples: Sequence[Example]) -> int:
     return p
 
 
-def collate_flat(rows: Sequence[Sequence[Example]], share_prefix: bool = True) -> dict[str, Any]:
+def collate_flat(rows: Sequence[Sequence[Example]], share_prefix: bool = True, *, multiple: int = 1,
+                 pad_id: int = 0) -> dict[str, Any]:
     """All examples of ``rows`` concatenated into one (1, N) row with no padding (see
     ``lorakit.attention``): ``input_ids``, ``labels`` and ``position_ids`` (1, N), plus the
     segment bounds ``cu_seq_lens_q``/``_k`` (S+1,) and ``max_length_q``/``_k`` (the longest, int).
@@ -356,11 +357,18 @@ def collate_flat(rows: Sequence[Sequence[Example]], share_prefix: bool = True) -
     ``shared_prefix`` = P tells attention that every other segment also attends to it. Each
     example's own tokens keep their positions (P, P+1, …), so the result is exactly that of the
     examples side by side, for P fewer tokens per example.
+
+    ``multiple`` > 1 rounds N up to a multiple of it with a last segment of ``pad_id`` tokens that
+    trains nothing and that no other segment attends to (the results are unchanged): the trainer
+    does so under bf16 autocast on a CPU, whose bf16 matmuls keep memory for every shape they see.
     """
     examples = [e for row in rows for e in row]
     p = shared_prefix(examples) if share_prefix else 0
     parts = [(examples[0].input_ids[:p], [IGNORE] * p, 0)] if p else []
     parts += [(e.input_ids[p:], e.labels[p:], p) for e in examples]
+    filler = -sum(len(ids) for ids, _, _ in parts) % multiple
+    if filler:
+        parts.append(([pad_id] * filler, [IGNORE] * filler, p))
     lengths = [len(ids) for ids, _, _ in parts]
     ids = torch.tensor([t for part, _, _ in parts for t in part])[None]
     labels = torch.tensor([t for _, part, _ in parts for t in part])

@@ -201,6 +201,8 @@ class Trainer:
 
         self.base_weight_bytes = weight_memory_bytes(self.model)
         self.bf16 = resolve_bf16(config.train.bf16, self.device)
+        # CPU bf16 matmuls keep memory per shape: bound the token counts they see (≤ 63 idle tokens a batch)
+        self.flat_multiple = 64 if self.bf16 and self.device.type == "cpu" else 1
         device_type = self.device.type
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if self.bf16 else None
         self._load_data()
@@ -312,7 +314,8 @@ class Trainer:
             mine, weight = list(micro[world.rank::world.size]), float(world.size)
             if not mine:  # fewer rows than ranks at an epoch's end: run a row with weight 0 (exact, no hang)
                 mine, weight = [micro[0]], 0.0
-            raw = collate_flat(mine) if self.padding_free else collate(mine, pad)
+            raw = collate_flat(mine, multiple=self.flat_multiple, pad_id=pad) if self.padding_free \
+                else collate(mine, pad)
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
             with no_sync(self.wrapped, world, last=i == len(group) - 1):
                 with self.autocast() if self.autocast else contextlib.nullcontext():
