@@ -87,8 +87,7 @@ class LoraLayer:
     def from_base(cls, base: nn.Module) -> LoraLayer:
         """A LoRA layer that owns ``base``'s parameters, buffers and hooks (no copies)."""
         layer = adopt(cls, base)
-        if hasattr(layer, "support_avx512bf16_for_cpu"):  # a bitsandbytes 4-bit base: see quant.keep_4bit_layout
-            layer.support_avx512bf16_for_cpu = False
+        keep_4bit_layout(layer)
         nn.Module.__setattr__(layer, "lora_dropout", nn.ModuleDict())
         layer.r, layer.lora_alpha, layer.scaling = {}, {}, {}
         layer.active_adapters, layer.merged_adapters = [], []
@@ -282,6 +281,17 @@ class RowPlan:
                    torch.tensor(inverse, dtype=torch.long, device=device),
                    torch.tensor(bare, device=device) if bare else None, grouped,
                    tuple(row_slots))
+
+
+def keep_4bit_layout(module: nn.Module) -> None:
+    """Keep a bitsandbytes 4-bit layer's weights in the one layout that training, merging and
+    saving read (a no-op for other modules). On CPUs with AVX512-BF16, bitsandbytes otherwise
+    repacks them, at the first forward in eval mode without gradients, into a layout for its bf16
+    inference kernel: evaluation would then compute differently from training, the repacking fails
+    outright for layers whose sizes do not fit its blocks, and the layout stays changed afterwards.
+    Called for every layer LoRA wraps and by ``quant.quantize_model`` for the ones it does not."""
+    if hasattr(module, "support_avx512bf16_for_cpu"):
+        module.support_avx512bf16_for_cpu = False
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:

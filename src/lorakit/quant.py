@@ -22,7 +22,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit.errors import LorakitError
 from lorakit.inject import base_modules, output_head_name, replace_module
-from lorakit.layers import LoraLayer
+from lorakit.layers import LoraLayer, keep_4bit_layout
 
 METHODS = ("nf4", "fp4", "int8")
 
@@ -98,16 +98,6 @@ def _quantized(bnb: Any, linear: nn.Linear, method: str, double_quant: bool, com
         q.bias = nn.Parameter(linear.bias.data.detach().clone(), requires_grad=False)
     keep_4bit_layout(q)
     return q.to(device)  # moving the parameter quantizes it
-
-
-def keep_4bit_layout(module: nn.Module) -> None:
-    """Keep a bitsandbytes 4-bit layer's weights in the one layout that training, merging and
-    saving read. On CPUs with AVX512-BF16, bitsandbytes otherwise repacks them, at the first
-    forward in eval mode without gradients, into a layout for its bf16 inference kernel: evaluation
-    would then compute differently from training, the repacking fails outright for layers whose
-    sizes do not fit its blocks, and the layout stays changed afterwards."""
-    if hasattr(module, "support_avx512bf16_for_cpu"):
-        module.support_avx512bf16_for_cpu = False
 
 
 def dequantized_weight(module: nn.Module) -> torch.Tensor:
