@@ -8,11 +8,13 @@ import copy
 import pytest
 import torch
 
+import lorakit.kernels.cast
 import lorakit.layers
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 from lorakit import LoraConfig, get_lora_model
 from lorakit.kernels import cross_entropy
 from lorakit.kernels import mlp as mlp_kernel
+from lorakit.kernels.cast import cached_casts, cast_frozen
 from lorakit.kernels.lora import fused_lora_linear, lora_linear_reference
 from lorakit.layers import lora_layers
 from lorakit.loss import causal_lm_loss
@@ -235,6 +237,62 @@ def test_fused_paths_under_autocast_round_like_autocast(base_dtype, monkeypatch)
     # bf16 noise (a few % here; it varies with the seed, either way round) vs a wrong term (≫ 10%)
     assert max(fused_err.values()) < 0.15, max(fused_err.items(), key=lambda kv: kv[1])
     assert sum(fused_err.values()) <= 2.5 * sum(plain_err.values())
+
+
+def test_cast_frozen_makes_one_copy_while_the_weight_is_unchanged():
+    """Inside ``cached_casts`` a frozen tensor's cast is made once and reused; an in-place change,
+    a trainable tensor or a view is never served a stale or shared copy; outside, every call casts."""
+    w = torch.randn(8, 4)
+    assert cast_frozen(w, torch.bfloat16) is not cast_frozen(w, torch.bfloat16)  # no cache outside the block
+    with cached_casts():
+        first = cast_frozen(w, torch.bfloat16)
+        assert torch.equal(first, w.bfloat16()) and cast_frozen(w, torch.bfloat16) is first
+        assert cast_frozen(w, torch.float64) is not first and cast_frozen(w, torch.float32) is w  # per dtype; no-op
+        w.add_(1.0)  # e.g. merging an adapter into the base: the version counter moves
+        again = cast_frozen(w, torch.bfloat16)
+        assert again is not first and torch.equal(again, w.bfloat16())
+        trained = torch.randn(8, 4, requires_grad=True)
+        assert cast_frozen(trained, torch.bfloat16) is not cast_frozen(trained, torch.bfloat16)
+        assert cast_frozen(w.T, torch.bfloat16) is not cast_frozen(w.T, torch.bfloat16)
+        with cached_casts():  # nested: the outer block's copies stay
+            assert cast_frozen(w, torch.bfloat16) is again
+    assert lorakit.kernels.cast._cache is None  # released on exit
+
+
+def test_cached_casts_change_no_number_of_a_bf16_autocast_step():
+    """Two LoRA steps under CPU bf16 autocast with the fused nodes, an fp32 base: with the frozen
+    weights' casts cached, the losses and every LoRA gradient are bit-identical to casting them
+    at every matmul, also after an optimizer step and after the base changes in place."""
+    model = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model, std=0.2)
+    model.train()
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+    batch = {"input_ids": ids, "labels": ids.masked_fill(torch.arange(16) < 5, -100)}
+    twin = copy.deepcopy(model)
+
+    def steps(m, cached: bool) -> list[tuple[float, dict[str, torch.Tensor]]]:
+        opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+        out = []
+        with fused_mlp(m), cached_casts() if cached else contextlib.nullcontext():
+            for i in range(3):
+                if i == 2:  # the base weight changes under the cache (version counter)
+                    with torch.no_grad():
+                        m.model.layers[0].self_attn.q_proj.weight.mul_(1.5)
+                with torch.autocast("cpu", dtype=torch.bfloat16):
+                    loss, n = causal_lm_loss(m, batch)
+                (loss / n).backward()
+                out.append((float(loss.detach()), {k: p.grad.clone() for k, p in m.named_parameters()
+                                                    if p.requires_grad}))
+                if cached:  # every frozen projection weight (7 a layer) and the head were served from the cache
+                    assert len(lorakit.kernels.cast._cache) >= 7 * m.config.num_hidden_layers
+                opt.step()
+                opt.zero_grad()
+        return out
+
+    for (loss_a, grads_a), (loss_b, grads_b) in zip(steps(model, True), steps(twin, False), strict=True):
+        assert loss_a == loss_b
+        assert all(torch.equal(grads_a[k], grads_b[k]) for k in grads_b)
 
 
 @pytest.mark.parametrize("train_weight", [False, True])

@@ -32,6 +32,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.kernels import triton_lora
+from lorakit.kernels.cast import cast_frozen
 from lorakit.kernels.lora import fused_lora_linear, gathered_lora, grouped_lora, lora_linear
 
 # Use the fused LoRA-linear autograd node where it applies (see `_LinearLora._fused_adapter`);
@@ -355,8 +356,11 @@ class _LinearLora(LoraLayer):
         tensors = (x, weight, self.bias, self.lora_A[name].weight, self.lora_B[name].weight)  # type: ignore[attr-defined]
         if cast is None:
             return fused_lora_linear(*tensors, self.scaling[name], p)
-        # what autocast does to each matmul, done once up front: every operand in its dtype
-        x, weight, bias, a, b = (t.to(cast) if t is not None else None for t in tensors)
+        # what autocast does to each matmul, done once up front: every operand in its dtype (the
+        # frozen weight's copy made once per run inside ``cached_casts``)
+        weight = cast_frozen(self.weight, cast)  # type: ignore[attr-defined]
+        weight = weight if self.base_class is nn.Linear else weight.T
+        x, bias, a, b = (t.to(cast) if t is not None else None for t in (x, *tensors[2:]))
         with torch.autocast(x.device.type, enabled=False):
             return fused_lora_linear(x, weight, bias, a, b, self.scaling[name], p)
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.kernels.cast import cast_frozen
 from lorakit.kernels.mlp import lora_swiglu
 from lorakit.layers import _LinearLora, autocast_dtype
 from lorakit.patch import patched_forward, unfused
@@ -39,7 +40,8 @@ def _projection(layer: _LinearLora, x: torch.Tensor,
     dropout = layer.lora_dropout[name]
     if isinstance(dropout, nn.Dropout) and dropout.p > 0 and layer.training:
         return None
-    weight = layer.weight if layer.base_class is nn.Linear else layer.weight.T  # type: ignore[attr-defined]
+    weight = layer.weight if cast is None else cast_frozen(layer.weight, cast)  # type: ignore[attr-defined]
+    weight = weight if layer.base_class is nn.Linear else weight.T
     return weight, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
 
 

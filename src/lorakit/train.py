@@ -53,6 +53,7 @@ from lorakit.errors import LorakitError
 from lorakit.evaluate import eval_loss, exact_match
 from lorakit.inject import count_parameters, get_lora_model
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter
+from lorakit.kernels.cast import cached_casts
 from lorakit.loss import causal_lm_loss
 from lorakit.mlp import fused_mlp
 from lorakit.models import empty_model, load_model
@@ -300,9 +301,9 @@ class Trainer:
     @contextlib.contextmanager
     def fast_paths(self) -> Iterator[nn.Module]:
         """The model as training runs it: padding-free attention (where on), the fused SwiGLU MLP and
-        RMSNorm nodes."""
+        RMSNorm nodes, and (under autocast) each frozen weight rounded to bf16 once, not every step."""
         with padding_free(self.model) if self.padding_free else contextlib.nullcontext(), \
-                fused_mlp(self.model), fused_norms(self.model):
+                fused_mlp(self.model), fused_norms(self.model), cached_casts():
             yield self.model
 
     def step(self, group: Sequence[Sequence[Sequence[Example]]]) -> tuple[float, float, int]:
@@ -370,7 +371,8 @@ class Trainer:
             return {}
         e = self.config.eval
         examples = self.eval_examples[: e.max_examples] if e.max_examples > 0 else self.eval_examples
-        metrics = eval_loss(self.model, examples, self.tokenizer.pad_token_id, e.batch_size, self.autocast)
+        with cached_casts():
+            metrics = eval_loss(self.model, examples, self.tokenizer.pad_token_id, e.batch_size, self.autocast)
         if e.generate:
             metrics["exact_match"], _ = exact_match(self.model, self.tokenizer, examples,
                                                     max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)

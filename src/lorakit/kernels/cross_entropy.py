@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorakit.kernels.cast import cast_frozen
+
 CHUNK_BYTES = 64 * 2**20  # fp32 logits per chunk: 341 rows of a 49,152-token vocabulary
 
 
@@ -45,7 +47,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) \
             else weight.dtype
         acc = torch.promote_types(dtype, torch.float32)  # softmax and sums: fp32, or fp64 for fp64 inputs
-        w, h = weight.to(dtype), hidden.to(dtype)
+        w, h = cast_frozen(weight, dtype), hidden.to(dtype)  # a frozen head's copy: once a run (cached_casts)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
