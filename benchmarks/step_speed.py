@@ -66,7 +66,7 @@ def main() -> None:
 
     def step(fused: bool | str, make, batch) -> float:
         lorakit.layers.FUSED_LINEAR = bool(fused)
-        lorakit.attention.FLASH_CPU = fused == "flash"
+        lorakit.attention.CPU_ATTENTION = "auto" if fused == "flash" else "sdpa"
         with fused_mlp(model) if fused in ("mlp", "flash") else contextlib.nullcontext():
             loss, n = causal_lm_loss(model, make(batch))
             (loss / n).backward()

@@ -6,8 +6,8 @@ Every linear layer then runs on the N real tokens only (no padding FLOPs), and a
 operation that mixes tokens, is computed per example:
 
     q, k, v (1, H, N, D) → gathered into (S, H, L, D), L = longest example, padded at the end
-    → causal SDPA (padding sits after every real token, so no real query sees it) → the real
-    queries' rows gathered back, (1, N, H, D).
+    → causal attention (padding sits after every real token, so no real query sees it) → the
+    real queries' rows gathered back, (1, N, H, D).
 
 Registered with transformers' attention interface as ``"lorakit_varlen"``; a forward without
 ``cu_seq_lens_q`` (evaluation, generation) runs transformers' SDPA path with its usual mask, so
@@ -27,7 +27,11 @@ import torch.nn.functional as F
 from torch import nn
 
 NAME = "lorakit_varlen"
-FLASH_CPU = True  # False: autograd through SDPA on CPU too (the path other devices take)
+# CPU kernel for per-segment attention: "auto" (16-bit compute with one layer's fp32 scores within
+# MATH_BYTES: "math", else "flash"), "flash" (_FlashSegments), "math" (_MathSegments), or "sdpa"
+# (autograd through SDPA on the gathered segments, the path other devices take)
+CPU_ATTENTION = "auto"
+MATH_BYTES = 32 * 2**20
 
 
 def segment_index(cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,6 +154,96 @@ class _FlashSegments(torch.autograd.Function):
                 None, None)
 
 
+class _MathSegments(torch.autograd.Function):
+    """Per-segment attention as batched matmuls, for short segments (CPU).
+
+    With g = H / Hkv query heads per key/value head, each segment's queries are grouped by their
+    key/value head, so one batched product serves the g heads that share it:
+
+        q (S, Hkv, g·L, D)   k, v (S, Hkv, Lk, D)
+        z = s · q kᵀ, −∞ where hidden (fp32)     lse = logsumexp(z)     P = exp(z − lse)     O = P v
+
+    and backward recomputes P from q, k and the saved lse (nothing of size L·Lk is kept):
+
+        D = rowsum(∂O ⊙ O)   ∂v = Pᵀ ∂O   ∂z = P ⊙ (∂O vᵀ − D)   ∂q = s · ∂z k   ∂k = s · ∂zᵀ q
+
+    The products run in the inputs' dtype (bf16 under autocast: ~4× the fp32 rate on CPUs with
+    native bf16), the softmax in fp32. Saved: q, k, v unpadded, the output and the lse, as
+    ``_FlashSegments`` keeps. Padded query rows get a zero output gradient, hence zero ∂z.
+    """
+
+    @staticmethod
+    def _scores(qg: torch.Tensor, kp: torch.Tensor, mask: torch.Tensor, groups: int, scale: float) -> torch.Tensor:
+        """z = s · q kᵀ + mask in fp32 (or wider): (S, Hkv, g·L, Lk), −∞ at the keys a query must not see."""
+        s, hkv, rows, _ = qg.shape
+        z = torch.matmul(qg, kp.transpose(-1, -2)).to(torch.promote_types(qg.dtype, torch.float32)).mul_(scale)
+        z.view(s, hkv, groups, rows // groups, -1).add_(mask[:, :, None])
+        return z
+
+    @staticmethod
+    def _probabilities(z: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """exp(max(z − shift, −80)) in z's buffer. ATen's CPU exp takes a slow path for −∞ and for
+        results below fp32's normal range (~3× and ~15× the time); with the floor a hidden key
+        weighs e⁻⁸⁰ ≈ 2e-35 instead of 0, beneath the resolution of any sum it enters (≥ 1)."""
+        return z.sub_(shift).clamp_(min=-80.0).exp_()
+
+    @staticmethod
+    def forward(ctx: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, plan: SegmentPlan,
+                scale: float | None) -> torch.Tensor:
+        h, hkv, d = q.shape[1], k.shape[1], q.shape[3]
+        scale = d ** -0.5 if scale is None else scale
+        qp = _pad(q, plan.queries)  # (S, H, L, D)
+        segs, _, length, _ = qp.shape
+        qg = qp.reshape(segs, hkv, (h // hkv) * length, d)
+        kp, vp = _pad(k, plan.keys), _pad(v, plan.keys)  # (S, Hkv, Lk, D)
+        z = _MathSegments._scores(qg, kp, _mask(plan), h // hkv, scale)
+        peak = z.amax(-1, keepdim=True)  # finite: every query sees at least one key
+        p = _MathSegments._probabilities(z, peak)
+        total = p.sum(-1, keepdim=True)
+        out = torch.matmul(p.div_(total).to(q.dtype), vp)  # (S, Hkv, g·L, D)
+        y = _rows(out.view(segs, h, length, d), plan)
+        ctx.save_for_backward(q, k, v, y, total.log_().add_(peak))  # lse
+        ctx.plan, ctx.scale = plan, scale
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        q, k, v, y, lse = ctx.saved_tensors
+        plan, scale = ctx.plan, ctx.scale
+        h, hkv, d, n = q.shape[1], k.shape[1], q.shape[3], q.shape[2]
+        segs, length = plan.queries.shape
+        groups = h // hkv
+
+        def grouped(t: torch.Tensor) -> torch.Tensor:  # (1, N, H, D) → (S, Hkv, g·L, D), zeros in padding
+            full = t.new_zeros(segs, length, h, d)
+            full[plan.rows, plan.cols] = t[0]
+            return full.transpose(1, 2).reshape(segs, hkv, groups * length, d)
+
+        qg = _pad(q, plan.queries).reshape(segs, hkv, groups * length, d)
+        kp, vp = _pad(k, plan.keys), _pad(v, plan.keys)
+        go = grouped(gy.to(q.dtype))
+        acc = lse.dtype
+        rowdot = (go.to(acc) * grouped(y).to(acc)).sum(-1, keepdim=True)  # D (S, Hkv, g·L, 1)
+        p = _MathSegments._probabilities(_MathSegments._scores(qg, kp, _mask(plan), groups, scale), lse)
+        grad_v = torch.matmul(p.to(q.dtype).transpose(-1, -2), go)  # (S, Hkv, Lk, D)
+        dz = torch.matmul(go, vp.transpose(-1, -2)).to(acc).sub_(rowdot).mul_(p).mul_(scale).to(q.dtype)
+        del p
+        grad_q = torch.matmul(dz, kp).view(segs, h, length, d)
+        grad_k = torch.matmul(dz.transpose(-1, -2), qg)
+        return (_unpad_grad(grad_q, plan.queries, n), _unpad_grad(grad_k, plan.keys, n),
+                _unpad_grad(grad_v, plan.keys, n), None, None)
+
+
+def _mask(plan: SegmentPlan) -> torch.Tensor:
+    """(S, 1, L, Lk) fp32, 0 where a query sees a key and −∞ elsewhere: the plan's mask, or the
+    causal one when the plan has none."""
+    if plan.mask is not None:
+        return _additive(plan.mask, torch.float32)
+    length = plan.queries.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=plan.queries.device).tril()
+    return _additive(causal[None, None], torch.float32)
+
+
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
                      scale: float | None = None, dropout_p: float = 0.0, prefix: int = 0) -> torch.Tensor:
     """Causal attention within each segment of a packed row.
@@ -163,15 +257,23 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     attends to all P prefix keys plus its own keys up to itself, exactly as if the prefix had been
     repeated in front of it.
 
-    On CPU without dropout this runs ``_FlashSegments`` (less memory kept for backward); elsewhere
-    autograd differentiates SDPA on the gathered segments. Both compute the same function.
+    On CPU without dropout this runs one of two nodes that keep only q, k, v, the output and the
+    log-sum-exp for backward (``CPU_ATTENTION``): ``_MathSegments`` for bf16 compute on short
+    segments, ``_FlashSegments`` otherwise; elsewhere autograd differentiates SDPA on the gathered
+    segments. All compute the same function.
     """
     plan = plan_segments(cu_seqlens, max_len, prefix)
-    if FLASH_CPU and q.device.type == "cpu" and dropout_p == 0:
+    if CPU_ATTENTION != "sdpa" and q.device.type == "cpu" and dropout_p == 0:
         # the result in the dtype SDPA would give (under autocast its dtype; rotary leaves q, k in
-        # fp32 beside a bf16 v), computed in fp32 or wider: ATen's CPU flash backward runs bf16
-        # inputs ~3× slower than fp32 ones (AVX512-BF16 CPU, SmolLM2 segments: a 12% faster bf16 step)
+        # fp32 beside a bf16 v)
         out = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+        segs, length = plan.queries.shape
+        small = segs * q.shape[1] * length * plan.keys.shape[1] * 4 <= MATH_BYTES
+        if CPU_ATTENTION == "math" or (CPU_ATTENTION == "auto" and out.itemsize == 2 and small):
+            # bf16 products at the bf16 matmul rate (SmolLM2 segments, AVX512-BF16: 1.10× a bf16 step;
+            # in fp32 it only ties with the flash kernel)
+            return _MathSegments.apply(q.to(out), k.to(out), v.to(out), plan, scale)
+        # ATen's CPU flash backward runs bf16 inputs ~3× slower than fp32 ones: compute in fp32
         work = torch.promote_types(out, torch.float32)
         return _FlashSegments.apply(q.to(work), k.to(work), v.to(work), plan, scale).to(out)
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
