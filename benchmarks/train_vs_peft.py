@@ -151,7 +151,9 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
     from transformers import AutoModelForCausalLM
 
     import lorakit
+    from lorakit.attention import padding_free
     from lorakit.data import collate
+    from lorakit.kernels.cast import cached_casts
     from lorakit.loss import causal_lm_loss
     from lorakit.mlp import fused_mlp
     from lorakit.norm import fused_norms
@@ -173,9 +175,12 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
     tokens, loss_value = 0, 0.0
     start = time.perf_counter()
     with contextlib.ExitStack() as kernels:
-        if side == "lorakit":  # the trainer's per-token kernels
+        if side == "lorakit":  # the trainer's per-token kernels (no padding-free batches: both sides pad)
             kernels.enter_context(fused_mlp(model))
             kernels.enter_context(fused_norms(model))
+            kernels.enter_context(cached_casts())
+            if bf16(args) and not cuda:  # as the trainer: padded attention under CPU bf16 in fp32
+                kernels.enter_context(padding_free(model))
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
             with autocast:

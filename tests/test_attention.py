@@ -11,6 +11,7 @@ import lorakit.attention
 from conftest import randomize_adapters, tiny_gpt2
 from lorakit import LoraConfig, get_lora_model
 from lorakit.attention import (
+    padded_plan,
     padding_free,
     supports_padding_free,
     varlen_attention,
@@ -73,6 +74,36 @@ def test_varlen_attention_under_cpu_autocast_returns_bf16_as_sdpa_would(kernel, 
     torch.testing.assert_close(q.grad.double(), q64.grad, **tol)
     torch.testing.assert_close(k.grad.double(), k64.grad, **tol)
     torch.testing.assert_close(v.grad.double(), v64.grad, atol=0 if kernel == "flash" else 3e-2, rtol=2**-8)
+
+
+def test_padded_rows_as_segments_equal_sdpa_with_the_same_mask():
+    """A right-padded batch with transformers' boolean SDPA mask (causal and key padding), run by
+    the math node as one segment per row (``padded_plan``): output and q/k/v gradients equal
+    SDPA's on the (B, H, T, D) tensors in fp64. Left padding (a query that sees no key) and
+    additive masks get no plan, and SDPA runs as before."""
+    g = torch.Generator().manual_seed(0)
+    b, h, hkv, t, d = 3, 6, 2, 7, 8
+    lengths = torch.tensor([7, 4, 5])
+    keep = torch.arange(t)[None, :] < lengths[:, None]  # (B, T) right padding
+    mask = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & keep[:, None, None, :]  # (B, 1, T, T)
+    q = torch.randn(b, h, t, d, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(b, hkv, t, d, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(b, hkv, t, d, generator=g, dtype=torch.float64, requires_grad=True)
+    plan = padded_plan(mask, b, t)
+    flat = [x.transpose(0, 1).reshape(1, x.shape[1], b * t, d) for x in (q, k, v)]
+    out = lorakit.attention._MathSegments.apply(*flat, plan, 0.3).view(b, t, h, d)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3,
+                                                           enable_gqa=True).transpose(1, 2)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
+    up = torch.randn(out.shape, generator=g, dtype=torch.float64) * keep[:, :, None, None]  # loss on real rows
+    for a, c in zip(torch.autograd.grad(out, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+        torch.testing.assert_close(a, c, atol=1e-12, rtol=0)
+    causal = padded_plan(None, b, t)  # no mask given: causal
+    out_causal = lorakit.attention._MathSegments.apply(*flat, causal, 0.3).view(b, t, h, d)
+    ref_causal = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3, enable_gqa=True)
+    torch.testing.assert_close(out_causal, ref_causal.transpose(1, 2), atol=1e-12, rtol=0)
+    left = torch.ones(t, t, dtype=torch.bool).tril()[None, None] & keep.flip(1)[:, None, None, :]
+    assert padded_plan(left, b, t) is None and padded_plan(mask.double(), b, t) is None
 
 
 @pytest.mark.parametrize("kernel", ["flash", "math"])

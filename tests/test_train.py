@@ -364,13 +364,22 @@ def test_bf16_auto_is_gpu_only_and_native_bf16_cpus_get_a_hint(monkeypatch, tmp_
         build_config(run_config(train={"bf16": "maybe"}))
 
 
-def test_cpu_bf16_run_tracks_the_fp32_run(run_config, tmp_path):
+@pytest.mark.parametrize("padding_free", ["auto", False])
+def test_cpu_bf16_run_tracks_the_fp32_run(run_config, tmp_path, padding_free, monkeypatch):
     """train.bf16 on the CPU: every matmul under bf16 autocast, adapters kept in fp32; each step's
-    loss differs from the fp32 run's by bf16 rounding only, and so does the eval loss."""
+    loss differs from the fp32 run's by bf16 rounding only, and so does the eval loss. Both with
+    padding-free batches and with padded ones (lorakit's attention runs those rows as segments)."""
+    import lorakit.attention
+
+    calls = []
+    forward = lorakit.attention._MathSegments.forward
+    monkeypatch.setattr(lorakit.attention._MathSegments, "forward", staticmethod(
+        lambda *a: calls.append(torch.is_autocast_enabled("cpu")) or forward(*a)))
     def run(bf16: bool, out: str):
         lines: list[str] = []
         cfg = build_config(run_config(train={"epochs": 1, "bf16": bf16, "save_steps": 0}, eval={"steps": 0},
-                                      lora={"lora_dropout": 0.0}, output_dir=str(tmp_path / out)))
+                                      lora={"lora_dropout": 0.0}, output_dir=str(tmp_path / out),
+                                      data={"padding_free": padding_free}))
         result = Trainer(cfg, progress=False, log=lines.append).run()
         records = [json.loads(x) for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
         return [r["loss"] for r in records if "loss" in r], result, lines
@@ -378,6 +387,7 @@ def test_cpu_bf16_run_tracks_the_fp32_run(run_config, tmp_path):
     exact, exact_result, exact_log = run(False, "fp32")
     rounded, result, log = run(True, "bf16")
     assert "bf16 autocast" in log[0] and "bf16 autocast" not in exact_log[0]
+    assert calls and all(calls)  # the bf16 run's attention went through the math node, the fp32 one's did not
     assert rounded[0] != exact[0]  # autocast did round
     # step by step within bf16 rounding of the fp32 run (measured ≤ 4e-5 relative), learning as it does
     assert all(abs(a - b) < 1e-3 * b for a, b in zip(rounded, exact, strict=True))

@@ -10,8 +10,9 @@ operation that mixes tokens, is computed per example:
     real queries' rows gathered back, (1, N, H, D).
 
 Registered with transformers' attention interface as ``"lorakit_varlen"``; a forward without
-``cu_seq_lens_q`` (evaluation, generation) runs transformers' SDPA path with its usual mask, so
-the model behaves exactly as before outside padding-free training.
+``cu_seq_lens_q`` (padded batches, evaluation, generation) runs transformers' SDPA path with its
+usual mask, so the model behaves as before outside padding-free training (under CPU autocast in
+fp32, rounded to bf16 after: the same function, computed ~3× faster in backward).
 """
 
 from __future__ import annotations
@@ -302,6 +303,20 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     return torch.cat(outs, dim=2).transpose(1, 2)
 
 
+def padded_plan(mask: torch.Tensor | None, rows: int, length: int) -> SegmentPlan | None:
+    """The ``SegmentPlan`` of a padded (B, T) batch flattened row after row: every row a segment of
+    T tokens, attending as transformers' boolean SDPA mask (B, 1, T, T) says (None: causal). None
+    when the mask is not boolean or some query sees no key at all (left padding), where a softmax
+    over nothing has no value and SDPA's own handling must run."""
+    if mask is not None and (mask.dtype != torch.bool or mask.shape != (rows, 1, length, length)
+                             or not bool(mask.any(-1).all())):
+        return None
+    device = mask.device if mask is not None else None
+    positions = torch.arange(rows * length, device=device).view(rows, length)
+    r, c = torch.meshgrid(torch.arange(rows, device=device), torch.arange(length, device=device), indexing="ij")
+    return SegmentPlan(positions, positions, mask, r.reshape(-1), c.reshape(-1))
+
+
 def _interface_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -310,6 +325,19 @@ def _interface_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        if query.device.type == "cpu" and torch.is_autocast_enabled("cpu") and dropout == 0:
+            # padded batches under CPU autocast: the rows as segments of the math node (bf16 products);
+            # SDPA in fp32 where it does not apply (ATen's CPU flash backward is ~3× slower on bf16)
+            dtype = torch.get_autocast_dtype("cpu")
+            plan = padded_plan(attention_mask, query.shape[0], query.shape[2])
+            b, h, t, d = query.shape
+            if plan is not None and b * h * t * t * 4 <= MATH_BYTES:
+                flat = [x.to(dtype).transpose(0, 1).reshape(1, x.shape[1], b * t, d) for x in (query, key, value)]
+                return _MathSegments.apply(*flat, plan, scaling).view(b, t, h, d), None
+            with torch.autocast("cpu", enabled=False):
+                out, weights = sdpa_attention_forward(module, query.float(), key.float(), value.float(),
+                                                      attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+            return out.to(dtype), weights
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     out = varlen_attention(query, key, value, cu, int(kwargs["max_length_q"]), scaling, dropout,

@@ -302,7 +302,10 @@ class Trainer:
     def fast_paths(self) -> Iterator[nn.Module]:
         """The model as training runs it: padding-free attention (where on), the fused SwiGLU MLP and
         RMSNorm nodes, and (under autocast) each frozen weight rounded to bf16 once, not every step."""
-        with padding_free(self.model) if self.padding_free else contextlib.nullcontext(), \
+        # lorakit's attention: per segment for padding-free batches; padded ones under CPU bf16 in fp32
+        cpu_bf16 = (self.bf16 and self.device.type == "cpu" and supports_padding_free(self.model)
+                    and self.model.config._attn_implementation == "sdpa")
+        with padding_free(self.model) if self.padding_free or cpu_bf16 else contextlib.nullcontext(), \
                 fused_mlp(self.model), fused_norms(self.model), cached_casts():
             yield self.model
 
