@@ -101,7 +101,7 @@ CPUINFO = "/proc/cpuinfo"
 def cpu_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag): there
     bf16 matmuls run ~4× fp32's (AMD EPYC with AVX512-BF16, 2 cores: 810-936 vs 217-224 GFLOP/s)
-    and a LoRA step under ``train.bf16: true`` ~1.9× faster; elsewhere they are slower than fp32."""
+    and a LoRA step under ``train.bf16: true`` ~2.4× faster; elsewhere they are slower than fp32."""
     try:
         with open(CPUINFO) as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
@@ -111,9 +111,10 @@ def cpu_native_bf16() -> bool:
 
 
 def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
-    """``train.bf16``: auto = on a GPU only. On a CPU with native bf16 it is opt-in: ~1.9× faster,
-    but the process's peak memory grows over a run (the demo: 3.06 GB against fp32's 2.51), from the
-    C allocator's heap (a trim after every step holds it at 2.12 GB but costs 15% of the step)."""
+    """``train.bf16``: auto = on a GPU only. On a CPU with native bf16 it is opt-in: ~2.4× faster,
+    but the process's peak memory varies from run to run and grows over a run (the demo: 2.45-3.1 GB
+    against fp32's 2.51), from the C allocator's heap (a trim after every step holds it at 2.12 GB
+    but costs 15% of the step)."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
@@ -395,7 +396,7 @@ class Trainer:
                  f"trainable {self.trainable:,d} / {self.total:,d} params ({100 * self.trainable / self.total:.2f}%), "
                  f"base weights {self.base_weight_bytes / 2**20:.1f} MiB")
         if self.device.type == "cpu" and not self.bf16 and cpu_native_bf16():
-            self.log("this CPU multiplies bf16 natively: train.bf16=true trains about 1.9x faster here "
+            self.log("this CPU multiplies bf16 natively: train.bf16=true trains about 2.4x faster here "
                      "(more peak memory; see the README's Precision note)")
         self.log(f"data: {len(self.train_examples)} train examples in {len(self.rows)} rows, "
                  f"{len(self.eval_examples)} eval; batch {t.batch_size} × accumulation {t.grad_accum}"
