@@ -364,6 +364,28 @@ def test_bf16_auto_is_gpu_only_and_native_bf16_cpus_get_a_hint(monkeypatch, tmp_
         build_config(run_config(train={"bf16": "maybe"}))
 
 
+def test_keep_freed_memory_sets_glibc_malloc_unless_told_not_to():
+    """CPU training asks glibc to keep freed memory (mmap threshold 1 GiB, no trimming); a user's own
+    MALLOC_* variables or LORAKIT_KEEP_FREED=0 leave the allocator alone, as does a libc without mallopt."""
+    import lorakit.train as T
+
+    class Libc:
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, int]] = []
+
+        def mallopt(self, param: int, value: int) -> int:
+            self.calls.append((param, value))
+            return 1
+
+    libc = Libc()
+    assert T.keep_freed_memory({}, libc) is True
+    assert libc.calls == [(-3, 2**30), (-1, 2**31 - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    for env in ({"MALLOC_ARENA_MAX": "2"}, {"LORAKIT_KEEP_FREED": "0"}):
+        quiet = Libc()
+        assert T.keep_freed_memory(env, quiet) is False and quiet.calls == []
+    assert T.keep_freed_memory({}, object()) is False  # no mallopt (not glibc)
+
+
 @pytest.mark.parametrize("padding_free", ["auto", False])
 def test_cpu_bf16_run_tracks_the_fp32_run(run_config, tmp_path, padding_free, monkeypatch):
     """train.bf16 on the CPU: every matmul under bf16 autocast, adapters kept in fp32; each step's

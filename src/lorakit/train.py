@@ -110,6 +110,31 @@ def cpu_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def keep_freed_memory(environ: Any = None, libc: Any = None) -> bool:
+    """Let glibc's malloc reuse freed memory instead of returning it to the OS, for a CPU training
+    process: every allocation below 1 GiB from the heap (not a fresh mmap) and no trimming. A CPU
+    step allocates and frees the same large temporaries (the (N, 4H) MLP buffers, the head's
+    chunks) step after step; by default each is a fresh mapping whose pages fault in on first touch.
+    Measured on the demo's data (2-core AVX-512): 2.7-4.2% faster fp32 steps, 0.8% bf16, peak RSS
+    +0.02-0.04 GiB. Returns whether it was applied: not where the user set ``MALLOC_*`` variables
+    or ``LORAKIT_KEEP_FREED=0``, nor without glibc."""
+    import ctypes
+    import os
+
+    environ = os.environ if environ is None else environ
+    if environ.get("LORAKIT_KEEP_FREED", "1") == "0" or any(k.startswith("MALLOC_") for k in environ):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6") if libc is None else libc
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 2**30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
     """``train.bf16``: auto = on a GPU only. On a CPU with native bf16 it is opt-in: ~2.4× faster,
     but the process's peak memory varies from run to run and grows over a run (the demo: 2.45-3.1 GB
@@ -384,6 +409,8 @@ class Trainer:
 
     def run(self) -> TrainResult:
         cfg, t = self.config, self.config.train
+        if self.device.type == "cpu":
+            keep_freed_memory()
         resumed = self._resume()
         main = self.world.main
         metrics = MetricsLog(self.out / "metrics.jsonl" if main else None, self.state.step if resumed else None,
