@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 
 import pytest
 import torch
@@ -137,20 +138,29 @@ def _loss_and_grads(model, batch):
 def _check_flat_equals_padded(model, examples, pad_id, prefix=0):
     assert supports_padding_free(model)
     padded_loss, padded_grads = _loss_and_grads(model, collate([[e] for e in examples], pad_id))
-    fillers = []
-    for share, multiple in ((False, 1), (True, 1), (False, 16), (True, 16)):  # 16: rounded up with a filler
-        batch = collate_flat([[e] for e in examples], share_prefix=share, multiple=multiple, pad_id=pad_id)
+    fillers, trimmed = [], []
+    for share, multiple, trim in itertools.product((False, True), (1, 16), (False, True)):  # 16: with a filler
+        batch = collate_flat([[e] for e in examples], share_prefix=share, multiple=multiple, pad_id=pad_id, trim=trim)
         assert batch.get("shared_prefix", 0) == (prefix if share else 0)
         real = sum(len(e.input_ids) for e in examples) - (len(examples) - 1) * (prefix if share else 0)
-        assert batch["input_ids"].shape[1] == -(-real // multiple) * multiple
-        assert (batch["input_ids"][0, real:] == pad_id).all() and (batch["labels"][0, real:] == IGNORE).all()
-        fillers.append(batch["input_ids"].shape[1] - real)
+        n = batch["input_ids"].shape[1]
+        if not trim:
+            assert n == -(-real // multiple) * multiple
+            assert (batch["input_ids"][0, real:] == pad_id).all()
+            fillers.append(n - real)
+        else:  # each example but (without a filler) the last one token shorter
+            cu = batch["cu_seq_lens_q"].tolist()
+            own = [b - a for a, b in itertools.pairwise(cu)][1 if share and prefix else 0:][:len(examples)]
+            full = [len(e.input_ids) - (prefix if share else 0) for e in examples]
+            assert all(o in (f, f - 1) for o, f in zip(own, full, strict=True)) and n % multiple == 0
+            trimmed.append(sum(full) - sum(own))
         with padding_free(model):
             flat_loss, flat_grads = _loss_and_grads(model, batch)
         assert abs(flat_loss - padded_loss) <= 1e-5
         for name, grad in padded_grads.items():
             torch.testing.assert_close(flat_grads[name], grad, atol=1e-5, rtol=0, msg=name)
     assert any(fillers)  # the rounding did add a filler segment somewhere
+    assert min(trimmed) >= len(examples) - 1  # every example followed by a segment lost its last token
 
 
 def test_padding_free_llama_loss_and_gradients_equal_padded_batches(tiny_model_dir, tokenizer):
@@ -206,9 +216,22 @@ def test_padded_batches_inside_the_context_run_as_before(tiny_model_dir):
 def test_collate_flat_marks_segments_and_blocks_cross_targets(tokenizer):
     a = tokenize_row(R({"prompt": "Hi", "completion": "Yo"}, "a"), tokenizer, DataOptions())
     b = tokenize_row(R({"text": "plain"}, "b"), tokenizer, DataOptions())
-    batch = collate_flat([[a], [b]])
+    batch = collate_flat([[a], [b]], trim=False)
     na, nb = len(a.input_ids), len(b.input_ids)
     assert batch["input_ids"].shape == (1, na + nb)
     assert batch["cu_seq_lens_q"].tolist() == [0, na, na + nb] and batch["max_length_q"] == max(na, nb)
     assert batch["position_ids"][0].tolist() == list(range(na)) + list(range(nb))
     assert batch["labels"][0, na] == IGNORE  # a's last position does not learn to predict b's first token
+    # trimmed: a's last token (it predicts nothing) is left out, its label moves to b's first slot, so
+    # a's second-to-last position still learns it; b, the last segment, keeps all its tokens
+    cut = collate_flat([[a], [b]])
+    assert cut["input_ids"][0].tolist() == a.input_ids[:-1] + b.input_ids
+    assert cut["cu_seq_lens_q"].tolist() == [0, na - 1, na - 1 + nb] and cut["max_length_q"] == max(na - 1, nb)
+    assert cut["position_ids"][0].tolist() == list(range(na - 1)) + list(range(nb))
+    assert cut["labels"][0].tolist() == [*a.labels[:-1], a.labels[-1], *b.labels[1:]]
+    assert a.labels[-1] != IGNORE  # the moved label is a trained one
+    # with a filler after it, the last example is trimmed too (its label moves into the filler)
+    filled = collate_flat([[a], [b]], multiple=8, pad_id=0)
+    n = filled["input_ids"].shape[1]
+    assert n % 8 == 0 and filled["input_ids"][0, :na + nb - 2].tolist() == a.input_ids[:-1] + b.input_ids[:-1]
+    assert filled["labels"][0, na + nb - 2] == b.labels[-1] and (filled["labels"][0, na + nb - 1:] == IGNORE).all()
