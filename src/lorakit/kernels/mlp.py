@@ -53,21 +53,19 @@ class _LoraSwiGLU(torch.autograd.Function):
         sg, su, sd = ctx.scales
         need = ctx.needs_input_grad
         gy = grad.reshape(-1, grad.shape[-1])  # (N, H)
-        dtype = g.dtype
-        acc = torch.promote_types(dtype, torch.float32)  # elementwise math: fp32 for bf16/fp16, rounded once
-        gf, uf = g.to(acc), u.to(acc)
-        sig = torch.sigmoid(gf)
-        silu = gf * sig
-        a = (silu * uf).to(dtype)
+        # elementwise passes in the activations' dtype, each rounded once (bf16 ops compute in fp32):
+        # five passes over (N, I), a recomputed exactly as forward made it
+        silu = F.silu(g)
+        a = silu * u
         ghd = gy @ (bd * sd)  # (N, r)
         grad_bd = gy.T @ (hd * sd) if need[9] else None
         grad_ad = ghd.T @ a if need[8] else None
         del a
-        da = torch.mm(gy, wd).addmm_(ghd, ad).to(acc)  # (N, I); rank-r terms are added in place
-        du = (da * silu).to(dtype)
-        # ∂a ⊙ u ⊙ σ (1 + g (1 − σ)), as σ + silu − σ·silu formed in silu's buffer (no temporary)
-        dg = silu.addcmul_(sig, silu, value=-1).add_(sig).mul_(da).mul_(uf).to(dtype)
-        del da, sig, gf, uf, silu
+        da = torch.mm(gy, wd).addmm_(ghd, ad)  # (N, I); rank-r terms are added in place
+        du = da * silu
+        del silu
+        dg = torch.ops.aten.silu_backward(da.mul_(u), g)  # ∂a ⊙ u ⊙ σ (1 + g (1 − σ)), one fused pass
+        del da
         ghg, ghu = dg @ (bg * sg), du @ (bu * su)  # (N, r)
         grad_bg = dg.T @ (hg * sg) if need[3] else None
         grad_bu = du.T @ (hu * su) if need[6] else None
