@@ -11,8 +11,9 @@ operation that mixes tokens, is computed per example:
 
 Registered with transformers' attention interface as ``"lorakit_varlen"``; a forward without
 ``cu_seq_lens_q`` (padded batches, evaluation, generation) runs transformers' SDPA path with its
-usual mask, so the model behaves as before outside padding-free training (under CPU autocast in
-fp32, rounded to bf16 after: the same function, computed ~3× faster in backward).
+usual mask, so the model behaves as before outside padding-free training. Under CPU autocast
+such a padded batch instead runs its rows as segments of the math node below (``padded_plan``),
+or SDPA in fp32 where that does not apply: ATen's CPU flash backward is ~3× slower on bf16.
 """
 
 from __future__ import annotations
@@ -235,6 +236,12 @@ class _MathSegments(torch.autograd.Function):
                 _unpad_grad(grad_v, plan.keys, n), None, None)
 
 
+def _math_fits(plan: SegmentPlan, heads: int) -> bool:
+    """Whether one layer's fp32 scores (S, H, L, Lk) for ``plan`` fit in ``MATH_BYTES``."""
+    segs, length = plan.queries.shape
+    return segs * heads * length * plan.keys.shape[1] * 4 <= MATH_BYTES
+
+
 def _mask(plan: SegmentPlan) -> torch.Tensor:
     """(S, 1, L, Lk) fp32, 0 where a query sees a key and −∞ elsewhere: the plan's mask, or the
     causal one when the plan has none."""
@@ -268,9 +275,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         # the result in the dtype SDPA would give (under autocast its dtype; rotary leaves q, k in
         # fp32 beside a bf16 v)
         out = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
-        segs, length = plan.queries.shape
-        small = segs * q.shape[1] * length * plan.keys.shape[1] * 4 <= MATH_BYTES
-        if CPU_ATTENTION == "math" or (CPU_ATTENTION == "auto" and out.itemsize == 2 and small):
+        if CPU_ATTENTION == "math" or (CPU_ATTENTION == "auto" and out.itemsize == 2 and _math_fits(plan, q.shape[1])):
             # bf16 products at the bf16 matmul rate (SmolLM2 segments, AVX512-BF16: 1.10× a bf16 step;
             # in fp32 it only ties with the flash kernel)
             return _MathSegments.apply(q.to(out), k.to(out), v.to(out), plan, scale)
@@ -331,7 +336,7 @@ def _interface_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
             dtype = torch.get_autocast_dtype("cpu")
             plan = padded_plan(attention_mask, query.shape[0], query.shape[2])
             b, h, t, d = query.shape
-            if plan is not None and b * h * t * t * 4 <= MATH_BYTES:
+            if plan is not None and _math_fits(plan, h):
                 flat = [x.to(dtype).transpose(0, 1).reshape(1, x.shape[1], b * t, d) for x in (query, key, value)]
                 return _MathSegments.apply(*flat, plan, scaling).view(b, t, h, d), None
             with torch.autocast("cpu", enabled=False):

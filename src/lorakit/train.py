@@ -118,8 +118,8 @@ def keep_freed_memory(environ: Any = None, libc: Any = None) -> bool:
     process: every allocation below 1 GiB from the heap (not a fresh mmap) and no trimming. A CPU
     step allocates and frees the same large temporaries (the (N, 4H) MLP buffers, the head's
     chunks) step after step; by default each is a fresh mapping whose pages fault in on first touch.
-    Measured on the demo's data (2-core AVX-512): 2.7-4.2% faster fp32 steps, 0.8% bf16, peak RSS
-    +0.02-0.04 GiB. Returns whether it was applied: not where the user set ``MALLOC_*`` variables
+    Measured on the demo's data (2-core AVX-512, lorakit's side of train_vs_peft): 7-9% faster fp32
+    training, peak RSS +0.01-0.02 GiB. Returns whether it was applied: not where the user set ``MALLOC_*`` variables
     or ``LORAKIT_KEEP_FREED=0``, nor without glibc."""
     import ctypes
     import os
@@ -328,7 +328,8 @@ class Trainer:
     def fast_paths(self) -> Iterator[nn.Module]:
         """The model as training runs it: padding-free attention (where on), the fused SwiGLU MLP and
         RMSNorm nodes, and (under autocast) each frozen weight rounded to bf16 once, not every step."""
-        # lorakit's attention: per segment for padding-free batches; padded ones under CPU bf16 in fp32
+        # lorakit's attention: per segment for padding-free batches; under CPU bf16 also for padded ones
+        # (their rows as segments of attention._MathSegments)
         cpu_bf16 = (self.bf16 and self.device.type == "cpu" and supports_padding_free(self.model)
                     and self.model.config._attn_implementation == "sdpa")
         with padding_free(self.model) if self.padding_free or cpu_bf16 else contextlib.nullcontext(), \
