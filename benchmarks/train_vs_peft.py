@@ -178,7 +178,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
         if side == "lorakit":  # the trainer's per-token kernels (no padding-free batches: both sides pad)
             kernels.enter_context(fused_mlp(model))
             kernels.enter_context(fused_norms(model))
-            kernels.enter_context(cached_casts())
+            kernels.enter_context(cached_casts(release=not cuda))  # as the trainer: fp32 originals paged out
             if bf16(args) and not cuda:  # as the trainer: padded attention under CPU bf16 in fp32
                 kernels.enter_context(padding_free(model))
         for batch in batches:

@@ -416,3 +416,39 @@ def test_cpu_bf16_run_tracks_the_fp32_run(run_config, tmp_path, padding_free, mo
     assert rounded[-1] < rounded[0] and exact[-1] < exact[0]
     assert {t.dtype for t in adapter_tensors(result.output_dir).values()} == {torch.float32}
     assert abs(result.metrics["eval_loss"] - exact_result.metrics["eval_loss"]) < 0.05 * exact_result.metrics["eval_loss"]
+
+
+def test_cpu_bf16_run_pages_out_the_mapped_fp32_weights_and_trains_the_same(run_config, tmp_path, monkeypatch):
+    """Under CPU bf16 each frozen weight's bf16 copy serves the whole run, so its fp32 original, a
+    view of the memory-mapped checkpoint, is paged out after the copy is made; the run is bit for
+    bit the one that keeps the originals resident."""
+    import lorakit.kernels.cast
+    import lorakit.memory
+    from lorakit.layers import lora_layers
+    from lorakit.memory import file_backed
+
+    advised: list[tuple[torch.Tensor, int]] = []
+    monkeypatch.setattr(lorakit.memory, "MIN_BYTES", 0)
+    monkeypatch.setattr(lorakit.kernels.cast, "page_out",
+                        lambda t: advised.append((t, lorakit.memory.page_out(t))) or advised[-1][1])
+
+    def run(release: bool, out: str) -> tuple[dict, Trainer]:
+        cfg = build_config(run_config(train={"epochs": 1, "bf16": True, "save_steps": 0}, eval={"steps": 0},
+                                      lora={"lora_dropout": 0.0}, output_dir=str(tmp_path / out)))
+        trainer = Trainer(cfg, progress=False, log=lambda _: None)
+        if not release:  # every weight below page_out's threshold: nothing is paged out
+            monkeypatch.setattr(lorakit.memory, "MIN_BYTES", 1 << 62)
+        result = trainer.run()
+        return adapter_tensors(result.output_dir), trainer
+
+    released, trainer = run(True, "released")
+    frozen = [m.weight for _, m in lora_layers(trainer.model)]
+    assert len(frozen) == 14 and all(file_backed(w) for w in frozen)  # from_pretrained maps the checkpoint
+    embedding = trainer.model.get_input_embeddings().weight
+    pages = {t.data_ptr(): n for t, n in advised}
+    assert all(w.data_ptr() in pages for w in frozen)  # each projection weight was handed to page_out
+    assert pages[embedding.data_ptr()] > 0  # the tied head's fp32 weight was paged out (6 MiB)
+    n_before = len(advised)
+    kept, _ = run(False, "kept")
+    assert all(n == 0 for _, n in advised[n_before:])
+    assert_identical(released, kept)

@@ -333,7 +333,7 @@ class Trainer:
         cpu_bf16 = (self.bf16 and self.device.type == "cpu" and supports_padding_free(self.model)
                     and self.model.config._attn_implementation == "sdpa")
         with padding_free(self.model) if self.padding_free or cpu_bf16 else contextlib.nullcontext(), \
-                fused_mlp(self.model), fused_norms(self.model), cached_casts():
+                fused_mlp(self.model), fused_norms(self.model), cached_casts(release=self.device.type == "cpu"):
             yield self.model
 
     def step(self, group: Sequence[Sequence[Sequence[Example]]]) -> tuple[float, float, int]:

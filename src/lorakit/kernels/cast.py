@@ -20,8 +20,11 @@ from contextlib import contextmanager
 
 import torch
 
+from lorakit.memory import page_out
+
 _Entry = tuple["weakref.ref[torch.Tensor]", int, int, torch.Tensor]
 _cache: dict[tuple[int, torch.dtype], _Entry] | None = None
+_page_out = False
 
 
 def cast_frozen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -35,19 +38,23 @@ def cast_frozen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return hit[3]
     out = t.to(dtype)
     _cache[key] = (weakref.ref(t), t._version, t.data_ptr(), out)
+    if _page_out and out.element_size() < t.element_size():
+        page_out(t)  # a memory-mapped original is not read again while the copy serves
     return out
 
 
 @contextmanager
-def cached_casts() -> Iterator[None]:
+def cached_casts(release: bool = False) -> Iterator[None]:
     """Within the block ``cast_frozen`` reuses its copies; they are released on exit (nesting keeps
-    the outer block's cache)."""
-    global _cache
+    the outer block's cache). With ``release``, an original that is a view of a memory-mapped
+    checkpoint is paged out once its narrower copy is made (``memory.page_out``): a bf16 run on
+    a CPU then holds its frozen weights once, in bf16, rather than in both dtypes."""
+    global _cache, _page_out
     if _cache is not None:
         yield
         return
-    _cache = {}
+    _cache, _page_out = {}, release
     try:
         yield
     finally:
-        _cache = None
+        _cache, _page_out = None, False

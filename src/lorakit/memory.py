@@ -1,0 +1,69 @@
+"""Handing memory a CPU run no longer reads back to the operating system.
+
+transformers maps a safetensors checkpoint into memory and, where the stored dtype is the one
+asked for, its parameters are views of that mapping: their pages are the file's, read in on
+first touch and counted in the process's resident memory (RSS) from then on. Under bf16 training
+on a CPU the trainer reads each frozen fp32 projection weight once, to round it to bf16
+(``kernels.cast``), and never again during the run; ``page_out`` then asks the kernel to reclaim
+those pages (``madvise(MADV_PAGEOUT)``). They are clean copies of the file, so nothing is lost: a
+later read (evaluation in fp32, merging, export) faults them back in from the page cache or the
+file. Pages that were written to, or that belong to anonymous memory, are left to the kernel
+as well (without swap it keeps them), so the call can never change a value.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import os
+import sys
+
+import torch
+
+_MADV_PAGEOUT = 21  # Linux ≥ 5.4
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+MIN_BYTES = 1 << 20  # smaller tensors are not worth a system call
+
+
+def _file_mappings() -> tuple[list[int], list[int]]:
+    """Sorted (starts, ends) of this process's private file-backed mappings (``/proc/self/maps``)."""
+    starts: list[int] = []
+    ends: list[int] = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            # address perms offset dev inode [path]; inode 0 is anonymous memory, [heap] and the like
+            if len(fields) < 6 or fields[4] == "0" or fields[1][3] != "p" or fields[5].startswith("["):
+                continue
+            lo, hi = (int(x, 16) for x in fields[0].split("-"))
+            starts.append(lo)
+            ends.append(hi)
+    return starts, ends
+
+
+def file_backed(t: torch.Tensor) -> bool:
+    """Whether all of ``t``'s bytes lie in one private file mapping (a memory-mapped checkpoint)."""
+    if t.device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    lo = t.data_ptr()
+    hi = lo + t.numel() * t.element_size()
+    starts, ends = _file_mappings()
+    i = bisect.bisect_right(starts, lo) - 1
+    return i >= 0 and hi <= ends[i]
+
+
+def page_out(t: torch.Tensor) -> int:
+    """Ask the kernel to reclaim the whole pages of ``t`` when ``t`` is a view of a memory-mapped
+    file and at least ``MIN_BYTES``; returns the bytes advised (0 where nothing was done). The
+    values stay readable: they come back from the file on the next read."""
+    nbytes = t.numel() * t.element_size()
+    if nbytes < MIN_BYTES or not file_backed(t):
+        return 0
+    start = -(-t.data_ptr() // _PAGE) * _PAGE
+    length = (t.data_ptr() + nbytes) // _PAGE * _PAGE - start
+    try:
+        madvise = ctypes.CDLL(None, use_errno=True).madvise
+    except (OSError, AttributeError):
+        return 0
+    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    return length if length > 0 and madvise(start, length, _MADV_PAGEOUT) == 0 else 0

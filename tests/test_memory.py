@@ -1,0 +1,63 @@
+"""Paging out memory-mapped weights a run has copied (``lorakit.memory``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from lorakit.memory import file_backed, page_out
+
+
+def resident_bytes(t: torch.Tensor) -> int:
+    """Resident bytes of the mapping that holds ``t`` (``/proc/self/smaps``)."""
+    addr, found = t.data_ptr(), None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and all(c in "0123456789abcdef-" for c in head):
+                lo, hi = (int(x, 16) for x in head.split("-"))
+                found = lo <= addr < hi
+            elif found and line.startswith("Rss:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no mapping holds the tensor")
+
+
+@pytest.fixture
+def mapped(tmp_path):
+    """A 4 MiB fp32 tensor that is a private (copy-on-write) mapping of a file, as transformers
+    gives a safetensors checkpoint's parameters."""
+    path = tmp_path / "w.bin"
+    values = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)
+    values.tofile(path)
+    return torch.from_numpy(np.memmap(path, dtype=np.float32, mode="c")), torch.from_numpy(values)
+
+
+def test_page_out_releases_a_mapped_tensor_and_keeps_its_values(mapped):
+    t, values = mapped
+    assert file_backed(t) and torch.equal(t, values)  # read: every page resident
+    assert resident_bytes(t) >= t.numel() * 4
+    advised = page_out(t)
+    if advised == 0:
+        pytest.skip("this kernel has no MADV_PAGEOUT")
+    assert advised == t.numel() * 4  # the array starts on a page: all of it
+    assert resident_bytes(t) < 64 * 1024  # (a page or two may be touched again at once)
+    assert torch.equal(t, values)  # read back from the file
+
+
+def test_page_out_never_changes_a_value(mapped):
+    """Written pages of a private mapping are the process's own (copy-on-write): paging them out
+    must keep the written values, not revert to the file."""
+    t, values = mapped
+    t[::4096] = -1.0  # one value on every 16 KiB
+    page_out(t)
+    expected = values.clone()
+    expected[::4096] = -1.0
+    assert torch.equal(t, expected)
+
+
+def test_page_out_leaves_other_memory_alone():
+    anon = torch.randn(1 << 20)
+    assert not file_backed(anon) and page_out(anon) == 0
+    small = torch.from_numpy(np.zeros(16, dtype=np.float32))
+    assert page_out(small) == 0
