@@ -386,6 +386,35 @@ def test_keep_freed_memory_sets_glibc_malloc_unless_told_not_to():
     assert T.keep_freed_memory({}, object()) is False  # no mallopt (not glibc)
 
 
+def test_return_freed_memory_trims_the_heap_after_training(run_config, monkeypatch):
+    """Once the steps are over, the memory kept for their reuse goes back to the OS (malloc_trim(0)),
+    before the closing evaluation; not where the allocator was left alone."""
+    import lorakit.train as T
+
+    trims: list[int] = []
+
+    class Libc:
+        def malloc_trim(self, pad: int) -> int:
+            trims.append(pad)
+            return 1
+
+    assert T.return_freed_memory(Libc()) is True and trims == [0]
+    assert T.return_freed_memory(object()) is False  # no malloc_trim (not glibc)
+    events: list[str] = []
+    monkeypatch.setattr(T, "keep_freed_memory", lambda: events.append("keep") or True)
+    monkeypatch.setattr(T, "return_freed_memory", lambda: events.append("trim") or True)
+    evaluate = T.Trainer.evaluate
+    monkeypatch.setattr(T.Trainer, "evaluate", lambda self: events.append("eval") or evaluate(self))
+    cfg = build_config(run_config(train={"epochs": 1, "save_steps": 0}, eval={"steps": 0, "generate": False}))
+    T.Trainer(cfg, progress=False, log=lambda _: None).run()
+    assert events == ["keep", "trim", "eval"]
+    events.clear()
+    monkeypatch.setattr(T, "keep_freed_memory", lambda: events.append("keep") and False)
+    T.Trainer(build_config(run_config(train={"epochs": 1, "save_steps": 0}, eval={"steps": 0, "generate": False},
+                                      output_dir=str(cfg.output_dir) + "-2")), progress=False, log=lambda _: None).run()
+    assert events == ["keep", "eval"]
+
+
 @pytest.mark.parametrize("padding_free", ["auto", False])
 def test_cpu_bf16_run_tracks_the_fp32_run(run_config, tmp_path, padding_free, monkeypatch):
     """train.bf16 on the CPU: every matmul under bf16 autocast, adapters kept in fp32; each step's
