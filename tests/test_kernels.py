@@ -159,9 +159,13 @@ def _saved_bytes(fn):
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_fused_mlp_equals_the_plain_model_and_keeps_less(dropout):
+def test_fused_mlp_equals_the_plain_model_and_keeps_less(dropout, monkeypatch):
     """Llama MLPs inside ``fused_mlp``: the same loss and LoRA gradients as the model's own forward,
-    and 2·N·I fewer saved values per layer; with dropout the plain path runs (same result)."""
+    and 2·N·I fewer saved values per layer; with dropout the plain path runs (same result). (The
+    last layer's MLP on supervised rows only is tested below; here every MLP sees every row.)"""
+    import lorakit.loss
+
+    monkeypatch.setattr(lorakit.loss, "mlp_rows", lambda *_: contextlib.nullcontext(False))
     model = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
     randomize_adapters(model)
     model.train()
@@ -473,3 +477,47 @@ def test_fused_lora_linear_without_gradients_runs_the_same_ops():
         without = fused_lora_linear(x, w, bias, a, b, 0.7)
     assert with_node.grad_fn is not None and without.grad_fn is None
     assert torch.equal(with_node.detach(), without)
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_last_mlp_runs_only_at_supervised_rows_with_the_same_loss_and_gradients(flat, monkeypatch):
+    """``causal_lm_loss`` inside ``fused_mlp``: the last decoder layer's MLP runs on the supervised
+    positions only (the rows the head reads), and the loss and every LoRA gradient equal those of
+    the full computation in float64, for padded and padding-free batches."""
+    import lorakit.loss
+    import lorakit.mlp
+    from lorakit.attention import padding_free
+    from lorakit.data import IGNORE, Example, collate, collate_flat
+
+    model = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear")).double()
+    randomize_adapters(model)
+    model.train()
+    g = torch.Generator().manual_seed(5)
+    examples = []
+    for n, answer in ((9, 3), (14, 6), (6, 1)):
+        ids = torch.randint(3, 128, (n,), generator=g).tolist()
+        examples.append(Example(ids, [IGNORE] * (n - answer) + ids[n - answer:], "x"))
+    batch = collate_flat([[e] for e in examples]) if flat else collate([[e] for e in examples], 0)
+    rows: list[int] = []
+    swiglu = lorakit.mlp.lora_swiglu
+    monkeypatch.setattr(lorakit.mlp, "lora_swiglu", lambda x, *p: rows.append(x.reshape(-1, x.shape[-1]).shape[0])
+                        or swiglu(x, *p))
+
+    def run(only_rows: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        if not only_rows:
+            monkeypatch.setattr(lorakit.loss, "mlp_rows", lambda *_: contextlib.nullcontext(False))
+        model.zero_grad(set_to_none=True)
+        with fused_mlp(model), padding_free(model) if flat else contextlib.nullcontext():
+            loss, _ = causal_lm_loss(model, batch)
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+
+    loss, grads = run(True)
+    tokens = batch["input_ids"].numel()
+    supervised = sum(e.n_supervised for e in examples)
+    assert rows == [tokens] * (model.config.num_hidden_layers - 1) + [supervised]  # the last layer: 10 rows
+    full_loss, full_grads = run(False)
+    assert rows[-1] == tokens
+    torch.testing.assert_close(loss, full_loss, atol=1e-12, rtol=0)
+    for k, v in full_grads.items():
+        torch.testing.assert_close(grads[k], v, atol=1e-12, rtol=0, msg=k)

@@ -17,6 +17,7 @@ from torch import nn
 
 from lorakit.data import IGNORE
 from lorakit.kernels.cross_entropy import linear_cross_entropy
+from lorakit.mlp import mlp_rows
 
 # what a batch may hand the model: padded batches carry a mask, padding-free ones segment bounds
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
@@ -57,7 +58,10 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any], whole: bool = False)
         logits = model(**inputs, use_cache=False).logits[:, :-1][mask]  # (N, V)
     else:
         body, head = parts
-        hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
+        width = labels.shape[1]
+        b, t = mask.nonzero(as_tuple=True)
+        with mlp_rows(model, b * width + t):  # the last MLP only where the loss reads (exact)
+            hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
         if type(head) is nn.Linear:
             return linear_cross_entropy(hidden[mask], head.weight, head.bias, targets[mask]), n
         logits = head(hidden[mask])  # (N, V)

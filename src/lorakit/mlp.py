@@ -22,6 +22,9 @@ from lorakit.kernels.mlp import lora_swiglu
 from lorakit.layers import _LinearLora, autocast_dtype
 from lorakit.patch import patched_forward, unfused
 
+_LAST = "_lorakit_last_mlp"  # on the model, inside fused_mlp: its last gated MLP
+_ROWS = "_lorakit_rows"  # on that MLP, inside mlp_rows: the token rows to compute
+
 
 def is_gated_mlp(module: nn.Module) -> bool:
     """A ``…MLP`` module with LoRA-wrapped ``gate_proj``, ``up_proj`` and ``down_proj`` and a SiLU."""
@@ -46,6 +49,17 @@ def _projection(layer: _LinearLora, x: torch.Tensor,
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    rows = self.__dict__.get(_ROWS)
+    if rows is not None and not args and not kwargs:
+        # the last layer's MLP, of which only these token rows are read: (N, H) gathered, the rest 0
+        flat = x.reshape(-1, x.shape[-1])
+        out = _fused_forward_all(self, flat.index_select(0, rows))
+        full = out.new_zeros(flat.shape[0], out.shape[-1]).index_copy(0, rows, out)
+        return full.view(*x.shape[:-1], out.shape[-1])
+    return _fused_forward_all(self, x, *args, **kwargs)
+
+
+def _fused_forward_all(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
     cast = autocast_dtype(x)
     parts = [_projection(getattr(self, n), x, cast) for n in ("gate_proj", "up_proj", "down_proj")] \
         if not args and not kwargs else [None]
@@ -62,6 +76,46 @@ def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) 
 @contextmanager
 def fused_mlp(model: nn.Module) -> Iterator[int]:
     """Within the block, gated MLPs with LoRA on all three projections use the fused node; yields
-    how many MLPs were switched."""
-    with patched_forward([m for m in model.modules() if is_gated_mlp(m)], _fused_forward) as n:
-        yield n
+    how many MLPs were switched. The last of them (the last decoder layer's) is remembered for
+    ``mlp_rows``."""
+    mlps = [m for m in model.modules() if is_gated_mlp(m)]
+    last = _last_layer_mlp(model)
+    mark = last is not None and last in mlps and _LAST not in model.__dict__
+    with patched_forward(mlps, _fused_forward) as n:
+        if mark:
+            model.__dict__[_LAST] = last
+        try:
+            yield n
+        finally:
+            if mark:
+                model.__dict__.pop(_LAST, None)
+
+
+def _last_layer_mlp(model: nn.Module) -> nn.Module | None:
+    """The ``mlp`` of the last entry of the decoder's ``layers`` (transformers' layout), if any."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    layers = getattr(decoder, "layers", None)
+    return getattr(layers[-1], "mlp", None) if isinstance(layers, nn.ModuleList) and len(layers) else None
+
+
+@contextmanager
+def mlp_rows(model: nn.Module, rows: torch.Tensor | None) -> Iterator[bool]:
+    """Within the block, the last decoder layer's MLP (inside ``fused_mlp``) runs only on the token
+    rows ``rows`` (indices into the flattened (B·T) tokens) and gives 0 elsewhere; yields whether
+    it applies.
+
+    After the last MLP nothing mixes tokens (the final norm and the head act per token), so when
+    only the hidden states at ``rows`` are read, as the loss at supervised positions reads them,
+    the MLP's work at every other row (3/4 of a Llama layer's FLOPs) is wasted: here it is not
+    done. The hidden states at ``rows`` and every gradient are those of the full computation;
+    the other rows' final hidden states are not (do not read them). Not under gradient
+    checkpointing, whose recomputation in the backward pass must see the same rows."""
+    last = model.__dict__.get(_LAST) if rows is not None else None
+    if last is None or getattr(model, "is_gradient_checkpointing", False):  # its recompute runs outside
+        yield False
+        return
+    last.__dict__[_ROWS] = rows
+    try:
+        yield True
+    finally:
+        last.__dict__.pop(_ROWS, None)
