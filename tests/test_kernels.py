@@ -494,10 +494,11 @@ def test_last_mlp_runs_only_at_supervised_rows_with_the_same_loss_and_gradients(
     model.train()
     g = torch.Generator().manual_seed(5)
     examples = []
-    for n, answer in ((9, 3), (14, 6), (6, 1)):
-        ids = torch.randint(3, 128, (n,), generator=g).tolist()
-        examples.append(Example(ids, [IGNORE] * (n - answer) + ids[n - answer:], "x"))
+    for n, answer in ((9, 3), (14, 6), (6, 1)):  # a common 4-token start: a shared prefix when flat
+        ids = [5, 6, 7, 8, *torch.randint(3, 128, (n,), generator=g).tolist()]
+        examples.append(Example(ids, [IGNORE] * (4 + n - answer) + ids[4 + n - answer:], "x"))
     batch = collate_flat([[e] for e in examples]) if flat else collate([[e] for e in examples], 0)
+    assert batch.get("shared_prefix", 0) == (4 if flat else 0)
     rows: list[int] = []
     swiglu = lorakit.mlp.lora_swiglu
     monkeypatch.setattr(lorakit.mlp, "lora_swiglu", lambda x, *p: rows.append(x.reshape(-1, x.shape[-1]).shape[0])
