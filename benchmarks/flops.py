@@ -69,8 +69,11 @@ def main() -> None:
     import lorakit
     from lorakit.attention import padding_free
     from lorakit.data import DataOptions, batches, collate, collate_flat, load_examples
+    from lorakit.kernels.cast import cached_casts
     from lorakit.loss import causal_lm_loss
+    from lorakit.mlp import fused_mlp
     from lorakit.models import load_model
+    from lorakit.norm import fused_norms
     from lorakit.train_config import DEFAULT_LORA
     from results import append_entry, machine
 
@@ -90,8 +93,8 @@ def main() -> None:
     def to(batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def step_ours(rows: Any) -> None:
-        with padding_free(ours):
+    def step_ours(rows: Any) -> None:  # with the trainer's fast paths (Trainer.fast_paths)
+        with padding_free(ours), fused_mlp(ours), fused_norms(ours), cached_casts():
             loss, n = causal_lm_loss(ours, to(collate_flat(rows)))
             (loss / n).backward()
         ours.zero_grad(set_to_none=True)
