@@ -49,8 +49,8 @@ def _projection(layer: _LinearLora, x: torch.Tensor,
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    rows = self.__dict__.get(_ROWS)
-    if rows is not None and not args and not kwargs:
+    rows, tokens = self.__dict__.get(_ROWS, (None, 0))
+    if rows is not None and not args and not kwargs and x[..., 0].numel() == tokens:
         # the last layer's MLP, of which only these token rows are read: (N, H) gathered, the rest 0
         flat = x.reshape(-1, x.shape[-1])
         out = _fused_forward_all(self, flat.index_select(0, rows))
@@ -99,10 +99,11 @@ def _last_layer_mlp(model: nn.Module) -> nn.Module | None:
 
 
 @contextmanager
-def mlp_rows(model: nn.Module, rows: torch.Tensor | None) -> Iterator[bool]:
+def mlp_rows(model: nn.Module, rows: torch.Tensor | None, tokens: int) -> Iterator[bool]:
     """Within the block, the last decoder layer's MLP (inside ``fused_mlp``) runs only on the token
-    rows ``rows`` (indices into the flattened (B·T) tokens) and gives 0 elsewhere; yields whether
-    it applies.
+    rows ``rows`` (indices into the flattened B·T = ``tokens`` tokens) and gives 0 elsewhere;
+    yields whether it applies. (An input of another token count, which a model that adds tokens of
+    its own would give, runs whole.)
 
     After the last MLP nothing mixes tokens (the final norm and the head act per token), so when
     only the hidden states at ``rows`` are read, as the loss at supervised positions reads them,
@@ -114,7 +115,7 @@ def mlp_rows(model: nn.Module, rows: torch.Tensor | None) -> Iterator[bool]:
     if last is None or getattr(model, "is_gradient_checkpointing", False):  # its recompute runs outside
         yield False
         return
-    last.__dict__[_ROWS] = rows
+    last.__dict__[_ROWS] = (rows, tokens)
     try:
         yield True
     finally:
