@@ -459,7 +459,7 @@ def test_cpu_bf16_run_pages_out_the_mapped_fp32_weights_and_trains_the_same(run_
     advised: list[tuple[torch.Tensor, int]] = []
     monkeypatch.setattr(lorakit.memory, "MIN_BYTES", 0)
     monkeypatch.setattr(lorakit.kernels.cast, "page_out",
-                        lambda t: advised.append((t, lorakit.memory.page_out(t))) or advised[-1][1])
+                        lambda t, maps: advised.append((t, lorakit.memory.page_out(t, maps))) or advised[-1][1])
 
     def run(release: bool, out: str) -> tuple[dict, Trainer]:
         cfg = build_config(run_config(train={"epochs": 1, "bf16": True, "save_steps": 0}, eval={"steps": 0},

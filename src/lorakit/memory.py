@@ -25,7 +25,10 @@ _PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 MIN_BYTES = 1 << 20  # smaller tensors are not worth a system call
 
 
-def _file_mappings() -> tuple[list[int], list[int]]:
+Mappings = tuple[list[int], list[int]]
+
+
+def file_mappings() -> Mappings:
     """Sorted (starts, ends) of this process's private file-backed mappings (``/proc/self/maps``)."""
     starts: list[int] = []
     ends: list[int] = []
@@ -41,23 +44,26 @@ def _file_mappings() -> tuple[list[int], list[int]]:
     return starts, ends
 
 
-def file_backed(t: torch.Tensor) -> bool:
-    """Whether all of ``t``'s bytes lie in one private file mapping (a memory-mapped checkpoint)."""
+def file_backed(t: torch.Tensor, mappings: Mappings | None = None) -> bool:
+    """Whether all of ``t``'s bytes lie in one private file mapping (a memory-mapped checkpoint);
+    ``mappings``: a ``file_mappings()`` taken earlier (reading them costs ~1 ms)."""
     if t.device.type != "cpu" or not sys.platform.startswith("linux"):
         return False
     lo = t.data_ptr()
     hi = lo + t.numel() * t.element_size()
-    starts, ends = _file_mappings()
+    starts, ends = file_mappings() if mappings is None else mappings
     i = bisect.bisect_right(starts, lo) - 1
     return i >= 0 and hi <= ends[i]
 
 
-def page_out(t: torch.Tensor) -> int:
+def page_out(t: torch.Tensor, mappings: Mappings | None = None) -> int:
     """Ask the kernel to reclaim the whole pages of ``t`` when ``t`` is a view of a memory-mapped
     file and at least ``MIN_BYTES``; returns the bytes advised (0 where nothing was done). The
-    values stay readable: they come back from the file on the next read."""
+    values stay readable: they come back from the file on the next read. (With stale ``mappings``
+    the worst case is advice on memory that is no longer the file's, which the kernel honours
+    without changing a value: anonymous pages go to swap, if any.)"""
     nbytes = t.numel() * t.element_size()
-    if nbytes < MIN_BYTES or not file_backed(t):
+    if nbytes < MIN_BYTES or not file_backed(t, mappings):
         return 0
     start = -(-t.data_ptr() // _PAGE) * _PAGE
     length = (t.data_ptr() + nbytes) // _PAGE * _PAGE - start

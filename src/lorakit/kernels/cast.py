@@ -20,11 +20,11 @@ from contextlib import contextmanager
 
 import torch
 
-from lorakit.memory import page_out
+from lorakit.memory import Mappings, file_mappings, page_out
 
 _Entry = tuple["weakref.ref[torch.Tensor]", int, int, torch.Tensor]
 _cache: dict[tuple[int, torch.dtype], _Entry] | None = None
-_page_out = False
+_page_out: list[Mappings] | None = None  # inside cached_casts(release=True): [] or [file mappings]
 
 
 def cast_frozen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -38,8 +38,10 @@ def cast_frozen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return hit[3]
     out = t.to(dtype)
     _cache[key] = (weakref.ref(t), t._version, t.data_ptr(), out)
-    if _page_out and out.element_size() < t.element_size():
-        page_out(t)  # a memory-mapped original is not read again while the copy serves
+    if _page_out is not None and out.element_size() < t.element_size():
+        if not _page_out:  # the process's file mappings, read once per block
+            _page_out.append(file_mappings())
+        page_out(t, _page_out[0])  # a memory-mapped original is not read again while the copy serves
     return out
 
 
@@ -53,8 +55,8 @@ def cached_casts(release: bool = False) -> Iterator[None]:
     if _cache is not None:
         yield
         return
-    _cache, _page_out = {}, release
+    _cache, _page_out = {}, [] if release else None
     try:
         yield
     finally:
-        _cache, _page_out = None, False
+        _cache, _page_out = None, None
