@@ -4,7 +4,8 @@ Same model, same bundled data (its real length distribution), same LoRA config (
 all linear layers, no dropout), same batch, optimizer steps, lr schedule and seed. PEFT is set up as
 its documentation does it: ``get_peft_model`` + ``Trainer`` with a dynamic-padding collator. Each
 side runs in its own subprocess so that peak memory (RSS on CPU, ``max_memory_allocated`` on GPU)
-is its own. Wall time is each side's training loop (lorakit's ``train_s``; the Trainer's
+is its own; on Linux CPUs also the peak of its anonymous part (heap and tensors, without memory-
+mapped files such as the checkpoint's weights), sampled every 5 ms. Wall time is each side's training loop (lorakit's ``train_s``; the Trainer's
 ``on_train_begin`` to ``on_train_end``): model loading, tokenization and lorakit's closing save,
 loss plot and model card are outside it on both sides. ``--padded`` instead feeds both sides
 identical pre-padded batches in a plain loop (forward, backward, AdamW) so that only the per-token
@@ -72,6 +73,27 @@ def peak_memory() -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def anonymous_peak() -> dict[str, int]:
+    """On Linux CPUs: a thread sampling this process's anonymous resident memory (``RssAnon``: heap
+    and tensors, not memory-mapped files such as a checkpoint's weights) every 5 ms; the dict it
+    returns holds the peak so far under "bytes". Empty elsewhere."""
+    import threading
+
+    peak: dict[str, int] = {}
+    if torch.cuda.is_available() or not Path("/proc/self/status").exists():
+        return peak
+
+    def sample() -> None:
+        while True:
+            with open("/proc/self/status") as status:
+                kib = next(int(x.split()[1]) for x in status if x.startswith("RssAnon:"))
+            peak["bytes"] = max(peak.get("bytes", 0), kib * 1024)
+            time.sleep(0.005)
+
+    threading.Thread(target=sample, daemon=True).start()
+    return peak
 
 
 def examples(path: str, n: int) -> tuple[Any, list[Any]]:
@@ -201,6 +223,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
 
 def child(args: argparse.Namespace) -> None:
     path = model_dir(args.model, args.tokenizer)
+    anon = anonymous_peak()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     if args.padded:
@@ -208,6 +231,8 @@ def child(args: argparse.Namespace) -> None:
     else:
         result = run_lorakit(args, path) if args.side == "lorakit" else run_peft(args, path)
     result["peak_memory_bytes"] = peak_memory()
+    if anon:
+        result["peak_anon_bytes"] = anon["bytes"]
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -241,7 +266,8 @@ def main() -> None:
     # each side: the median of its runs (throughput and wall time; the largest peak memory)
     p, o = ({**rs[0], "tokens_per_s": statistics.median(r["tokens_per_s"] for r in rs),
              "wall_s": statistics.median(r["wall_s"] for r in rs),
-             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rs)} for rs in (runs["peft"], runs["lorakit"]))
+             "peak_memory_bytes": max(r["peak_memory_bytes"] for r in rs),
+             "peak_anon_bytes": max(r.get("peak_anon_bytes", 0) for r in rs)} for rs in (runs["peft"], runs["lorakit"]))
     pairs = [lo["tokens_per_s"] / pe["tokens_per_s"] for pe, lo in zip(runs["peft"], runs["lorakit"], strict=True)]
     cuda = torch.cuda.is_available()
     mem = "max_memory_allocated" if cuda else "peak RSS"
@@ -252,17 +278,21 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     from results import append_entry, machine
 
+    anon = bool(p["peak_anon_bytes"] and o["peak_anon_bytes"])
     lines = [f"## {time.strftime('%Y-%m-%d')} — training, lorakit vs PEFT + Trainer ({variant}), {args.model} on {machine()}",
              "", f"`python benchmarks/train_vs_peft.py --model {args.model} --steps {args.steps}"
              f"{' --padded' if args.padded else ''}{' --bf16' if args.bf16 else ''}`: batch {args.batch}, r=16, "
              f"alpha=32, all linear layers, lr {args.lr}, {'bf16 autocast' if bf16(args) else 'fp32'}; torch {torch.__version__}, transformers "
              f"{transformers.__version__}, peft {peft.__version__}.", "",
-             f"| side | supervised tokens/s | wall s | {mem} | final train loss |", "|---|---|---|---|---|"]
+             f"| side | supervised tokens/s | wall s | {mem} |{' of it anonymous (peak) |' if anon else ''} "
+             f"final train loss |", "|---|---|---|---|---|" + ("---|" if anon else "")]
     for side, r in (("PEFT + Trainer" if not args.padded else "PEFT", p), ("lorakit", o)):
         lines.append(f"| {side} | {r['tokens_per_s']:.1f} | {r['wall_s']:.1f} | "
-                     f"{r['peak_memory_bytes'] / 2**30:.2f} GiB | {r['final_loss']:.4f} |")
+                     f"{r['peak_memory_bytes'] / 2**30:.2f} GiB |"
+                     + (f" {r['peak_anon_bytes'] / 2**30:.2f} GiB |" if anon else "") + f" {r['final_loss']:.4f} |")
     lines += ["", f"lorakit / PEFT: throughput {o['tokens_per_s'] / p['tokens_per_s']:.2f}×, peak memory "
                   f"{o['peak_memory_bytes'] / p['peak_memory_bytes']:.2f}×"
+                  + (f" (anonymous {o['peak_anon_bytes'] / p['peak_anon_bytes']:.2f}×)" if anon else "")
                   + (f" ({args.repeats} runs a side in ABBA order: median throughput, largest peak memory; "
                      f"each pair's throughput ratio: "
                      f"{', '.join(f'{x:.2f}×' for x in pairs)})" if args.repeats > 1 else "") + ".", ""]
