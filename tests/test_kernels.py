@@ -524,7 +524,8 @@ def test_last_mlp_runs_only_at_supervised_rows_with_the_same_loss_and_gradients(
         torch.testing.assert_close(grads[k], v, atol=1e-12, rtol=0, msg=k)
     # a body that sees another token count than the labels (a model adding tokens of its own) runs whole
     rows.clear()
-    with fused_mlp(model), lorakit.mlp.mlp_rows(model, torch.tensor([0, 1]), tokens + 1) as applies:
+    longer = torch.zeros(batch["input_ids"].shape[0], batch["input_ids"].shape[1], dtype=torch.bool)  # one more column
+    with fused_mlp(model), lorakit.mlp.mlp_rows(model, longer) as applies:
         assert applies
         with padding_free(model) if flat else contextlib.nullcontext(), torch.no_grad():
             model.model(**{k: v for k, v in batch.items() if k != "labels"})

@@ -61,3 +61,13 @@ def test_page_out_leaves_other_memory_alone():
     assert not file_backed(anon) and page_out(anon) == 0 and page_out(anon, file_mappings()) == 0
     small = torch.from_numpy(np.zeros(16, dtype=np.float32))
     assert page_out(small) == 0
+
+
+def test_off_linux_there_are_no_file_mappings_and_nothing_is_paged_out(mapped, monkeypatch):
+    """Where /proc/self/maps does not exist (macOS, Windows) the cast cache's release is a no-op."""
+    import lorakit.memory
+
+    t, values = mapped
+    monkeypatch.setattr(lorakit.memory.sys, "platform", "darwin")
+    assert file_mappings() == ([], []) and not file_backed(t) and page_out(t) == 0
+    assert torch.equal(t, values)

@@ -58,9 +58,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any], whole: bool = False)
         logits = model(**inputs, use_cache=False).logits[:, :-1][mask]  # (N, V)
     else:
         body, head = parts
-        width = labels.shape[1]
-        b, t = mask.nonzero(as_tuple=True)
-        with mlp_rows(model, b * width + t, labels.numel()):  # the last MLP only where the loss reads (exact)
+        with mlp_rows(model, mask):  # the last MLP only where the loss reads (exact)
             hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
         if type(head) is nn.Linear:
             return linear_cross_entropy(hidden[mask], head.weight, head.bias, targets[mask]), n

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import bisect
 import ctypes
+import functools
 import os
 import sys
+from typing import Any
 
 import torch
 
@@ -28,10 +30,22 @@ MIN_BYTES = 1 << 20  # smaller tensors are not worth a system call
 Mappings = tuple[list[int], list[int]]
 
 
+@functools.cache
+def libc() -> Any:
+    """The C library's symbols (``malloc_trim``, ``mallopt``, ``madvise``) through ctypes, or None."""
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
 def file_mappings() -> Mappings:
-    """Sorted (starts, ends) of this process's private file-backed mappings (``/proc/self/maps``)."""
+    """Sorted (starts, ends) of this process's private file-backed mappings (``/proc/self/maps``;
+    none where there is no such file, as off Linux)."""
     starts: list[int] = []
     ends: list[int] = []
+    if not sys.platform.startswith("linux") or not os.path.exists("/proc/self/maps"):
+        return starts, ends
     with open("/proc/self/maps") as maps:
         for line in maps:
             fields = line.split(maxsplit=5)
@@ -67,9 +81,7 @@ def page_out(t: torch.Tensor, mappings: Mappings | None = None) -> int:
         return 0
     start = -(-t.data_ptr() // _PAGE) * _PAGE
     length = (t.data_ptr() + nbytes) // _PAGE * _PAGE - start
-    try:
-        madvise = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
+    madvise = getattr(libc(), "madvise", None)
+    if madvise is None or length <= 0:
         return 0
-    madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    return length if length > 0 and madvise(start, length, _MADV_PAGEOUT) == 0 else 0
+    return length if madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_PAGEOUT) == 0 else 0

@@ -99,11 +99,11 @@ def _last_layer_mlp(model: nn.Module) -> nn.Module | None:
 
 
 @contextmanager
-def mlp_rows(model: nn.Module, rows: torch.Tensor | None, tokens: int) -> Iterator[bool]:
-    """Within the block, the last decoder layer's MLP (inside ``fused_mlp``) runs only on the token
-    rows ``rows`` (indices into the flattened B·T = ``tokens`` tokens) and gives 0 elsewhere;
-    yields whether it applies. (An input of another token count, which a model that adds tokens of
-    its own would give, runs whole.)
+def mlp_rows(model: nn.Module, read: torch.Tensor) -> Iterator[bool]:
+    """Within the block, the last decoder layer's MLP (inside ``fused_mlp``) runs only at the
+    positions the loss reads, ``read`` (B, T-1) bool over a batch of B rows of T tokens (position t
+    predicts token t+1), and gives 0 elsewhere; yields whether it applies. (An input of another
+    token count than B·T, which a model that adds tokens of its own would give, runs whole.)
 
     After the last MLP nothing mixes tokens (the final norm and the head act per token), so when
     only the hidden states at ``rows`` are read, as the loss at supervised positions reads them,
@@ -111,11 +111,13 @@ def mlp_rows(model: nn.Module, rows: torch.Tensor | None, tokens: int) -> Iterat
     done. The hidden states at ``rows`` and every gradient are those of the full computation;
     the other rows' final hidden states are not (do not read them). Not under gradient
     checkpointing, whose recomputation in the backward pass must see the same rows."""
-    last = model.__dict__.get(_LAST) if rows is not None else None
+    last = model.__dict__.get(_LAST)
     if last is None or getattr(model, "is_gradient_checkpointing", False):  # its recompute runs outside
         yield False
         return
-    last.__dict__[_ROWS] = (rows, tokens)
+    b, t = read.nonzero(as_tuple=True)
+    width = read.shape[1] + 1
+    last.__dict__[_ROWS] = (b * width + t, read.shape[0] * width)  # flat token indices, token count
     try:
         yield True
     finally:

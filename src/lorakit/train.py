@@ -55,6 +55,7 @@ from lorakit.inject import count_parameters, get_lora_model
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.kernels.cast import cached_casts
 from lorakit.loss import causal_lm_loss
+from lorakit.memory import libc as c_library
 from lorakit.mlp import fused_mlp
 from lorakit.models import empty_model, load_model
 from lorakit.norm import fused_norms
@@ -121,16 +122,13 @@ def keep_freed_memory(environ: Any = None, libc: Any = None) -> bool:
     Measured on the demo's data (2-core AVX-512, lorakit's side of train_vs_peft): 7-9% faster fp32
     training, peak RSS +0.01-0.02 GiB. Returns whether it was applied: not where the user set ``MALLOC_*`` variables
     or ``LORAKIT_KEEP_FREED=0``, nor without glibc."""
-    import ctypes
     import os
 
     environ = os.environ if environ is None else environ
     if environ.get("LORAKIT_KEEP_FREED", "1") == "0" or any(k.startswith("MALLOC_") for k in environ):
         return False
-    try:
-        libc = ctypes.CDLL("libc.so.6") if libc is None else libc
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = getattr(c_library() if libc is None else libc, "mallopt", None)
+    if mallopt is None:
         return False
     return bool(mallopt(_M_MMAP_THRESHOLD, 2**30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
@@ -139,14 +137,8 @@ def return_freed_memory(libc: Any = None) -> bool:
     """Give the heap's free memory back to the OS (glibc ``malloc_trim(0)``): what
     ``keep_freed_memory`` kept for the training steps' reuse, once they are over. Returns whether
     glibc released anything."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6") if libc is None else libc
-        trim = libc.malloc_trim
-    except (OSError, AttributeError):
-        return False
-    return bool(trim(0))
+    trim = getattr(c_library() if libc is None else libc, "malloc_trim", None)
+    return trim is not None and bool(trim(0))
 
 
 def resolve_bf16(setting: bool | str, device: torch.device) -> bool:

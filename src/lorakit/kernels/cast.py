@@ -24,7 +24,7 @@ from lorakit.memory import Mappings, file_mappings, page_out
 
 _Entry = tuple["weakref.ref[torch.Tensor]", int, int, torch.Tensor]
 _cache: dict[tuple[int, torch.dtype], _Entry] | None = None
-_page_out: list[Mappings] | None = None  # inside cached_casts(release=True): [] or [file mappings]
+_mappings: Mappings | None = None  # inside cached_casts(release=True): the file mappings at its start
 
 
 def cast_frozen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -38,10 +38,8 @@ def cast_frozen(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return hit[3]
     out = t.to(dtype)
     _cache[key] = (weakref.ref(t), t._version, t.data_ptr(), out)
-    if _page_out is not None and out.element_size() < t.element_size():
-        if not _page_out:  # the process's file mappings, read once per block
-            _page_out.append(file_mappings())
-        page_out(t, _page_out[0])  # a memory-mapped original is not read again while the copy serves
+    if _mappings is not None and out.element_size() < t.element_size():
+        page_out(t, _mappings)  # a memory-mapped original is not read again while the copy serves
     return out
 
 
@@ -51,12 +49,12 @@ def cached_casts(release: bool = False) -> Iterator[None]:
     the outer block's cache). With ``release``, an original that is a view of a memory-mapped
     checkpoint is paged out once its narrower copy is made (``memory.page_out``): a bf16 run on
     a CPU then holds its frozen weights once, in bf16, rather than in both dtypes."""
-    global _cache, _page_out
+    global _cache, _mappings
     if _cache is not None:
         yield
         return
-    _cache, _page_out = {}, [] if release else None
+    _cache, _mappings = {}, file_mappings() if release else None  # read once: the model is loaded
     try:
         yield
     finally:
-        _cache, _page_out = None, None
+        _cache, _mappings = None, None
