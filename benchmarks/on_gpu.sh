@@ -2,6 +2,7 @@
 # Every GPU measurement issue 7 asks for, in two calls of the `device` tool's run (H100 or H200),
 # each with carry [".gpu"] and one of these commands (each fits the tool's 10 minutes a call):
 #
+#   bash benchmarks/on_gpu.sh prepare   # first, HERE (not on the device): writes .gpu/tok (git-ignored)
 #   bash benchmarks/on_gpu.sh train     # train_vs_peft.py: each side's own trainer (2 ABBA pairs), then padded
 #   bash benchmarks/on_gpu.sh serve     # multi_adapter.py: PyTorch and Triton mixed-batch kernels vs PEFT;
 #                                       # engine_cache.py: the serving engine's in-place KV cache
@@ -13,7 +14,16 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
 out=${OUT:-/tmp}
-case "${1:-}" in train|serve) ;; *) echo "usage: bash benchmarks/on_gpu.sh train|serve" >&2; exit 2 ;; esac
+case "${1:-}" in prepare|train|serve) ;; *) echo "usage: bash benchmarks/on_gpu.sh prepare|train|serve" >&2; exit 2 ;; esac
+if [ "$1" = prepare ]; then  # the embedded model's tokenizer, saved where the device calls carry it from
+  "${PYTHON:-.venv/bin/python}" -c "
+from transformers import AutoTokenizer
+from lorakit.models import ensure_converted
+AutoTokenizer.from_pretrained(ensure_converted('smollm2-135m-instruct')).save_pretrained('.gpu/tok')"
+  ls .gpu/tok
+  exit 0
+fi
+[ -f .gpu/tok/tokenizer.json ] || { echo "no .gpu/tok: run 'bash benchmarks/on_gpu.sh prepare' here, then carry .gpu" >&2; exit 2; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 case "$1" in
   train)

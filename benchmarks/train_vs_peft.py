@@ -215,7 +215,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            tokens, loss_value = tokens + n, float(loss)
+            tokens, loss_value = tokens + n, float(loss.detach())
     if cuda:
         torch.cuda.synchronize()
     return {"wall_s": time.perf_counter() - start, "supervised_tokens": tokens, "final_loss": loss_value}
