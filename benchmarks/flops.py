@@ -13,6 +13,8 @@ FLOPs are counted by ``torch.utils.flop_counter`` on one step of each side (matr
 ``mm``, ``addmm``, ``addmm_``, ``bmm``; attention scores on the CPU are not counted, a small share
 at these lengths). "useful GFLOP/s" divides lorakit's count, the work the step needs, by each
 side's time, so it compares the two directly; "% of peak" is each side's own count over its time.
+A second table splits one profiled lorakit step into its parts (frozen projections, rank-r
+products, output head, attention, the rest) with each matmul part's GFLOP/s.
 
     python benchmarks/flops.py [--steps 4] [--rounds 3]
 """
@@ -54,6 +56,51 @@ def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 8) -
         sync()
         best = min(best, time.perf_counter() - t)
     return 2 * n**3 / best / 1e9
+
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
+
+
+def _matmul_flops(name: str, shapes: list[Any]) -> int:
+    """FLOPs of one mm/addmm/addmm_/bmm call from its recorded input shapes."""
+    a, b = (shapes[1], shapes[2]) if name != "aten::mm" and name != "aten::bmm" else (shapes[0], shapes[1])
+    return 2 * a[-2] * a[-1] * b[-1] * (a[0] if len(a) == 3 else 1)
+
+
+def breakdown(step: Any, rank: int, vocab: int, cuda: bool) -> list[tuple[str, float, float]]:
+    """Where one step's time goes: (part, ms, GFLOP) for the frozen projections' matmuls, the rank-r
+    products, the output head and cross-entropy, attention, and everything else, from the self
+    times of a ``torch.profiler`` trace (device time on a GPU). An op inside lorakit's attention or
+    cross-entropy node (forward or backward) belongs to that part; other matmuls are told apart by
+    shape: a rank-r side is LoRA, a vocabulary-sized (or ``VOCAB_BLOCK``) side is the head."""
+    from lorakit.kernels.cross_entropy import VOCAB_BLOCK
+
+    with torch.profiler.profile(record_shapes=True) as prof:
+        step()
+        sync()
+    head, attention, lora, frozen = ("output head + cross-entropy", "attention", "LoRA rank-r products",
+                                     "frozen projections (matmuls)")
+    rest = "the rest: norms, rotary, SiLU, residuals, copies, autograd"
+    parts: dict[str, list[float]] = {k: [0.0, 0.0] for k in (frozen, lora, head, attention, rest)}
+    for e in prof.events():
+        ms = (getattr(e, "self_device_time_total", 0) if cuda else e.self_cpu_time_total) / 1e3
+        names, parent = [], e
+        while parent is not None:
+            names.append(parent.name)
+            parent = parent.cpu_parent
+        dims = {d for shape in e.input_shapes or [] for d in (shape or []) if isinstance(d, int)}
+        gflop = _matmul_flops(e.name, e.input_shapes) / 1e9 if e.name in MATMULS else 0.0
+        if any("Segments" in n or "scaled_dot_product" in n for n in names):
+            part = attention
+        elif any("CrossEntropy" in n for n in names) or (gflop and dims & {vocab, VOCAB_BLOCK}):
+            part = head
+        elif gflop:
+            part = lora if rank in dims else frozen
+        else:
+            part = rest
+        parts[part][0] += ms
+        parts[part][1] += gflop
+    return [(k, ms, gflop) for k, (ms, gflop) in parts.items()]
 
 
 def main() -> None:
@@ -130,7 +177,16 @@ def main() -> None:
     ceiling = (f"At the matmul peak lorakit's step would take {floor:.2f} s: the most it can be ahead of PEFT's "
                f"measured step on these FLOPs is {statistics.median(times['PEFT']) / floor:.2f}× "
                f"(now {statistics.median(times['PEFT']) / statistics.median(times['lorakit']):.2f}×).")
-    table = "\n".join(lines) + "\n\n" + ceiling
+    parts = breakdown(lambda: step_ours(steps[1]), lora["r"], ours.config.vocab_size, cuda)
+    total = sum(ms for _, ms, _ in parts)
+    rows = ["| part of lorakit's step | ms | share | GFLOP | GFLOP/s | % of matmul peak |", "|---|---|---|---|---|---|"]
+    for part, ms, gflop in parts:
+        rate = f"{gflop / ms * 1e3:.0f} | {100 * gflop / ms * 1e3 / best_peak:.0f}%" if gflop else "– | –"
+        rows.append(f"| {part} | {ms:.0f} | {100 * ms / total:.1f}% | {gflop:.1f} | {rate} |" if gflop else
+                    f"| {part} | {ms:.0f} | {100 * ms / total:.1f}% | – | {rate} |")
+    where = (f"Where one lorakit step goes (`torch.profiler`, {'device' if cuda else 'self CPU'} time of one step, "
+             f"{total:.0f} ms with the profiler on):\n\n" + "\n".join(rows))
+    table = "\n".join(lines) + "\n\n" + ceiling + "\n\n" + where
     print(f"matmul peak: {best_peak:.1f} GFLOP/s ({dtype})")
     print(table)
     if not args.no_save:
