@@ -86,7 +86,10 @@ def test_file_types_and_directory(tmp_path):
 def test_malformed_json_line_names_file_and_line(tmp_path, tokenizer):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "ok"}\n\n{"text": "broken}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl:3: invalid JSON"):
+    with pytest.raises(DataError, match=r"bad\.jsonl:3: invalid JSON \(Unterminated string .* at column 10\)"):
+        load_examples(path, tokenizer, DataOptions())
+    path.write_text('{"prompt": "a", "completion": \r\n')  # cut off: the column is where the value is missing
+    with pytest.raises(DataError, match=r"bad\.jsonl:1: invalid JSON \(Expecting value at column 31\)"):
         load_examples(path, tokenizer, DataOptions())
 
 

@@ -97,7 +97,7 @@ def _read_jsonl(path: Path) -> Iterator[Row]:
             if not line.strip():
                 continue
             try:
-                yield Row(json.loads(line), f"{path}:{lineno}")
+                yield Row(json.loads(line.rstrip("\r\n")), f"{path}:{lineno}")  # columns within the line
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
 
