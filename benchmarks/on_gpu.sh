@@ -4,6 +4,8 @@
 #
 #   bash benchmarks/on_gpu.sh prepare   # first, HERE (not on the device): writes .gpu/tok (git-ignored)
 #   bash benchmarks/on_gpu.sh train     # train_vs_peft.py: each side's own trainer (2 ABBA pairs), then padded
+#   bash benchmarks/on_gpu.sh train 32  # the same at batch 32 (saved_memory.py predicts 0.48x PEFT's peak
+#                                       # there, 0.74x at batch 8, where the 1.2 B model's weights dominate)
 #   bash benchmarks/on_gpu.sh serve     # multi_adapter.py: PyTorch and Triton mixed-batch kernels vs PEFT;
 #                                       # engine_cache.py: the serving engine's in-place KV cache
 #
@@ -27,10 +29,11 @@ fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/device.txt"
 case "$1" in
   train)
-    python3 benchmarks/train_vs_peft.py --model random-1b --tokenizer .gpu/tok --steps 40 --repeats 2 --no-save \
-      | tee "$out/train_vs_peft.txt"
-    python3 benchmarks/train_vs_peft.py --model random-1b --tokenizer .gpu/tok --steps 40 --padded --no-save \
-      | tee "$out/train_vs_peft_padded.txt"
+    batch=${2:-8}
+    python3 benchmarks/train_vs_peft.py --model random-1b --tokenizer .gpu/tok --steps 40 --batch "$batch" \
+      --repeats 2 --no-save | tee "$out/train_vs_peft_b$batch.txt"
+    python3 benchmarks/train_vs_peft.py --model random-1b --tokenizer .gpu/tok --steps 40 --batch "$batch" \
+      --padded --no-save | tee "$out/train_vs_peft_padded_b$batch.txt"
     ;;
   serve)
     python3 benchmarks/multi_adapter.py --model random-1b --repeat 20 --no-save | tee "$out/multi_adapter.txt"

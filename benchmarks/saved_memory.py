@@ -137,7 +137,7 @@ def main() -> None:
     real = sum(len(e.input_ids) for r in rows for e in r)
     lines = [f"## saved_memory.py — {time.strftime('%Y-%m-%d')}, {args.shape} Llama shape, "
              f"{'bf16 weights, bf16 autocast' if dtype == torch.bfloat16 else 'fp32'}, torch {torch.__version__}", "",
-             f"`python benchmarks/saved_memory.py --shape {args.shape}`: one forward of a batch of {args.batch} "
+             f"`python benchmarks/saved_memory.py --shape {args.shape}{f' --batch {args.batch}' if args.batch != 8 else ''}`: one forward of a batch of {args.batch} "
              f"bundled rows ({real} real tokens), r=16 on all linear layers; tensors saved for backward counted "
              f"once per storage (weights excluded) at 2 and 4 layers, extrapolated to {depth}. Predicted peak = "
              f"weights ({weights / gib:.2f} GiB) + adapters with gradients and AdamW state "

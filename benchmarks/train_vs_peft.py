@@ -281,6 +281,7 @@ def main() -> None:
     anon = bool(p["peak_anon_bytes"] and o["peak_anon_bytes"])
     lines = [f"## {time.strftime('%Y-%m-%d')} — training, lorakit vs PEFT + Trainer ({variant}), {args.model} on {machine()}",
              "", f"`python benchmarks/train_vs_peft.py --model {args.model} --steps {args.steps}"
+             f"{f' --batch {args.batch}' if args.batch != 8 else ''}{f' --repeats {args.repeats}' if args.repeats > 1 else ''}"
              f"{' --padded' if args.padded else ''}{' --bf16' if args.bf16 else ''}`: batch {args.batch}, r=16, "
              f"alpha=32, all linear layers, lr {args.lr}, {'bf16 autocast' if bf16(args) else 'fp32'}; torch {torch.__version__}, transformers "
              f"{transformers.__version__}, peft {peft.__version__}.", "",
