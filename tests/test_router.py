@@ -12,7 +12,7 @@ from conftest import randomize_adapters, write_jsonl
 from lorakit import LoraConfig, add_adapter, combine_adapters, save_adapter, set_adapter
 from lorakit.layers import lora_layers
 from lorakit.models import load_model
-from lorakit.router import RouterError, add_router, load_router, save_router
+from lorakit.router import RouterError, add_router, load_router, remove_router, save_router
 from lorakit.train import train
 from lorakit.train_config import ConfigError, build_config
 from test_train import rows
@@ -55,6 +55,12 @@ def test_untrained_router_averages_and_a_saturated_gate_picks_one_adapter(two):
             if "lora_router" in layer._modules:
                 layer.lora_router.bias.copy_(torch.tensor([-60.0, 60.0]))  # softmax = (0, 1)
     torch.testing.assert_close(logits(model, ids), logits(only_b, ids), atol=1e-5, rtol=0)
+    remove_router(model)  # back to plain adapters: the active one alone decides again
+    assert not any("lora_router" in n for n, _ in model.named_modules())
+    set_adapter(model, "a")
+    only_a = copy.deepcopy(only_b)
+    set_adapter(only_a, "a")
+    torch.testing.assert_close(logits(model, ids), logits(only_a, ids), atol=0, rtol=0)
 
 
 def test_router_trains_saves_and_loads(two, tiny_model_dir):

@@ -295,10 +295,6 @@ def _local_rows(name: str, param: torch.Tensor) -> tuple[int, int]:
     return start, min(rows, start + step)
 
 
-def unwrap(wrapped: nn.Module) -> nn.Module:
-    return getattr(wrapped, "module", wrapped)
-
-
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     """The torchrun command line that runs ``lorakit train`` with ``argv`` on ``nproc`` local ranks."""
     import sys

@@ -55,6 +55,7 @@ def add_router(model: nn.Module, adapters: list[str]) -> list[str]:
 
 
 def remove_router(model: nn.Module) -> None:
+    """Take the gates off: the adapters stay, and the active one applies alone again."""
     for _, layer in lora_layers(model):
         if "lora_router" in layer._modules:
             del layer._modules["lora_router"]
