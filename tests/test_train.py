@@ -180,7 +180,7 @@ def test_half_written_checkpoint_is_never_picked(run_config, tmp_path):
     (ckpts / "checkpoint-999" / "adapter_model.safetensors").write_bytes(b"garbage")
     assert complete_checkpoints(ckpts)[-1].name == "checkpoint-6"
     result = train(cfg, progress=False)  # resume=auto picks checkpoint-6 (the end): nothing left to do
-    assert result.steps == 6
+    assert result.steps == 6 and result.resumed_from == 6
 
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(run_config, monkeypatch):
@@ -216,11 +216,11 @@ def test_ctrl_c_saves_a_resumable_checkpoint(run_config, monkeypatch, tmp_path):
 
     monkeypatch.setattr(train_module, "causal_lm_loss", interrupt)
     result = train(cfg, progress=False)
-    assert result.interrupted and result.steps == 3
+    assert result.interrupted and result.steps == 3 and result.resumed_from == 0
     assert [p.name for p in complete_checkpoints(result.output_dir / "checkpoints")] == ["checkpoint-3"]
     monkeypatch.setattr(train_module, "causal_lm_loss", real)
     resumed = train(cfg, progress=False)
-    assert resumed.steps == 6
+    assert resumed.steps == 6 and resumed.resumed_from == 3
     assert_identical(adapter_tensors(resumed.output_dir), adapter_tensors(reference.output_dir))
 
 
@@ -481,3 +481,18 @@ def test_cpu_bf16_run_pages_out_the_mapped_fp32_weights_and_trains_the_same(run_
     kept, _ = run(False, "kept")
     assert all(n == 0 for _, n in advised[n_before:])
     assert_identical(released, kept)
+
+
+def test_cli_train_reports_what_ran_also_when_the_run_was_already_finished(run_config, tmp_path, capsys):
+    from lorakit.cli import main
+
+    cfg = run_config(train={"epochs": 1, "save_steps": 3}, eval={"steps": 0})
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0
+    first = capsys.readouterr().out
+    assert "trained 6 steps in " in first and "final train loss " in first
+    assert main(["train", str(tmp_path / "run.yaml")]) == 0  # resumes at its end: nothing to train
+    again = capsys.readouterr().out
+    assert "already held the finished run (6 steps): evaluated it again" in again and "trained" not in again
+    assert main(["train", str(tmp_path / "run.yaml"), "train.epochs=2"]) == 0  # extended: the second epoch trains
+    assert "trained 6 steps (resumed at step 6) in " in capsys.readouterr().out

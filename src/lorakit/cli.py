@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from lorakit.errors import LorakitError
 from lorakit.models import DEFAULT_MODEL
@@ -72,14 +73,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return 130
     after = generate_answers(trainer.model, trainer.tokenizer, [sample.prompt], max_new_tokens=48)[0]
     out = result.output_dir
-    print(f"\ntrained {result.steps} steps in {result.train_s / 60:.1f} min (then {result.elapsed_s - result.train_s:.0f} s "
-          f"of evaluation); trainable "
-          f"{100 * result.trainable_params / result.total_params:.2f}% of {result.total_params:,d} parameters")
+    print(f"\n{run_summary(result)}")
     print(f"exact match: base {100 * base_em:.1f}% -> LoRA {100 * result.metrics.get('exact_match', 0.0):.1f}%")
     print(f"adapter: {out}/adapter_model.safetensors  metrics: {out}/metrics.jsonl  plot: {out}/loss.png")
     print(f"\nsample ({sample.source})\n  expected: {sample.reference}\n  before:   {before.strip()}\n"
           f"  after:    {after.strip()}")
     return 0
+
+
+def run_summary(result: Any) -> str:
+    """One line on what ``trainer.run()`` did: the steps trained in this process, or that the output
+    directory already held the finished run (resumed at its end: only evaluated again)."""
+    if result.resumed_from >= result.steps:
+        return (f"{result.output_dir} already held the finished run ({result.steps} steps): evaluated it again in "
+                f"{result.elapsed_s:.0f} s; delete it or add train.resume=never to train from scratch")
+    loss = f", final train loss {result.train_loss:.4f}" if result.train_loss is not None else ""
+    return (f"trained {result.steps - result.resumed_from} steps"
+            + (f" (resumed at step {result.resumed_from})" if result.resumed_from else "")
+            + f" in {result.train_s / 60:.1f} min (then {result.elapsed_s - result.train_s:.0f} s of evaluation){loss}; "
+            f"trainable {100 * result.trainable_params / result.total_params:.2f}% of {result.total_params:,d} parameters")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -118,7 +130,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if os.environ.get("RANK", "0") != "0":
         return 0
-    print(f"done: {result.steps} steps in {result.elapsed_s:.0f}s, final train loss {result.train_loss:.4f}")
+    print(run_summary(result))
     for key, value in result.metrics.items():
         print(f"  {key}: {value:.4f}")
     out = result.output_dir

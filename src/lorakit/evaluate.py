@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.data import Example, collate
+from lorakit.attention import padding_free, supports_padding_free
+from lorakit.data import Example, collate, collate_flat
 from lorakit.loss import causal_lm_loss
 
 
@@ -25,17 +26,25 @@ def device_of(model: nn.Module) -> torch.device:
 
 @torch.no_grad()
 def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_size: int = 16,
-              autocast: Any = None) -> dict[str, float]:
-    """Mean cross-entropy over all supervised tokens of ``examples``, and its perplexity."""
+              autocast: Any = None, *, flat: bool | None = None, multiple: int = 1) -> dict[str, float]:
+    """Mean cross-entropy over all supervised tokens of ``examples``, and its perplexity.
+
+    ``flat`` (default: where the model supports it) runs each batch as training does, as one
+    padding-free row with the shared prefix stored once (``data.collate_flat``, its length rounded
+    up to a multiple of ``multiple``): the same loss as right-padded batches, in fewer FLOPs."""
     was_training = model.training
     model.eval()
     device = device_of(model)
+    flat = supports_padding_free(model) if flat is None else flat
     total, count = 0.0, 0
-    for k in range(0, len(examples), batch_size):
-        batch = {key: v.to(device) for key, v in collate([[e] for e in examples[k:k + batch_size]], pad_id).items()}
-        with autocast() if autocast else contextlib.nullcontext():
-            loss_sum, n = causal_lm_loss(model, batch)
-        total, count = total + float(loss_sum), count + n
+    with padding_free(model) if flat else contextlib.nullcontext():
+        for k in range(0, len(examples), batch_size):
+            rows = [[e] for e in examples[k:k + batch_size]]
+            raw = collate_flat(rows, multiple=multiple, pad_id=pad_id) if flat else collate(rows, pad_id)
+            batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in raw.items()}
+            with autocast() if autocast else contextlib.nullcontext():
+                loss_sum, n = causal_lm_loss(model, batch)
+            total, count = total + float(loss_sum), count + n
     model.train(was_training)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}

@@ -79,6 +79,7 @@ class TrainResult:
     total_params: int = 0
     interrupted: bool = False
     train_s: float = 0.0  # seconds in the training loop (this process), without loading and final eval
+    resumed_from: int = 0  # the step this process started at (0: a fresh run)
 
 
 def peak_memory_bytes(device: torch.device) -> int:
@@ -407,7 +408,8 @@ class Trainer:
         e = self.config.eval
         examples = self.eval_examples[: e.max_examples] if e.max_examples > 0 else self.eval_examples
         with cached_casts(release=self.device.type == "cpu"):
-            metrics = eval_loss(self.model, examples, self.tokenizer.pad_token_id, e.batch_size, self.autocast)
+            metrics = eval_loss(self.model, examples, self.tokenizer.pad_token_id, e.batch_size, self.autocast,
+                                flat=self.padding_free, multiple=self.flat_multiple)
         if e.generate:
             metrics["exact_match"], _ = exact_match(self.model, self.tokenizer, examples,
                                                     max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
@@ -417,6 +419,7 @@ class Trainer:
         cfg, t = self.config, self.config.train
         kept = self.device.type == "cpu" and keep_freed_memory()
         resumed = self._resume()
+        first_step = self.state.step
         main = self.world.main
         metrics = MetricsLog(self.out / "metrics.jsonl" if main else None, self.state.step if resumed else None,
                              t.tensorboard and main)
@@ -461,7 +464,7 @@ class Trainer:
             self._finish(metrics, final_eval, self.last_loss)
         metrics.close()
         return TrainResult(self.out, self.state.step, self.last_loss, final_eval, self.state.tokens,
-                           time.perf_counter() - start, self.trainable, self.total, interrupted, train_s)
+                           time.perf_counter() - start, self.trainable, self.total, interrupted, train_s, first_step)
 
     def _loop(self, metrics: MetricsLog, bar: Any) -> None:
         """Optimizer steps from the current state to ``total_steps``: log, eval and checkpoint on the way."""
