@@ -496,3 +496,8 @@ def test_cli_train_reports_what_ran_also_when_the_run_was_already_finished(run_c
     assert "already held the finished run (6 steps): evaluated it again" in again and "trained" not in again
     assert main(["train", str(tmp_path / "run.yaml"), "train.epochs=2"]) == 0  # extended: the second epoch trains
     assert "trained 6 steps (resumed at step 6) in " in capsys.readouterr().out
+    # on the 12-step schedule from step 6 on: its first step does not train at the 6-step schedule's final lr of 0
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
+    schedule = lorakit.train.lr_lambda("cosine", round(0.05 * 12), 12)
+    assert lrs[6] == pytest.approx(1e-2 * lorakit.train.lr_lambda("cosine", round(0.05 * 6), 6)(5))
+    assert [lrs[k] for k in range(7, 13)] == pytest.approx([1e-2 * schedule(k - 1) for k in range(7, 13)])

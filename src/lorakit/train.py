@@ -325,6 +325,12 @@ class Trainer:
                               f"{self.world.size}; resume with the same number of processes (the data order and "
                               f"global batch depend on it), or use a new output_dir")
         self.state = state
+        # the next step's lr from this run's schedule, as LambdaLR forms it: the same value for a plain resume;
+        # a finished run extended (more epochs or max_steps) continues on its new schedule, not at the old end's lr
+        sched = self.scheduler
+        sched._last_lr = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, sched._last_lr):
+            group["lr"] = lr
         self.log(f"resumed from {path} (step {state.step}, epoch {state.epoch})")
         return True
 
