@@ -7,6 +7,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import lorakit.kernels.cast
 import lorakit.layers
@@ -91,6 +92,27 @@ def test_linear_cross_entropy_matches_the_reference(bias, train_head, chunk_rows
     inputs = [t for t in (h, w, b) if t is not None and t.requires_grad]
     for u, v in zip(torch.autograd.grad(got * 0.37, inputs), torch.autograd.grad(want * 0.37, inputs)):
         torch.testing.assert_close(u, v, atol=1e-12, rtol=0)
+
+
+def test_linear_cross_entropy_under_autocast_keeps_fp32_logits():
+    """Under bf16 autocast with an fp32 head (a CPU model) the loss comes from fp32 logits, exact to
+    fp32 rounding where bf16 logits are off by far more; ∂loss/∂h is G W in bf16, as autocast runs it."""
+    g = torch.Generator().manual_seed(1)
+    h64 = torch.randn(24, 32, generator=g, dtype=torch.float64) * 2
+    w64 = torch.randn(300, 32, generator=g, dtype=torch.float64)
+    y = (h64 @ w64.T).argmax(1)  # confident and right, as a trained model mostly is: the case that needs it
+    want = cross_entropy.linear_cross_entropy_reference(h64.requires_grad_(), w64, None, y)
+    (want_grad,) = torch.autograd.grad(want, h64)
+    h = h64.detach().float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = cross_entropy.linear_cross_entropy(h, w64.float(), None, y)
+        bf16_logits = F.cross_entropy(h.detach() @ w64.float().T, y, reduction="sum")  # what autocast's head gives
+    assert got.dtype == torch.float32 and bf16_logits.dtype == torch.float32
+    loss, exact = float(got.detach()), float(want.detach())
+    assert abs(loss - exact) <= 1e-5 * exact
+    assert abs(float(bf16_logits) - exact) > 100 * abs(loss - exact)
+    (grad,) = torch.autograd.grad(got, h)
+    assert grad.dtype == torch.float32 and 1e-4 < _rel(grad, want_grad) < 2e-2  # bf16 product: rounded, not wrong
 
 
 def test_linear_cross_entropy_without_grad_keeps_nothing():
