@@ -70,6 +70,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             else weight.dtype
         acc = torch.promote_types(weight.dtype, torch.float32)  # softmax and sums: fp32, or fp64 for fp64 inputs
         h = hidden.to(weight.dtype)
+        w_grad = cast_frozen(weight, dtype) if need_h else None  # a frozen head's copy: once a run (cached_casts)
         loss = torch.zeros((), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
@@ -89,8 +90,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 continue
             gt = zt.div_(total)  # softmax, transposed
             gt[yc, cols] -= 1.0  # Gᵀ (V, c)
-            if need_h:  # a frozen head's copy in autocast's dtype: made once a run (cached_casts)
-                grad_h[start:start + step] = (gt.T.to(dtype) @ cast_frozen(weight, dtype)).to(hidden.dtype)
+            if need_h:
+                grad_h[start:start + step] = (gt.T.to(dtype) @ w_grad).to(hidden.dtype)
             if need_w:
                 grad_w.addmm_(gt, hc.to(acc))
             if need_b:
