@@ -68,6 +68,7 @@ def measure(side: str, layers: int, shape: str, rows: list[Any], pad: int, vocab
     from lorakit.data import collate, collate_flat
     from lorakit.loss import causal_lm_loss
     from lorakit.mlp import fused_mlp
+    from lorakit.models import enable_checkpointing
     from lorakit.norm import fused_norms
 
     size, dtype = SHAPES[shape]
@@ -84,7 +85,7 @@ def measure(side: str, layers: int, shape: str, rows: list[Any], pad: int, vocab
     lorakit.get_lora_model(model, lorakit.LoraConfig(**LORA))
     model.train()
     if side.endswith("checkpointing"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     flat = side != "lorakit, padded"
     batch = collate_flat(rows) if flat else collate(rows, pad)
     with padding_free(model) if flat else contextlib.nullcontext(), fused_mlp(model), fused_norms(model), autocast:

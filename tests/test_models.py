@@ -70,3 +70,17 @@ def test_cli_error_is_one_line():
     assert proc.returncode == 2
     err = [line for line in proc.stderr.splitlines() if line.startswith("lorakit: error:")]
     assert len(err) == 1 and "matched no module" in err[0] and "Traceback" not in proc.stderr
+
+
+def test_checkpointing_helpers_use_the_current_name_without_warnings():
+    import warnings
+
+    from conftest import tiny_llama
+    from lorakit.models import enable_checkpointing, is_checkpointing
+
+    model = tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers' deprecation warnings on the old names would fail here
+        assert not is_checkpointing(model)
+        enable_checkpointing(model)
+        assert is_checkpointing(model)

@@ -20,6 +20,7 @@ from torch import nn
 from lorakit.kernels.cast import cast_frozen
 from lorakit.kernels.mlp import lora_swiglu
 from lorakit.layers import _LinearLora, autocast_dtype
+from lorakit.models import is_checkpointing
 from lorakit.patch import patched_forward, unfused
 
 _LAST = "_lorakit_last_mlp"  # on the model, inside fused_mlp: its last gated MLP
@@ -112,7 +113,7 @@ def mlp_rows(model: nn.Module, read: torch.Tensor) -> Iterator[bool]:
     the other rows' final hidden states are not (do not read them). Not under gradient
     checkpointing, whose recomputation in the backward pass must see the same rows."""
     last = model.__dict__.get(_LAST)
-    if last is None or getattr(model, "is_gradient_checkpointing", False):  # its recompute runs outside
+    if last is None or is_checkpointing(model):  # its recompute runs outside
         yield False
         return
     b, t = read.nonzero(as_tuple=True)

@@ -146,6 +146,21 @@ def _load_tokenizer(directory: Path, **kwargs: str) -> object:
     return tokenizer
 
 
+def enable_checkpointing(model: nn.Module) -> None:
+    """Turn on transformers' activation (gradient) checkpointing, non-reentrant. Recent transformers
+    call it ``activation_checkpointing_enable`` and warn on the old name; older ones have only that."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})  # type: ignore[operator]
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether activation checkpointing is on (under either name of the property, without the warning)."""
+    new = hasattr(type(model), "is_activation_checkpointing")
+    return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
+
+
 def meta_parameter(param: nn.Parameter) -> nn.Parameter:
     """``param`` as a parameter on the meta device (shape, dtype and ``requires_grad`` kept, no storage)."""
     return nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)

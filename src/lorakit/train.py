@@ -57,7 +57,7 @@ from lorakit.kernels.cast import cached_casts
 from lorakit.loss import causal_lm_loss
 from lorakit.memory import libc as c_library
 from lorakit.mlp import fused_mlp
-from lorakit.models import empty_model, load_model
+from lorakit.models import empty_model, enable_checkpointing, load_model
 from lorakit.norm import fused_norms
 from lorakit.report import MetricsLog, plot_loss, write_model_card
 from lorakit.train_config import ConfigError, RunConfig, build_config, dump_config, load_config
@@ -255,7 +255,7 @@ class Trainer:
             for p in self.model.parameters():
                 p.requires_grad_(True)
         if config.train.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model)
         self.model.config.use_cache = False
         self.padding_free = self._padding_free(config.data.padding_free)
         self.trainable, self.total = count_parameters(self.model)
