@@ -63,7 +63,7 @@ MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
 
 def _matmul_flops(name: str, shapes: list[Any]) -> int:
     """FLOPs of one mm/addmm/addmm_/bmm call from its recorded input shapes."""
-    a, b = (shapes[1], shapes[2]) if name != "aten::mm" and name != "aten::bmm" else (shapes[0], shapes[1])
+    a, b = (shapes[0], shapes[1]) if name in ("aten::mm", "aten::bmm") else (shapes[1], shapes[2])
     return 2 * a[-2] * a[-1] * b[-1] * (a[0] if len(a) == 3 else 1)
 
 
@@ -181,9 +181,9 @@ def main() -> None:
     total = sum(ms for _, ms, _ in parts)
     rows = ["| part of lorakit's step | ms | share | GFLOP | GFLOP/s | % of matmul peak |", "|---|---|---|---|---|---|"]
     for part, ms, gflop in parts:
-        rate = f"{gflop / ms * 1e3:.0f} | {100 * gflop / ms * 1e3 / best_peak:.0f}%" if gflop else "– | –"
-        rows.append(f"| {part} | {ms:.0f} | {100 * ms / total:.1f}% | {gflop:.1f} | {rate} |" if gflop else
-                    f"| {part} | {ms:.0f} | {100 * ms / total:.1f}% | – | {rate} |")
+        rate = gflop / ms * 1e3  # GFLOP/s
+        matmul = f"{gflop:.1f} | {rate:.0f} | {100 * rate / best_peak:.0f}%" if gflop else "– | – | –"
+        rows.append(f"| {part} | {ms:.0f} | {100 * ms / total:.1f}% | {matmul} |")
     where = (f"Where one lorakit step goes (`torch.profiler`, {'device' if cuda else 'self CPU'} time of one step, "
              f"{total:.0f} ms with the profiler on):\n\n" + "\n".join(rows))
     table = "\n".join(lines) + "\n\n" + ceiling + "\n\n" + where

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU measurement issue 7 asks for, in two calls of the `device` tool's run (H100 or H200),
-# each with carry [".gpu"] and one of these commands (each fits the tool's 10 minutes a call):
+# Every GPU measurement issue 7 asks for, in three calls of the `device` tool's run (H100 or H200),
+# each with carry [".gpu"] and one of the train/serve commands (each fits the tool's 10 minutes a call):
 #
 #   bash benchmarks/on_gpu.sh prepare   # first, HERE (not on the device): writes .gpu/tok (git-ignored)
 #   bash benchmarks/on_gpu.sh train     # train_vs_peft.py: each side's own trainer (2 ABBA pairs), then padded

@@ -5,7 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from lorakit.train import TrainResult
 
 from lorakit.errors import LorakitError
 from lorakit.models import DEFAULT_MODEL
@@ -81,7 +84,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_summary(result: Any) -> str:
+def run_summary(result: TrainResult) -> str:
     """One line on what ``trainer.run()`` did: the steps trained in this process, or that the output
     directory already held the finished run (resumed at its end: only evaluated again)."""
     if result.resumed_from >= result.steps:
