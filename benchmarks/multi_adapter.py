@@ -12,7 +12,7 @@ appends it to benchmarks/RESULTS.md.
     python benchmarks/multi_adapter.py --decode-only --repeat 30   # decode steps only: many short rounds
 
 On a GPU with triton installed, lorakit's mixed batches are also timed with its Triton kernel
-(``lorakit.layers.MIXED_KERNEL = "triton"``: one segmented-gather kernel per layer, added into the
+(``lorakit.rows.MIXED_KERNEL = "triton"``: one segmented-gather kernel per layer, added into the
 base output in place), and that kernel's logits are checked against the PyTorch path's.
 """
 
@@ -156,12 +156,12 @@ def main() -> None:
 
     def ours_fn(rows: list[str], kernel: str = "torch") -> tuple[Any, Any]:
         def prefill(_: Any) -> None:
-            lorakit.layers.MIXED_KERNEL = kernel
+            lorakit.rows.MIXED_KERNEL = kernel
             with lorakit.adapter_batch(ours, rows):
                 ours(ids, use_cache=False)
 
         def decode(cache: Any) -> None:
-            lorakit.layers.MIXED_KERNEL = kernel
+            lorakit.rows.MIXED_KERNEL = kernel
             with lorakit.adapter_batch(ours, rows):
                 ours(step_ids, past_key_values=cache, use_cache=True)
         return prefill, decode
@@ -188,11 +188,11 @@ def main() -> None:
     kernels = ["torch"] + (["triton"] if device.type == "cuda" and importlib.util.find_spec("triton") else [])
     notes = []
     if "triton" in kernels:
-        lorakit.layers.MIXED_KERNEL = "triton"
+        lorakit.rows.MIXED_KERNEL = "triton"
         with torch.no_grad(), lorakit.adapter_batch(ours, rows16):
             t = ours(ids).logits.float()
         with torch.no_grad(), lorakit.adapter_batch(ours, rows16):
-            lorakit.layers.MIXED_KERNEL = "torch"
+            lorakit.rows.MIXED_KERNEL = "torch"
             c = ours(ids).logits.float()
         notes.append(f"Triton kernel vs PyTorch path, 16-adapter logits: max |diff| {float((t - c).abs().max()):.2e} "
                      f"(max |logit| {float(c.abs().max()):.1f}).")
@@ -211,7 +211,7 @@ def main() -> None:
                               lambda c: base(step_ids, past_key_values=c, use_cache=True))
     rounds = interleaved(device, variants, args.repeat, cache, prefill=not args.decode_only)
     results = {k: tuple(statistics.median(t) if t else math.nan for t in v) for k, v in rounds.items()}
-    lorakit.layers.MIXED_KERNEL = "torch"
+    lorakit.rows.MIXED_KERNEL = "torch"
     assert theirs.active_adapter == "a0" and all(layer.active_adapters == ["a0"] for _, layer in lora_layers(ours))
 
     lines = [f"## {time.strftime('%Y-%m-%d')} — mixed-adapter batches, {args.model} on {machine(device)}", "",

@@ -9,9 +9,10 @@ import torch
 
 import lorakit
 import lorakit.layers
+import lorakit.rows
 from conftest import randomize_adapters, tiny_bert_classifier, tiny_llama
 from lorakit.kernels.lora import gathered_lora, gathered_lora_reference, grouped_lora
-from lorakit.layers import RowPlan
+from lorakit.rows import RowPlan
 
 ADAPTERS = {  # mixed ranks and target sets
     "a": lorakit.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]),
@@ -104,13 +105,13 @@ def test_row_plan_falls_back_to_gathering_for_uneven_groups():
 def kernel(request, monkeypatch):
     """Run a test with rows grouped by adapter (the default here), with per-row gathering, and with
     the Triton kernel (in Triton's interpreter on the CPU; skipped where triton is not installed)."""
-    target = lorakit.layers
+    target = lorakit.rows
     if request.param == "gathered":
-        monkeypatch.setattr(lorakit.layers, "GROUPED_MAX_PADDING", 0.0)
+        monkeypatch.setattr(lorakit.rows, "GROUPED_MAX_PADDING", 0.0)
     if request.param == "triton":
         pytest.importorskip("triton")  # on the CPU: in the interpreter (conftest sets TRITON_INTERPRET=1)
-        monkeypatch.setattr(lorakit.layers, "MIXED_KERNEL", "triton")
-        target = lorakit.layers.triton_lora
+        monkeypatch.setattr(lorakit.rows, "MIXED_KERNEL", "triton")
+        target = lorakit.rows.triton_lora
     name = "segmented_lora_add_" if request.param == "triton" else f"{request.param}_lora"
     calls = []
     real = getattr(target, name)

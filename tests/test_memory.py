@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit.memory import file_backed, file_mappings, page_out
+from lorakit.memory import file_backed, file_mappings, keep_freed_memory, page_out
 
 
 def resident_bytes(t: torch.Tensor) -> int:
@@ -71,3 +71,24 @@ def test_off_linux_there_are_no_file_mappings_and_nothing_is_paged_out(mapped, m
     monkeypatch.setattr(lorakit.memory.sys, "platform", "darwin")
     assert file_mappings() == ([], []) and not file_backed(t) and page_out(t) == 0
     assert torch.equal(t, values)
+
+
+def test_keep_freed_memory_sets_glibc_malloc_unless_told_not_to():
+    """CPU training asks glibc to keep freed memory (mmap threshold 1 GiB, no trimming); a user's own
+    MALLOC_* variables or LORAKIT_KEEP_FREED=0 leave the allocator alone, as does a libc without mallopt."""
+
+    class Libc:
+        def __init__(self) -> None:
+            self.calls: list[tuple[int, int]] = []
+
+        def mallopt(self, param: int, value: int) -> int:
+            self.calls.append((param, value))
+            return 1
+
+    libc = Libc()
+    assert keep_freed_memory({}, libc) is True
+    assert libc.calls == [(-3, 2**30), (-1, 2**31 - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    for env in ({"MALLOC_ARENA_MAX": "2"}, {"LORAKIT_KEEP_FREED": "0"}):
+        quiet = Libc()
+        assert keep_freed_memory(env, quiet) is False and quiet.calls == []
+    assert keep_freed_memory({}, object()) is False  # no mallopt (not glibc)

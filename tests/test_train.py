@@ -16,6 +16,7 @@ import yaml
 from safetensors.torch import load_file
 
 import lorakit
+import lorakit.optim
 from conftest import write_jsonl
 from lorakit.checkpoint import complete_checkpoints
 from lorakit.train import Trainer, TrainingError, train
@@ -364,32 +365,11 @@ def test_bf16_auto_is_gpu_only_and_native_bf16_cpus_get_a_hint(monkeypatch, tmp_
         build_config(run_config(train={"bf16": "maybe"}))
 
 
-def test_keep_freed_memory_sets_glibc_malloc_unless_told_not_to():
-    """CPU training asks glibc to keep freed memory (mmap threshold 1 GiB, no trimming); a user's own
-    MALLOC_* variables or LORAKIT_KEEP_FREED=0 leave the allocator alone, as does a libc without mallopt."""
-    import lorakit.train as T
-
-    class Libc:
-        def __init__(self) -> None:
-            self.calls: list[tuple[int, int]] = []
-
-        def mallopt(self, param: int, value: int) -> int:
-            self.calls.append((param, value))
-            return 1
-
-    libc = Libc()
-    assert T.keep_freed_memory({}, libc) is True
-    assert libc.calls == [(-3, 2**30), (-1, 2**31 - 1)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
-    for env in ({"MALLOC_ARENA_MAX": "2"}, {"LORAKIT_KEEP_FREED": "0"}):
-        quiet = Libc()
-        assert T.keep_freed_memory(env, quiet) is False and quiet.calls == []
-    assert T.keep_freed_memory({}, object()) is False  # no mallopt (not glibc)
-
-
 def test_return_freed_memory_trims_the_heap_after_training(run_config, monkeypatch):
     """Once the steps are over, the memory kept for their reuse goes back to the OS (malloc_trim(0)),
     before the closing evaluation; not where the allocator was left alone."""
     import lorakit.train as T
+    from lorakit import memory
 
     trims: list[int] = []
 
@@ -398,8 +378,8 @@ def test_return_freed_memory_trims_the_heap_after_training(run_config, monkeypat
             trims.append(pad)
             return 1
 
-    assert T.return_freed_memory(Libc()) is True and trims == [0]
-    assert T.return_freed_memory(object()) is False  # no malloc_trim (not glibc)
+    assert memory.return_freed_memory(Libc()) is True and trims == [0]
+    assert memory.return_freed_memory(object()) is False  # no malloc_trim (not glibc)
     events: list[str] = []
     monkeypatch.setattr(T, "keep_freed_memory", lambda: events.append("keep") or True)
     monkeypatch.setattr(T, "return_freed_memory", lambda: events.append("trim") or True)
@@ -498,6 +478,6 @@ def test_cli_train_reports_what_ran_also_when_the_run_was_already_finished(run_c
     assert "trained 6 steps (resumed at step 6) in " in capsys.readouterr().out
     # on the 12-step schedule from step 6 on: its first step does not train at the 6-step schedule's final lr of 0
     lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) if "lr" in r}
-    schedule = lorakit.train.lr_lambda("cosine", round(0.05 * 12), 12)
-    assert lrs[6] == pytest.approx(1e-2 * lorakit.train.lr_lambda("cosine", round(0.05 * 6), 6)(5))
+    schedule = lorakit.optim.lr_lambda("cosine", round(0.05 * 12), 12)
+    assert lrs[6] == pytest.approx(1e-2 * lorakit.optim.lr_lambda("cosine", round(0.05 * 6), 6)(5))
     assert [lrs[k] for k in range(7, 13)] == pytest.approx([1e-2 * schedule(k - 1) for k in range(7, 13)])

@@ -21,7 +21,8 @@ from contextlib import contextmanager
 from torch import nn
 
 from lorakit.inject import adapter_configs
-from lorakit.layers import RowPlan, lora_layers
+from lorakit.layers import lora_layers
+from lorakit.rows import RowPlan
 from lorakit.saved import saved_modules
 
 BASE_NAMES = (None, "base")

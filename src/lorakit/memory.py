@@ -9,6 +9,11 @@ those pages (``madvise(MADV_PAGEOUT)``). They are clean copies of the file, so n
 later read (evaluation in fp32, merging, export) faults them back in from the page cache or the
 file. Pages that were written to, or that belong to anonymous memory, are left to the kernel
 as well (without swap it keeps them), so the call can never change a value.
+
+The heap's side of the same policy: a CPU training process asks glibc to keep the memory it
+frees for reuse (``keep_freed_memory``), since every step allocates and frees the same large
+temporaries, and gives it back once the steps are over (``return_freed_memory``).
+``peak_memory_bytes`` is what the trainer reports: peak RSS on a CPU, peak allocated on a GPU.
 """
 
 from __future__ import annotations
@@ -85,3 +90,40 @@ def page_out(t: torch.Tensor, mappings: Mappings | None = None) -> int:
     if madvise is None or length <= 0:
         return 0
     return length if madvise(ctypes.c_void_p(start), ctypes.c_size_t(length), _MADV_PAGEOUT) == 0 else 0
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak resident memory of this process (CPU) or peak allocated CUDA memory (GPU)."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
+
+
+def keep_freed_memory(environ: Any = None, lib: Any = None) -> bool:
+    """Let glibc's malloc reuse freed memory instead of returning it to the OS, for a CPU training
+    process: every allocation below 1 GiB from the heap (not a fresh mmap) and no trimming. A CPU
+    step allocates and frees the same large temporaries (the (N, 4H) MLP buffers, the head's
+    chunks) step after step; by default each is a fresh mapping whose pages fault in on first touch.
+    Measured on the demo's data (2-core AVX-512, lorakit's side of train_vs_peft): 7-9% faster fp32
+    training, peak RSS +0.01-0.02 GiB. Returns whether it was applied: not where the user set ``MALLOC_*`` variables
+    or ``LORAKIT_KEEP_FREED=0``, nor without glibc."""
+    environ = os.environ if environ is None else environ
+    if environ.get("LORAKIT_KEEP_FREED", "1") == "0" or any(k.startswith("MALLOC_") for k in environ):
+        return False
+    mallopt = getattr(libc() if lib is None else lib, "mallopt", None)
+    if mallopt is None:
+        return False
+    return bool(mallopt(_M_MMAP_THRESHOLD, 2**30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def return_freed_memory(lib: Any = None) -> bool:
+    """Give the heap's free memory back to the OS (glibc ``malloc_trim(0)``): what
+    ``keep_freed_memory`` kept for the training steps' reuse, once they are over. Returns whether
+    glibc released anything."""
+    trim = getattr(libc() if lib is None else lib, "malloc_trim", None)
+    return trim is not None and bool(trim(0))

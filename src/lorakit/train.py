@@ -55,10 +55,11 @@ from lorakit.inject import count_parameters, get_lora_model
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.kernels.cast import cached_casts
 from lorakit.loss import causal_lm_loss
-from lorakit.memory import libc as c_library
+from lorakit.memory import keep_freed_memory, peak_memory_bytes, return_freed_memory
 from lorakit.mlp import fused_mlp
 from lorakit.models import empty_model, enable_checkpointing, load_model
 from lorakit.norm import fused_norms
+from lorakit.optim import build_optimizer, lr_lambda
 from lorakit.report import MetricsLog, plot_loss, write_model_card
 from lorakit.train_config import ConfigError, RunConfig, build_config, dump_config, load_config
 
@@ -82,15 +83,6 @@ class TrainResult:
     resumed_from: int = 0  # the step this process started at (0: a fresh run)
 
 
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak resident memory of this process (CPU) or peak allocated CUDA memory (GPU)."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -112,36 +104,6 @@ def cpu_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc mallopt parameters
-
-
-def keep_freed_memory(environ: Any = None, libc: Any = None) -> bool:
-    """Let glibc's malloc reuse freed memory instead of returning it to the OS, for a CPU training
-    process: every allocation below 1 GiB from the heap (not a fresh mmap) and no trimming. A CPU
-    step allocates and frees the same large temporaries (the (N, 4H) MLP buffers, the head's
-    chunks) step after step; by default each is a fresh mapping whose pages fault in on first touch.
-    Measured on the demo's data (2-core AVX-512, lorakit's side of train_vs_peft): 7-9% faster fp32
-    training, peak RSS +0.01-0.02 GiB. Returns whether it was applied: not where the user set ``MALLOC_*`` variables
-    or ``LORAKIT_KEEP_FREED=0``, nor without glibc."""
-    import os
-
-    environ = os.environ if environ is None else environ
-    if environ.get("LORAKIT_KEEP_FREED", "1") == "0" or any(k.startswith("MALLOC_") for k in environ):
-        return False
-    mallopt = getattr(c_library() if libc is None else libc, "mallopt", None)
-    if mallopt is None:
-        return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, 2**30)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-
-
-def return_freed_memory(libc: Any = None) -> bool:
-    """Give the heap's free memory back to the OS (glibc ``malloc_trim(0)``): what
-    ``keep_freed_memory`` kept for the training steps' reuse, once they are over. Returns whether
-    glibc released anything."""
-    trim = getattr(c_library() if libc is None else libc, "malloc_trim", None)
-    return trim is not None and bool(trim(0))
-
-
 def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
     """``train.bf16``: auto = on a GPU only. On a CPU with native bf16 it is opt-in (CPUs without it
     multiply bf16 slowly). With native bf16 it trains the demo 2.45× faster at about fp32's peak
@@ -159,39 +121,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     if name not in table:
         raise ConfigError(f"model.dtype must be auto, float32, bfloat16 or float16; got {name!r}")
     return table[name]
-
-
-def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
-    """Multiplier of the peak lr at step ``s``: linear warm-up, then cosine / linear decay to 0, or constant."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / (warmup + 1)
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) if schedule == "cosine" else max(0.0, 1 - progress)
-    return f
-
-
-def build_optimizer(params: Sequence[tuple[str, nn.Parameter]], cfg: Any) -> torch.optim.AdamW:
-    """AdamW; weight decay applies to matrices only (not to biases or norm weights)."""
-    decay = [p for _, p in params if p.ndim >= 2]
-    no_decay = [p for _, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
-                             fused=_fusable([p for _, p in params]))
-
-
-def _fusable(params: Sequence[torch.Tensor]) -> bool:
-    """Whether AdamW's fused kernel (one pass over all parameters instead of a dozen ops per tensor:
-    on the CPU demo 12 ms instead of 59 ms a step) can take these: plain floating-point tensors on
-    the CPU or a GPU, not FSDP's sharded DTensors."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # a torch build without distributed
-        DTensor = ()  # type: ignore[assignment]
-    return bool(params) and all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
-                                and not isinstance(p, DTensor) for p in params)
 
 
 def _load_adapter_weights(model: nn.Module, directory: Path) -> None:
