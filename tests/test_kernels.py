@@ -13,7 +13,7 @@ import lorakit.kernels.cast
 import lorakit.layers
 from conftest import randomize_adapters, tiny_gpt2, tiny_llama
 from lorakit import LoraConfig, get_lora_model
-from lorakit.kernels import cross_entropy
+from lorakit.kernels import cross_entropy, gemm
 from lorakit.kernels import mlp as mlp_kernel
 from lorakit.kernels.cast import cached_casts, cast_frozen
 from lorakit.kernels.lora import fused_lora_linear, lora_linear_reference
@@ -80,7 +80,6 @@ def test_lora_layers_take_the_fused_path_and_match_the_plain_one(build, monkeypa
 @pytest.mark.parametrize("chunk_rows", [3, 64])
 def test_linear_cross_entropy_matches_the_reference(bias, train_head, chunk_rows, monkeypatch):
     monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", chunk_rows * 4 * 50)  # 3 rows: several chunks, one short
-    monkeypatch.setattr(cross_entropy, "VOCAB_BLOCK", 16)  # logits formed in blocks of 16, 16, 16 and 2 rows
     g = torch.Generator().manual_seed(0)
     h = torch.randn(10, 8, generator=g, dtype=torch.float64, requires_grad=True)
     w = torch.randn(50, 8, generator=g, dtype=torch.float64, requires_grad=train_head)
@@ -552,3 +551,88 @@ def test_last_mlp_runs_only_at_supervised_rows_with_the_same_loss_and_gradients(
         with padding_free(model) if flat else contextlib.nullcontext(), torch.no_grad():
             model.model(**{k: v for k, v in batch.items() if k != "labels"})
     assert rows[-1] == tokens
+
+
+GEMMS = ["blas", pytest.param("onednn", marks=pytest.mark.skipif(
+    gemm._linear_op() is None, reason="this torch build has no oneDNN linear"))]
+
+
+@pytest.mark.parametrize("backend", GEMMS)
+def test_gemm_mm_equals_float64_math_for_any_strides(backend, monkeypatch):
+    """``gemm.mm`` gives a @ b (+ add) to fp32 rounding on either CPU library, for row- and
+    column-major operands; oneDNN runs only inside ``onednn_scope()``, on bounded shapes, and never
+    where a gradient must flow through the product."""
+    monkeypatch.setattr(gemm, "CPU_GEMM", backend)
+    g = torch.Generator().manual_seed(0)
+    a, b, add = torch.randn(37, 53, generator=g), torch.randn(53, 29, generator=g), torch.randn(37, 29, generator=g)
+    want = a.double() @ b.double()
+    assert not gemm.onednn_applies(a, b)  # outside the scope: always the BLAS
+    with gemm.onednn_scope():
+        for left in (a, a.T.contiguous().T):
+            for right in (b, b.T.contiguous().T):
+                assert gemm.onednn_applies(left, right) is (backend == "onednn")
+                torch.testing.assert_close(gemm.mm(left, right).double(), want, atol=2e-5, rtol=1e-5)
+                torch.testing.assert_close(gemm.mm(left, right, add).double(), want + add.double(), atol=2e-5, rtol=1e-5)
+        tracked = a.clone().requires_grad_()
+        assert not gemm.onednn_applies(tracked, b) and not gemm.onednn_applies(a.double(), b.double())
+        gemm.mm(tracked, b).sum().backward()
+        torch.testing.assert_close(tracked.grad, b.sum(1).expand(37, 53))
+        # token counts are bounded: rows or a summed side over 64 must be a multiple of 16
+        tall, wide = torch.randn(100, 53, generator=g), torch.randn(37, 100, generator=g)
+        assert not gemm.onednn_applies(tall, b) and not gemm.onednn_applies(wide, torch.randn(100, 29, generator=g))
+        assert gemm.onednn_applies(tall[:96], b) is (backend == "onednn")
+        torch.testing.assert_close(gemm.mm(tall, b).double(), tall.double() @ b.double(), atol=2e-5, rtol=1e-5)
+    assert not gemm.onednn_applies(a, b)
+
+
+def test_cpu_flags_reads_vendor_and_flags(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\n")
+    assert gemm.cpu_flags(str(info)) == ("AuthenticAMD", {"fpu", "avx2", "avx512f"})
+    assert gemm.cpu_flags(str(tmp_path / "missing")) == ("", set())
+
+
+@pytest.mark.parametrize("backend", GEMMS)
+def test_fused_nodes_in_fp32_equal_float64_math_on_either_gemm(backend, monkeypatch):
+    """The fused LoRA linear, LoRA SwiGLU and head + cross-entropy nodes in fp32, their products on
+    oneDNN or on torch's BLAS: values and gradients equal the float64 references to fp32 rounding."""
+    monkeypatch.setattr(gemm, "CPU_GEMM", backend)
+    monkeypatch.setattr(gemm, "_scopes", 1)  # as inside onednn_scope()
+    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", 5 * 4 * 300)  # 5 rows a chunk: three chunks
+    g = torch.Generator().manual_seed(3)
+
+    def check(fn, ref, tensors):
+        ours = [t.float().detach().requires_grad_(t.requires_grad) for t in tensors]
+        exact = [t.detach().requires_grad_(t.requires_grad) for t in tensors]
+        y, want = fn(*ours), ref(*exact)
+        close(y, want)
+        up = torch.randn(y.shape, generator=g, dtype=torch.float64)
+        got = torch.autograd.grad(y, [t for t in ours if t.requires_grad], up.float())
+        for u, v in zip(got, torch.autograd.grad(want, [t for t in exact if t.requires_grad], up)):
+            close(u, v)
+
+    def close(got, want):  # fp32 rounding relative to the tensor's scale
+        torch.testing.assert_close(got.double(), want, atol=1e-5 * float(want.detach().abs().max()), rtol=1e-5)
+
+    def t(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    x, w, bias, a, b = t(4, 9, 48), t(40, 48, grad=False), t(40, grad=False), t(8, 48), t(40, 8)
+    check(lambda *p: fused_lora_linear(*p, 0.5), lambda *p: lora_linear_reference(*p, 0.5), (x, w, bias, a, b))
+    gate, up, down = _proj(g, 64, 48, 8, 0.5), _proj(g, 64, 48, 8, 2.0), _proj(g, 48, 64, 8, 0.25)
+    flat = [x, *gate[:3], *up[:3], *down[:3]]
+    scales = (gate[3], up[3], down[3])
+
+    def swiglu(fn):
+        return lambda x, *p: fn(x, *[(*p[i:i + 3], s) for i, s in zip((0, 3, 6), scales)])
+
+    check(swiglu(mlp_kernel.lora_swiglu), swiglu(mlp_kernel.lora_swiglu_reference), flat)
+    targets = torch.randint(0, 300, (13,), generator=g)
+    check(lambda h, w: cross_entropy.linear_cross_entropy(h, w, None, targets),
+          lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, None, targets), (t(13, 48), t(300, 48, grad=False)))
+    # chunks of 100 rows → 96 (a multiple of 16 for oneDNN), the last one of 74 rows padded to 80
+    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", 100 * 4 * 300)
+    assert gemm.row_multiple(torch.zeros(170, 48), torch.zeros(48, 300)) == (16 if backend == "onednn" else 1)
+    targets = torch.randint(0, 300, (170,), generator=g)
+    check(lambda h, w: cross_entropy.linear_cross_entropy(h, w, None, targets),
+          lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, None, targets), (t(170, 48), t(300, 48, grad=False)))

@@ -19,6 +19,7 @@ import lorakit
 import lorakit.optim
 from conftest import write_jsonl
 from lorakit.checkpoint import complete_checkpoints
+from lorakit.kernels import gemm
 from lorakit.train import Trainer, TrainingError, train
 from lorakit.train_config import ConfigError, build_config, load_config
 
@@ -481,3 +482,38 @@ def test_cli_train_reports_what_ran_also_when_the_run_was_already_finished(run_c
     schedule = lorakit.optim.lr_lambda("cosine", round(0.05 * 12), 12)
     assert lrs[6] == pytest.approx(1e-2 * lorakit.optim.lr_lambda("cosine", round(0.05 * 6), 6)(5))
     assert [lrs[k] for k in range(7, 13)] == pytest.approx([1e-2 * schedule(k - 1) for k in range(7, 13)])
+
+
+@pytest.mark.skipif(gemm._linear_op() is None, reason="this torch build has no oneDNN linear")
+def test_training_with_onednn_products_equals_the_blas_run(run_config, monkeypatch, tmp_path):
+    """The same run with the fused nodes' fp32 products on oneDNN (token counts rounded up to a
+    multiple of 32, which trains nothing) and on torch's BLAS: the same losses and adapter to fp32
+    rounding, and oneDNN did run."""
+    real = gemm._linear_op()
+    calls: list[int] = []
+
+    class Counting:
+        def __call__(self, *args):
+            calls.append(1)
+            return real(*args)
+
+        def binary(self, *args):
+            calls.append(1)
+            return real.binary(*args)
+
+    monkeypatch.setattr(gemm, "_linear_op", lambda: Counting())
+    runs = {}
+    for backend in ("blas", "onednn"):
+        monkeypatch.setattr(gemm, "CPU_GEMM", backend)
+        cfg = build_config(run_config(lora={"lora_dropout": 0.0}, train={"epochs": 1, "save_steps": 0},
+                                      eval={"steps": 0, "generate": False}, output_dir=str(tmp_path / backend)))
+        trainer = Trainer(cfg, progress=False, log=lambda _: None)
+        assert trainer.flat_multiple == (32 if backend == "onednn" else 1)
+        runs[backend] = trainer.run()
+        assert bool(calls) is (backend == "onednn")
+    blas, onednn = runs["blas"], runs["onednn"]
+    assert onednn.train_loss == pytest.approx(blas.train_loss, rel=1e-5)
+    assert onednn.metrics["eval_loss"] == pytest.approx(blas.metrics["eval_loss"], rel=1e-5)
+    ours, theirs = adapter_tensors(onednn.output_dir), adapter_tensors(blas.output_dir)
+    for key, value in theirs.items():
+        torch.testing.assert_close(ours[key], value, atol=1e-5 * float(value.abs().max()), rtol=1e-4)

@@ -54,6 +54,7 @@ from lorakit.evaluate import eval_loss, exact_match
 from lorakit.inject import count_parameters, get_lora_model
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.kernels.cast import cached_casts
+from lorakit.kernels.gemm import onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss
 from lorakit.memory import keep_freed_memory, peak_memory_bytes, return_freed_memory
 from lorakit.mlp import fused_mlp
@@ -165,9 +166,11 @@ class Trainer:
 
         self.base_weight_bytes = weight_memory_bytes(self.model)
         self.bf16 = resolve_bf16(config.train.bf16, self.device)
-        # CPU bf16 matmuls keep memory per shape: bound the token counts they see (≤ 31 idle tokens a
-        # batch; batch 8 of the demo data: 2.8% a step for 32, 7.7% for 64, both level off)
-        self.flat_multiple = 32 if self.bf16 and self.device.type == "cpu" else 1
+        # oneDNN (CPU bf16 matmuls, and fp32 ones where kernels.gemm routes them there) keeps memory
+        # per shape: bound the token counts it sees (≤ 31 idle tokens a batch; batch 8 of the demo
+        # data: 2.8% a step for 32, 7.7% for 64, both level off)
+        onednn = self.bf16 or (uses_onednn(self.device, dtype) and config.model.quantize is None)
+        self.flat_multiple = 32 if onednn and self.device.type == "cpu" else 1
         device_type = self.device.type
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if self.bf16 else None
         self._load_data()
@@ -276,7 +279,8 @@ class Trainer:
         cpu_bf16 = (self.bf16 and self.device.type == "cpu" and supports_padding_free(self.model)
                     and self.model.config._attn_implementation == "sdpa")
         with padding_free(self.model) if self.padding_free or cpu_bf16 else contextlib.nullcontext(), \
-                fused_mlp(self.model), fused_norms(self.model), cached_casts(release=self.device.type == "cpu"):
+                fused_mlp(self.model), fused_norms(self.model), cached_casts(release=self.device.type == "cpu"), \
+                onednn_scope():
             yield self.model
 
     def step(self, group: Sequence[Sequence[Sequence[Example]]]) -> tuple[float, float, int]:
@@ -344,7 +348,7 @@ class Trainer:
             return {}
         e = self.config.eval
         examples = self.eval_examples[: e.max_examples] if e.max_examples > 0 else self.eval_examples
-        with cached_casts(release=self.device.type == "cpu"):
+        with cached_casts(release=self.device.type == "cpu"), onednn_scope():
             metrics = eval_loss(self.model, examples, self.tokenizer.pad_token_id, e.batch_size, self.autocast,
                                 flat=self.padding_free, multiple=self.flat_multiple)
         if e.generate:

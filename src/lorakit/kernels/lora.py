@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorakit.kernels.gemm import mm
+
 
 def lora_linear(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """``scale · dropout(x) Aᵀ Bᵀ``; dropout is skipped entirely (no copy) when ``dropout_p == 0``."""
@@ -29,22 +31,23 @@ def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 def _forward(x2: torch.Tensor, xl2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
              b: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(y (N, out), h (N, r)) for 2-d x and x_lora: h = x_l Aᵀ first, then x Wᵀ (+ bias) with s · h Bᵀ
-    accumulated into it in place."""
-    h = xl2 @ a.T  # (N, r)
-    y = torch.addmm(bias, x2, weight.T) if bias is not None else x2 @ weight.T  # (N, out)
-    return y.addmm_(h, b.T, alpha=scale), h
+    """(y (N, out), h (N, r)) for 2-d x and x_lora: h = s · x_l Aᵀ first (scaled in its small
+    (N, r) form), then its update h Bᵀ, into which x Wᵀ (+ bias) is summed by the frozen product
+    itself (``gemm.mm``'s ``add``)."""
+    h = mm(xl2, a.T).mul_(scale)  # (N, r)
+    update = mm(h, b.T) if bias is None else torch.addmm(bias, h, b.T)  # (N, out)
+    return mm(x2, weight.T, update), h
 
 
 class _FusedLoraLinear(torch.autograd.Function):
     """One autograd node for ``y = x Wᵀ + bias + s · x_l Aᵀ Bᵀ`` (x_l = dropout(x), or x itself).
 
-    Forward: h = x_l Aᵀ (N, r) first, then y = x Wᵀ with ``s · h Bᵀ`` accumulated into it in place
-    (one addmm, no (N, out) temporary for the update). Saved: x_l and h (N·r) for the adapter
+    Forward: h = s · x_l Aᵀ (N, r) first, then y = x Wᵀ + h Bᵀ, the update summed into the frozen
+    product as it is written (``gemm.mm(x, Wᵀ, add)``). Saved: x_l and h (N·r) for the adapter
     gradients, plus W only when x needs a gradient; x itself only when W is trained.
     Backward with g = ∂L/∂y (N, out) and g_h = s · g B (N, r):
 
-        ∂L/∂B = s · gᵀ h      ∂L/∂A = g_hᵀ x_l      ∂L/∂x = g W + g_h A   (one mm + one addmm)
+        ∂L/∂B = gᵀ h      ∂L/∂A = g_hᵀ x_l      ∂L/∂x = g W + g_h A   (the rank-r term summed into g W)
     """
 
     @staticmethod
@@ -63,15 +66,15 @@ class _FusedLoraLinear(torch.autograd.Function):
         s = ctx.scale
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         needs = ctx.needs_input_grad
-        gh = g @ (b * s)  # (N, r); the scale folded into the small operand (one rounding in bf16)
-        grad_b = g.T @ (h * s) if needs[5] else None
-        grad_a = gh.T @ xl2 if needs[4] else None
+        gh = mm(g, b * s)  # (N, r); the scale folded into the small operand (one rounding in bf16)
+        grad_b = mm(h.T, g).T if needs[5] else None  # h carries the scale; (hᵀ g)ᵀ, as the wide gᵀ would be copied
+        grad_a = mm(gh.T, xl2) if needs[4] else None
         grad_x = grad_xl = None
         if needs[0] and ctx.same:
-            grad_x = torch.mm(g, weight).addmm_(gh, a)  # g W + g_h A, the rank-r term added in place
+            grad_x = mm(g, weight, mm(gh, a))  # g W + g_h A, the rank-r term summed into the product
         else:
-            grad_x = g @ weight if needs[0] else None
-            grad_xl = gh @ a if needs[1] else None
+            grad_x = mm(g, weight) if needs[0] else None
+            grad_xl = mm(gh, a) if needs[1] else None
         grad_w = g.T @ x2 if needs[2] else None
         grad_bias = g.sum(0) if needs[3] else None
         lead = ctx.shape[:-1]

@@ -9,13 +9,14 @@ Layer by layer, autograd keeps four (N, I) tensors per MLP for the backward pass
 derivative), silu(g) and u (for the product) and a (for the down projection's A gradient). This
 node keeps g and u only and recomputes silu(g) and a in backward, which costs a few elementwise
 passes over (N, I) and saves 2·N·I values per layer: on a Llama-shaped model about a quarter of
-a LoRA step's activation memory. The rank-r intermediates (N, r) are kept, the base weights are
-frozen (no ∂W), and there is no dropout on the adapters' inputs (callers fall back otherwise).
-With σ = sigmoid(g), g_y = ∂L/∂y:
+a LoRA step's activation memory. The rank-r intermediates h_p = s_p · (input) A_pᵀ (N, r) are kept,
+the base weights are frozen (no ∂W), and there is no dropout on the adapters' inputs (callers fall back otherwise).
+Every product runs through ``gemm.mm``, the rank-r terms summed into the frozen products as
+those are written. With σ = sigmoid(g), g_y = ∂L/∂y:
 
-    g_hd = s_d g_y B_d   ∂B_d = s_d g_yᵀ h_d   ∂A_d = g_hdᵀ a   ∂a = g_y W_d + g_hd A_d
+    g_hd = s_d g_y B_d   ∂B_d = g_yᵀ h_d   ∂A_d = g_hdᵀ a   ∂a = g_y W_d + g_hd A_d
     ∂u = ∂a ⊙ silu(g)    ∂g = ∂a ⊙ u ⊙ σ (1 + g (1 − σ))
-    then for p in (gate, up): g_hp = s_p ∂p B_p, ∂B_p = s_p ∂pᵀ h_p, ∂A_p = g_hpᵀ x
+    then for p in (gate, up): g_hp = s_p ∂p B_p, ∂B_p = ∂pᵀ h_p, ∂A_p = g_hpᵀ x
     ∂x = ∂g W_g + ∂u W_u + g_hg A_g + g_hu A_u
 """
 
@@ -25,6 +26,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from lorakit.kernels.gemm import mm
 
 Proj = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]  # W, A, B, scale
 
@@ -37,12 +40,12 @@ class _LoraSwiGLU(torch.autograd.Function):
         sg, su, sd = scales
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
-        hg, hu = x2 @ ag.T, x2 @ au.T  # (N, r)
-        g = (x2 @ wg.T).addmm_(hg, bg.T, alpha=sg)  # (N, I)
-        u = (x2 @ wu.T).addmm_(hu, bu.T, alpha=su)
+        hg, hu = mm(x2, ag.T).mul_(sg), mm(x2, au.T).mul_(su)  # (N, r), scaled
+        g = mm(x2, wg.T, mm(hg, bg.T))  # (N, I): the rank-r update summed into the frozen product
+        u = mm(x2, wu.T, mm(hu, bu.T))
         a = F.silu(g).mul_(u)
-        hd = a @ ad.T
-        y = (a @ wd.T).addmm_(hd, bd.T, alpha=sd)  # (N, H)
+        hd = mm(a, ad.T).mul_(sd)
+        y = mm(a, wd.T, mm(hd, bd.T))  # (N, H)
         ctx.save_for_backward(x2, g, u, hg, hu, hd, wg, ag, bg, wu, au, bu, wd, ad, bd)
         ctx.scales, ctx.shape = scales, shape
         return y.reshape(*shape[:-1], wd.shape[0])
@@ -57,23 +60,24 @@ class _LoraSwiGLU(torch.autograd.Function):
         # five passes over (N, I), a recomputed exactly as forward made it
         silu = F.silu(g)
         a = silu * u
-        ghd = gy @ (bd * sd)  # (N, r)
-        grad_bd = gy.T @ (hd * sd) if need[9] else None
-        grad_ad = ghd.T @ a if need[8] else None
+        ghd = mm(gy, bd * sd)  # (N, r)
+        grad_bd = mm(hd.T, gy).T if need[9] else None  # the h's carry their scales; (hᵀ g)ᵀ: no (H, N) copy
+        grad_ad = mm(ghd.T, a) if need[8] else None
         del a
-        da = torch.mm(gy, wd).addmm_(ghd, ad)  # (N, I); rank-r terms are added in place
+        da = mm(gy, wd, mm(ghd, ad))  # (N, I); rank-r terms are summed into the frozen products
         du = da * silu
         del silu
         dg = torch.ops.aten.silu_backward(da.mul_(u), g)  # ∂a ⊙ u ⊙ σ (1 + g (1 − σ)), one fused pass
         del da
-        ghg, ghu = dg @ (bg * sg), du @ (bu * su)  # (N, r)
-        grad_bg = dg.T @ (hg * sg) if need[3] else None
-        grad_bu = du.T @ (hu * su) if need[6] else None
-        grad_ag = ghg.T @ x2 if need[2] else None
-        grad_au = ghu.T @ x2 if need[5] else None
+        ghg, ghu = mm(dg, bg * sg), mm(du, bu * su)  # (N, r)
+        grad_bg = mm(hg.T, dg).T if need[3] else None
+        grad_bu = mm(hu.T, du).T if need[6] else None
+        grad_ag = mm(ghg.T, x2) if need[2] else None
+        grad_au = mm(ghu.T, x2) if need[5] else None
         grad_x = None
         if need[0]:
-            grad_x = torch.mm(dg, wg).addmm_(du, wu).addmm_(ghg, ag).addmm_(ghu, au).reshape(ctx.shape)
+            low = mm(ghg, ag, mm(ghu, au))  # (N, H): the rank-r terms
+            grad_x = mm(dg, wg, mm(du, wu, low)).reshape(ctx.shape)
         return grad_x, None, grad_ag, grad_bg, None, grad_au, grad_bu, None, grad_ad, grad_bd, None
 
 

@@ -1,0 +1,136 @@
+"""Matrix products for the fused nodes, routed to the faster of the two CPU GEMM libraries torch has.
+
+PyTorch multiplies fp32 matrices on the CPU with its BLAS (Intel oneMKL in the x86 wheels).
+oneMKL picks its code path by CPU vendor: on AMD processors it runs its AVX2 kernels, so on a CPU
+with 512-bit FMA units (AMD Zen 5) it reaches half the machine's fp32 rate. The same wheels also
+carry oneDNN, which picks its kernels by instruction set: on the 2-core AMD EPYC (Zen 5) this
+project measures on, its fp32 products run 2.0-2.4× oneMKL's on every shape of a SmolLM2 LoRA
+step (438-489 against 206-221 GFLOP/s for the projections, 1.3-3.1× for the rank-16 products,
+1.6-1.8× for the 49k-row output head), at the same fp32 accuracy (relative error ~1e-6 against
+float64 for both). Both compute ``a @ b`` in fp32; they differ only in the order of the sums.
+
+``mm(a, b, add)`` = ``a @ b + add`` through oneDNN's linear primitive (``b`` given to it as the
+(out, in) weight ``bᵀ``, a view; ``add`` fused into its output) inside ``onednn_scope()`` where
+``CPU_GEMM`` says so, else through ``torch.addmm`` / ``@``. It has no autograd formula of its own:
+it is for the insides of ``autograd.Function`` nodes and for inference, and falls back to torch
+wherever a gradient would have to flow through it.
+
+Memory: oneDNN keeps ~0.3-0.65 MB for every product shape it has seen (its primitive cache and
+generated kernels; measured: 100 new token counts on one projection retain 30-65 MB, never
+freed). So it runs only inside ``onednn_scope()``, which the trainer enters with its token counts
+rounded up to a multiple of 32 (as for CPU bf16), and only for products whose two varying sides
+(rows and the summed dimension) are either small (≤ 64) or multiples of 16; any other product,
+such as a chunk of the output head sized by a batch's supervised tokens or a generation prefill,
+runs on the BLAS. Generation and serving, whose shapes are unbounded, stay on the BLAS.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+# "auto": oneDNN for fp32 CPU products where torch's BLAS is oneMKL on an AMD CPU with AVX-512
+# (measured there; see the module docstring); "onednn": always where available; "blas": never
+CPU_GEMM = os.environ.get("LORAKIT_CPU_GEMM", "auto")
+CPUINFO = "/proc/cpuinfo"
+_scopes = 0  # open onednn_scope() blocks
+
+
+@functools.cache
+def _linear_op() -> object | None:
+    """``torch.ops.mkldnn._linear_pointwise`` where this torch build has it and oneDNN is usable."""
+    try:
+        op = torch.ops.mkldnn._linear_pointwise
+    except (AttributeError, RuntimeError):
+        return None
+    return op if torch.backends.mkldnn.is_available() else None
+
+
+def cpu_flags(path: str = CPUINFO) -> tuple[str, set[str]]:
+    """(vendor id, instruction-set flags) of this CPU from ``/proc/cpuinfo``; ("", set()) where unreadable."""
+    vendor, flags = "", set()
+    try:
+        with open(path) as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "vendor_id" and not vendor:
+                    vendor = value.strip()
+                elif key == "flags":
+                    flags = set(value.split())
+                    break
+    except OSError:
+        pass
+    return vendor, flags
+
+
+@functools.cache
+def _auto_onednn() -> bool:
+    vendor, flags = cpu_flags()
+    return vendor == "AuthenticAMD" and "avx512f" in flags and "BLAS_INFO=mkl" in torch.__config__.show()
+
+
+def uses_onednn(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``onednn_scope()`` would route products of ``dtype`` tensors on ``device`` to oneDNN:
+    fp32 on a CPU, and ``CPU_GEMM`` "onednn" or "auto" on a CPU where it was measured faster."""
+    if CPU_GEMM == "blas" or device.type != "cpu" or dtype != torch.float32 or _linear_op() is None:
+        return False
+    return CPU_GEMM == "onednn" or _auto_onednn()
+
+
+@contextmanager
+def onednn_scope() -> Iterator[None]:
+    """Within the block fp32 CPU products may run on oneDNN (``uses_onednn``); callers promise
+    shapes from a bounded set (see the module docstring)."""
+    global _scopes
+    _scopes += 1
+    try:
+        yield
+    finally:
+        _scopes -= 1
+
+
+def _bounded(n: int) -> bool:
+    return n <= 64 or n % 16 == 0
+
+
+def onednn_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``mm(a, b)`` runs on oneDNN: inside ``onednn_scope()``, fp32 CPU matrices with
+    bounded varying sides, no gradient to track, and ``uses_onednn``."""
+    if not _scopes or a.dtype != torch.float32 or b.dtype != torch.float32:
+        return False
+    if not (_bounded(a.shape[0]) and _bounded(a.shape[1])):
+        return False
+    if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+        return False
+    return uses_onednn(a.device, a.dtype)
+
+
+def row_multiple(a: torch.Tensor, b: torch.Tensor) -> int:
+    """16 where ``a @ b`` with ``a``'s rows padded to a multiple of 16 would run on oneDNN, else 1:
+    what a caller whose row count varies freely pads to, to get oneDNN's rate with bounded shapes."""
+    return 16 if onednn_applies(a[:16], b) else 1
+
+
+def mm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """``a @ b`` (+ ``add``): a (n, k), b (k, m), add (n, m) of a's dtype → (n, m). Any strides.
+    Computed in the operands' dtype, also under autocast (callers cast what they want rounded)."""
+    if onednn_applies(a, b) and (add is None or (add.dtype == a.dtype and add.shape == (a.shape[0], b.shape[1]))):
+        op = _linear_op()
+        weight = b.t()  # oneDNN's linear computes x wᵀ with w (out, in)
+        if add is None:
+            return op(a, weight, None, "none", [], "")  # type: ignore[operator]
+        return op.binary(a, add, weight, None, "add")  # type: ignore[attr-defined]
+    if torch.is_autocast_enabled(a.device.type):
+        with torch.autocast(a.device.type, enabled=False):
+            return a @ b if add is None else torch.addmm(add, a, b)
+    return a @ b if add is None else torch.addmm(add, a, b)
+
+
+def mm_reference(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+    """The same through torch's own matmul: what ``mm`` must equal."""
+    return a @ b if add is None else add + a @ b
