@@ -1,6 +1,8 @@
 """Achieved FLOP/s of one training step against this machine's matmul peak, measured in the same run.
 
-The peak is the best of a large square matmul (2048³, fp32 on CPU / bf16 on GPU). A step is the
+The peak is the best of a large square matmul (2048³, fp32 on CPU / bf16 on GPU), through torch's
+own matmul and, on a CPU, also through oneDNN (``kernels.gemm``, which lorakit's fused nodes use where
+it is faster): the machine's peak is the better of the two. A step is the
 forward + backward of one batch of 8 bundled examples (SmolLM2-135M-Instruct, LoRA r=16 on all
 linear layers), done two ways on the same rows:
 
@@ -10,7 +12,7 @@ linear layers), done two ways on the same rows:
                     ``transformers.Trainer`` runs): every position through the head
 
 FLOPs are counted by ``torch.utils.flop_counter`` on one step of each side (matrix products:
-``mm``, ``addmm``, ``addmm_``, ``bmm``; attention scores on the CPU are not counted, a small share
+``mm``, ``addmm``, ``addmm_``, ``bmm`` and oneDNN's linear; attention scores on the CPU are not counted, a small share
 at these lengths). "useful GFLOP/s" divides lorakit's count, the work the step needs, by each
 side's time, so it compares the two directly; "% of peak" is each side's own count over its time.
 A second table splits one profiled lorakit step into its parts (frozen projections, rank-r
@@ -22,6 +24,7 @@ products, output head, attention, the rest) with each matmul part's GFLOP/s.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from pathlib import Path
@@ -40,29 +43,61 @@ def _addmm_(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: 
     return _mm_flops(a_shape, b_shape)
 
 
+def _linear(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # x wᵀ: x (n, k), w (m, k)
+
+
+def _linear_binary(x_shape: Any, other_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None,
+                   **kwargs: Any) -> int:
+    return _linear(x_shape, w_shape)
+
+
+def flop_mapping() -> dict[Any, Any]:
+    """FlopCounterMode's extra formulas: in-place addmm and oneDNN's linear (plain and with a sum)."""
+    mapping: dict[Any, Any] = {torch.ops.aten.addmm_: _addmm_}
+    try:
+        mapping[torch.ops.mkldnn._linear_pointwise.default] = _linear
+        mapping[torch.ops.mkldnn._linear_pointwise.binary] = _linear_binary
+    except (AttributeError, RuntimeError):  # a torch build without oneDNN
+        pass
+    return mapping
+
+
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
-def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 8) -> float:
-    """Best GFLOP/s of an n×n×n matmul."""
+def matmul_peak(device: str, dtype: torch.dtype, n: int = 2048, reps: int = 8, onednn: bool = False) -> float:
+    """Best GFLOP/s of an n×n×n matmul: torch's own, or with ``onednn`` through ``kernels.gemm``
+    forced onto oneDNN."""
+    from lorakit.kernels import gemm
+
     a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
     best = float("inf")
-    for _ in range(reps):
-        sync()
-        t = time.perf_counter()
-        a @ b
-        sync()
-        best = min(best, time.perf_counter() - t)
+    before = gemm.CPU_GEMM
+    gemm.CPU_GEMM = "onednn"
+    try:
+        with gemm.onednn_scope() if onednn else contextlib.nullcontext():
+            for _ in range(reps):
+                sync()
+                t = time.perf_counter()
+                gemm.mm(a, b)
+                sync()
+                best = min(best, time.perf_counter() - t)
+    finally:
+        gemm.CPU_GEMM = before
     return 2 * n**3 / best / 1e9
 
 
-MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm")
+MATMULS = ("aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "mkldnn::_linear_pointwise")
 
 
 def _matmul_flops(name: str, shapes: list[Any]) -> int:
-    """FLOPs of one mm/addmm/addmm_/bmm call from its recorded input shapes."""
+    """FLOPs of one mm/addmm/addmm_/bmm or oneDNN linear call from its recorded input shapes."""
+    if name == "mkldnn::_linear_pointwise":  # (x, w, …) or, with a sum, (x, other, w, …): x wᵀ
+        x, w = shapes[0], shapes[2] if len(shapes) == 5 else shapes[1]
+        return 2 * x[0] * x[1] * w[0]
     a, b = (shapes[0], shapes[1]) if name in ("aten::mm", "aten::bmm") else (shapes[1], shapes[2])
     return 2 * a[-2] * a[-1] * b[-1] * (a[0] if len(a) == 3 else 1)
 
@@ -72,8 +107,7 @@ def breakdown(step: Any, rank: int, vocab: int, cuda: bool) -> list[tuple[str, f
     products, the output head and cross-entropy, attention, and everything else, from the self
     times of a ``torch.profiler`` trace (device time on a GPU). An op inside lorakit's attention or
     cross-entropy node (forward or backward) belongs to that part; other matmuls are told apart by
-    shape: a rank-r side is LoRA, a vocabulary-sized (or ``VOCAB_BLOCK``) side is the head."""
-    from lorakit.kernels.cross_entropy import VOCAB_BLOCK
+    shape: a rank-r side is LoRA, a vocabulary-sized side is the head."""
 
     with torch.profiler.profile(record_shapes=True) as prof:
         step()
@@ -92,7 +126,7 @@ def breakdown(step: Any, rank: int, vocab: int, cuda: bool) -> list[tuple[str, f
         gflop = _matmul_flops(e.name, e.input_shapes) / 1e9 if e.name in MATMULS else 0.0
         if any("Segments" in n or "scaled_dot_product" in n for n in names):
             part = attention
-        elif any("CrossEntropy" in n for n in names) or (gflop and dims & {vocab, VOCAB_BLOCK}):
+        elif any("CrossEntropy" in n for n in names) or (gflop and vocab in dims):
             part = head
         elif gflop:
             part = lora if rank in dims else frozen
@@ -117,6 +151,7 @@ def main() -> None:
     from lorakit.attention import padding_free
     from lorakit.data import DataOptions, batches, collate, collate_flat, load_examples
     from lorakit.kernels.cast import cached_casts
+    from lorakit.kernels.gemm import onednn_scope, uses_onednn
     from lorakit.loss import causal_lm_loss
     from lorakit.mlp import fused_mlp
     from lorakit.models import load_model
@@ -136,13 +171,15 @@ def main() -> None:
     theirs.train()
     examples = load_examples(DATA, tok, DataOptions(max_seq_len=256))
     steps = batches([[e] for e in examples], 8, 0, 0)[: args.steps + 1]
+    onednn = not cuda and uses_onednn(torch.device("cpu"), dtype)
+    multiple = 32 if onednn else 1  # the trainer's token-count rounding where its products run on oneDNN
 
     def to(batch: dict[str, Any]) -> dict[str, Any]:
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
-    def step_ours(rows: Any) -> None:  # with the trainer's fast paths (Trainer.fast_paths)
-        with padding_free(ours), fused_mlp(ours), fused_norms(ours), cached_casts():
-            loss, n = causal_lm_loss(ours, to(collate_flat(rows)))
+    def step_ours(rows: Any) -> None:  # with the trainer's fast paths (Trainer.fast_paths) and batches
+        with padding_free(ours), fused_mlp(ours), fused_norms(ours), cached_casts(), onednn_scope():
+            loss, n = causal_lm_loss(ours, to(collate_flat(rows, multiple=multiple)))
             (loss / n).backward()
         ours.zero_grad(set_to_none=True)
 
@@ -153,12 +190,14 @@ def main() -> None:
     sides = {"lorakit": step_ours, "PEFT": step_theirs}
     flops = {}
     for name, step in sides.items():
-        with FlopCounterMode(display=False, custom_mapping={torch.ops.aten.addmm_: _addmm_}) as counter:
+        with FlopCounterMode(display=False, custom_mapping=flop_mapping()) as counter:
             step(steps[0])  # also the warm-up
         flops[name] = counter.get_total_flops()
-    peak, times = [], {k: [] for k in sides}
+    peak, peak_onednn, times = [], [], {k: [] for k in sides}
     for _ in range(args.rounds):  # interleaved, so a slow spell of the machine hits every measurement
         peak.append(matmul_peak(device, dtype))
+        if onednn:
+            peak_onednn.append(matmul_peak(device, dtype, onednn=True))
         for name, step in sides.items():
             sync()
             t = time.perf_counter()
@@ -166,7 +205,7 @@ def main() -> None:
                 step(rows)
             sync()
             times[name].append((time.perf_counter() - t) / args.steps)
-    best_peak = max(peak)
+    best_peak = max(peak + peak_onednn)
     lines = ["| side | GFLOP per step (counted) | s/step (median) | achieved GFLOP/s | % of matmul peak | "
              "useful GFLOP/s |", "|---|---|---|---|---|---|"]
     for name in sides:
@@ -187,13 +226,15 @@ def main() -> None:
     where = (f"Where one lorakit step goes (`torch.profiler`, {'device' if cuda else 'self CPU'} time of one step, "
              f"{total:.0f} ms with the profiler on):\n\n" + "\n".join(rows))
     table = "\n".join(lines) + "\n\n" + ceiling + "\n\n" + where
-    print(f"matmul peak: {best_peak:.1f} GFLOP/s ({dtype})")
+    peaks = (f"torch's matmul {max(peak):.1f} GFLOP/s" + (f", oneDNN's {max(peak_onednn):.1f} (lorakit's fp32 "
+             f"products run on oneDNN, kernels.gemm; PEFT's on torch's)" if peak_onednn else ""))
+    print(f"matmul peak: {best_peak:.1f} GFLOP/s ({dtype}; {peaks})")
     print(table)
     if not args.no_save:
         append_entry(f"## flops.py — {time.strftime('%Y-%m-%d')}, {machine()}, torch {torch.__version__}, "
                      f"peft {peft.__version__}\n\nSmolLM2-135M-Instruct {str(dtype).split('.')[-1]}, LoRA r=16 all linear, "
                      f"batches of 8 bundled examples, {args.steps} steps × {args.rounds} interleaved rounds; matmul "
-                     f"peak (2048³, best of the run) {best_peak:.1f} GFLOP/s.\n\n{table}\n")
+                     f"peak (2048³, best of the run) {best_peak:.1f} GFLOP/s ({peaks}).\n\n{table}\n")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,9 @@ loss plot and model card are outside it on both sides. ``--padded`` instead feed
 identical pre-padded batches in a plain loop (forward, backward, AdamW) so that only the per-token
 kernels are compared. On the CPU both sides run fp32 unless ``--bf16`` puts both under bf16
 autocast (lorakit's ``train.bf16: true``; worth it on CPUs with native bf16, see the README).
+On a CPU, lorakit's fused nodes run their fp32 products on oneDNN where it beats torch's BLAS
+(``kernels.gemm``; the table's header says which); PEFT's go through torch's BLAS, as for any user
+of it. ``LORAKIT_CPU_GEMM=blas`` puts lorakit on the BLAS too, to separate the two gains.
 
     python benchmarks/train_vs_peft.py [--steps 20] [--padded] [--repeats 2] [--bf16]
     python benchmarks/train_vs_peft.py --model random-1b --tokenizer DIR     # on a GPU
@@ -65,6 +68,16 @@ def bf16(args: argparse.Namespace) -> bool:
     """Both sides' matmuls under bf16 autocast: always on a GPU; on the CPU with ``--bf16`` (PEFT's
     ``TrainingArguments(bf16=True)``, lorakit's ``train.bf16: true``), else fp32 on both."""
     return torch.cuda.is_available() or args.bf16
+
+
+def gemm_note() -> str:
+    """Which library lorakit's fp32 CPU products ran on (``kernels.gemm``); PEFT's always use torch's BLAS."""
+    from lorakit.kernels.gemm import CPU_GEMM, uses_onednn
+
+    if torch.cuda.is_available():
+        return ""
+    where = "oneDNN" if uses_onednn(torch.device("cpu"), torch.float32) else "torch's BLAS"
+    return f", lorakit's fp32 products on {where} (LORAKIT_CPU_GEMM={CPU_GEMM}; PEFT's on torch's BLAS)"
 
 
 def peak_memory() -> int:
@@ -176,6 +189,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
     from lorakit.attention import padding_free
     from lorakit.data import collate
     from lorakit.kernels.cast import cached_casts
+    from lorakit.kernels.gemm import onednn_scope
     from lorakit.loss import causal_lm_loss
     from lorakit.mlp import fused_mlp
     from lorakit.norm import fused_norms
@@ -192,7 +206,10 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
-    batches = [collate([[e] for e in exs[k:k + args.batch]], tok.pad_token_id) for k in range(0, len(exs), args.batch)]
+    # token counts a multiple of 32 on both sides, as lorakit's trainer pads them where oneDNN runs its products
+    # (kernels.gemm; a few columns a batch, HF's pad_to_multiple_of does the same for GPUs)
+    batches = [collate([[e] for e in exs[k:k + args.batch]], tok.pad_token_id, multiple=32)
+               for k in range(0, len(exs), args.batch)]
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16(args))
     tokens, loss_value = 0, 0.0
     start = time.perf_counter()
@@ -201,6 +218,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
             kernels.enter_context(fused_mlp(model))
             kernels.enter_context(fused_norms(model))
             kernels.enter_context(cached_casts(release=not cuda))  # as the trainer: fp32 originals paged out
+            kernels.enter_context(onednn_scope())  # as the trainer: fp32 CPU products on oneDNN where faster
             if bf16(args) and not cuda:  # as the trainer: padded attention under CPU bf16 in fp32
                 kernels.enter_context(padding_free(model))
         for batch in batches:
@@ -283,7 +301,8 @@ def main() -> None:
              "", f"`python benchmarks/train_vs_peft.py --model {args.model} --steps {args.steps}"
              f"{f' --batch {args.batch}' if args.batch != 8 else ''}{f' --repeats {args.repeats}' if args.repeats > 1 else ''}"
              f"{' --padded' if args.padded else ''}{' --bf16' if args.bf16 else ''}`: batch {args.batch}, r=16, "
-             f"alpha=32, all linear layers, lr {args.lr}, {'bf16 autocast' if bf16(args) else 'fp32'}; torch {torch.__version__}, transformers "
+             f"alpha=32, all linear layers, lr {args.lr}, {'bf16 autocast' if bf16(args) else 'fp32'}{gemm_note()}; "
+             f"torch {torch.__version__}, transformers "
              f"{transformers.__version__}, peft {peft.__version__}.", "",
              f"| side | supervised tokens/s | wall s | {mem} |{' of it anonymous (peak) |' if anon else ''} "
              f"final train loss |", "|---|---|---|---|---|" + ("---|" if anon else "")]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -297,14 +298,18 @@ def pack(examples: Sequence[Example], max_len: int) -> list[list[Example]]:
     return rows
 
 
-def collate(rows: Sequence[Sequence[Example]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Batch rows of one or more examples each, right-padded to the longest row.
+def collate(rows: Sequence[Sequence[Example]], pad_id: int, *, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Batch rows of one or more examples each, right-padded to the longest row (and further, to
+    the fewest extra columns that make the token count B·T a multiple of ``multiple``: T rounded
+    up to a multiple of ``multiple / gcd(B, multiple)``; see ``collate_flat``).
 
     Returns ``input_ids``, ``labels`` (B, T), ``position_ids`` (B, T, restarting at each example)
     and ``attention_mask``: (B, T) for one example per row, else a (B, 1, T, T) boolean
     block-diagonal causal mask so that packed examples cannot see each other.
     """
     length = max(sum(len(e.input_ids) for e in row) for row in rows)
+    step = multiple // math.gcd(len(rows), multiple)
+    length += -length % step
     ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), length), dtype=torch.long)

@@ -40,7 +40,7 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_
     with padding_free(model) if flat else contextlib.nullcontext():
         for k in range(0, len(examples), batch_size):
             rows = [[e] for e in examples[k:k + batch_size]]
-            raw = collate_flat(rows, multiple=multiple, pad_id=pad_id) if flat else collate(rows, pad_id)
+            raw = collate_flat(rows, multiple=multiple, pad_id=pad_id) if flat else collate(rows, pad_id, multiple=multiple)
             batch = {key: v.to(device) if torch.is_tensor(v) else v for key, v in raw.items()}
             with autocast() if autocast else contextlib.nullcontext():
                 loss_sum, n = causal_lm_loss(model, batch)

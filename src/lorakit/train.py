@@ -294,7 +294,7 @@ class Trainer:
             if not mine:  # fewer rows than ranks at an epoch's end: run a row with weight 0 (exact, no hang)
                 mine, weight = [micro[0]], 0.0
             raw = collate_flat(mine, multiple=self.flat_multiple, pad_id=pad) if self.padding_free \
-                else collate(mine, pad)
+                else collate(mine, pad, multiple=self.flat_multiple)
             batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
             with no_sync(self.wrapped, world, last=i == len(group) - 1):
                 with self.autocast() if self.autocast else contextlib.nullcontext():
