@@ -43,23 +43,17 @@ def _addmm_(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: 
     return _mm_flops(a_shape, b_shape)
 
 
-def _linear(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
-    return 2 * x_shape[0] * x_shape[1] * w_shape[0]  # x wᵀ: x (n, k), w (m, k)
-
-
-def _linear_binary(x_shape: Any, other_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None,
-                   **kwargs: Any) -> int:
-    return _linear(x_shape, w_shape)
+def _linear(x_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    """oneDNN's linear x wᵀ, x (n, k), w (m, k): args (w, …) or, with a sum, (other, w, …)."""
+    w = args[1] if len(args) > 1 and isinstance(args[1], (tuple, list, torch.Size)) else args[0]
+    return 2 * x_shape[0] * x_shape[1] * w[0]
 
 
 def flop_mapping() -> dict[Any, Any]:
     """FlopCounterMode's extra formulas: in-place addmm and oneDNN's linear (plain and with a sum)."""
     mapping: dict[Any, Any] = {torch.ops.aten.addmm_: _addmm_}
-    try:
-        mapping[torch.ops.mkldnn._linear_pointwise.default] = _linear
-        mapping[torch.ops.mkldnn._linear_pointwise.binary] = _linear_binary
-    except (AttributeError, RuntimeError):  # a torch build without oneDNN
-        pass
+    with contextlib.suppress(AttributeError, RuntimeError):  # a torch build without oneDNN has no such op
+        mapping[torch.ops.mkldnn._linear_pointwise] = _linear
     return mapping
 
 

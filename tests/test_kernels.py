@@ -636,3 +636,23 @@ def test_fused_nodes_in_fp32_equal_float64_math_on_either_gemm(backend, monkeypa
     targets = torch.randint(0, 300, (170,), generator=g)
     check(lambda h, w: cross_entropy.linear_cross_entropy(h, w, None, targets),
           lambda h, w: cross_entropy.linear_cross_entropy_reference(h, w, None, targets), (t(170, 48), t(300, 48, grad=False)))
+
+
+@pytest.mark.parametrize("backend", GEMMS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_frozen_linear_equals_f_linear(backend, bias, monkeypatch):
+    """``gemm.frozen_linear`` gives F.linear's output and input gradient (fp32, either library)."""
+    monkeypatch.setattr(gemm, "CPU_GEMM", backend)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 40, 48, generator=g, requires_grad=True)
+    w, b = torch.randn(96, 48, generator=g), torch.randn(96, generator=g) if bias else None
+    up = torch.randn(2, 40, 96, generator=g)
+    with gemm.onednn_scope():
+        y = gemm.frozen_linear(x, w, b)
+        (gx,) = torch.autograd.grad(y, x, up)
+    ref = F.linear(x.double(), w.double(), b.double() if bias else None)
+    (rx,) = torch.autograd.grad(ref, x, up.double())
+    torch.testing.assert_close(y.double(), ref.detach(), atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gx.double(), rx.double(), atol=1e-4, rtol=1e-5)
+    with pytest.raises(ValueError, match="must not need gradients"):
+        gemm.frozen_linear(x, w.requires_grad_())

@@ -30,6 +30,7 @@ import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 
@@ -134,3 +135,30 @@ def mm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> tor
 def mm_reference(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
     """The same through torch's own matmul: what ``mm`` must equal."""
     return a @ b if add is None else add + a @ b
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """y = x Wᵀ + b for a frozen W (and b): forward and ∂L/∂x = g W both through ``mm``; nothing but
+    W is kept for the backward pass, as autograd keeps for a frozen ``F.linear``."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        add = None if bias is None else bias.expand(x2.shape[0], weight.shape[0]).contiguous()
+        ctx.save_for_backward(weight)
+        ctx.lead = x.shape[:-1]
+        return mm(x2, weight.T, add).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        (weight,) = ctx.saved_tensors
+        grad_x = mm(grad.reshape(-1, grad.shape[-1]), weight).reshape(*ctx.lead, weight.shape[1])
+        return grad_x, None, None
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` for a weight and bias that need no gradient, its products on
+    ``mm`` (oneDNN inside ``onednn_scope()`` where it applies). x (…, in), weight (out, in)."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("frozen_linear: weight and bias must not need gradients")
+    return _FrozenLinear.apply(x, weight, bias)
