@@ -359,7 +359,7 @@ def test_bf16_auto_is_gpu_only_and_native_bf16_cpus_get_a_hint(monkeypatch, tmp_
         cfg = build_config(run_config(train={"max_steps": 1, "save_steps": 0}, eval={"steps": 0},
                                       output_dir=str(tmp_path / flags.split()[1])))
         Trainer(cfg, progress=False, log=lines.append).run()
-        assert any("train.bf16=true trains about 2.4x faster" in x for x in lines) is native
+        assert any("train.bf16=true trains about 1.4x faster" in x for x in lines) is native
     cpuinfo.unlink()
     assert T.cpu_native_bf16() is False  # no /proc/cpuinfo: no hint
     with pytest.raises(ConfigError, match="train.bf16 must be auto, true or false"):

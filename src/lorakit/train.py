@@ -96,8 +96,9 @@ CPUINFO = "/proc/cpuinfo"
 
 def cpu_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 natively (the ``avx512_bf16`` or ``amx_bf16`` flag): there
-    bf16 matmuls run ~4× fp32's (AMD EPYC with AVX512-BF16, 2 cores: 810-936 vs 217-224 GFLOP/s)
-    and a LoRA step under ``train.bf16: true`` ~2.4× faster; elsewhere they are slower than fp32."""
+    bf16 matmuls run ~2× fp32's on oneDNN (AMD EPYC with AVX512-BF16, 2 cores: 810-936 vs 411-499
+    GFLOP/s; ~4× the 193-240 of oneMKL's fp32) and the demo trains ~1.4× faster under
+    ``train.bf16: true``; elsewhere bf16 matmuls are slower than fp32."""
     try:
         with open(CPUINFO) as f:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
@@ -108,10 +109,11 @@ def cpu_native_bf16() -> bool:
 
 def resolve_bf16(setting: bool | str, device: torch.device) -> bool:
     """``train.bf16``: auto = on a GPU only. On a CPU with native bf16 it is opt-in (CPUs without it
-    multiply bf16 slowly). With native bf16 it trains the demo 2.45× faster at about fp32's peak
-    memory (2.45 GB against 2.41-2.51; the fp32 weights are paged out once their copies are made).
-    Its eval loss matches fp32's: 0.0404 against 0.0411, the mean over three seeds, with the
-    logits kept in fp32 (``kernels.cross_entropy``)."""
+    multiply bf16 slowly). With native bf16 it trains the demo 1.44× faster than fp32 with its
+    products on oneDNN (70 s against 101 s; 2.45× against fp32 on oneMKL) at about fp32's peak
+    memory (the fp32 weights are paged out once their copies are made). Its eval loss was fp32's
+    within seed noise: 0.0404 against 0.0411, the mean over three seeds, with the logits kept in
+    fp32 (``kernels.cross_entropy``)."""
     return device.type == "cuda" if setting == "auto" else bool(setting)
 
 
@@ -374,8 +376,8 @@ class Trainer:
                  f"trainable {self.trainable:,d} / {self.total:,d} params ({100 * self.trainable / self.total:.2f}%), "
                  f"base weights {self.base_weight_bytes / 2**20:.1f} MiB")
         if self.device.type == "cpu" and not self.bf16 and cpu_native_bf16():
-            self.log("this CPU multiplies bf16 natively: train.bf16=true trains about 2.4x faster here "
-                     "(the demo reaches the same eval loss; see the README's Precision note)")
+            self.log("this CPU multiplies bf16 natively: train.bf16=true trains about 1.4x faster here "
+                     "(the demo: eval loss within seed noise of fp32's; see the README's Precision note)")
         self.log(f"data: {len(self.train_examples)} train examples in {len(self.rows)} rows, "
                  f"{len(self.eval_examples)} eval; batch {t.batch_size} × accumulation {t.grad_accum}"
                  + (f" × {self.world.size} processes ({self.world.mode})" if self.world.active else "")

@@ -77,7 +77,7 @@ class TrainSection:
     max_grad_norm: float = 1.0
     gradient_checkpointing: bool = False
     # auto | true | false: matmuls under bf16 autocast (weights and adapters stay in their dtype);
-    # auto = on a GPU only (on CPUs with native bf16, true is ~2.4x faster; see lorakit.train)
+    # auto = on a GPU only (on CPUs with native bf16, true is ~1.4x faster; see lorakit.train)
     bf16: bool | str = "auto"
     logging_steps: int = 1
     save_steps: int = 0  # 0: only at each epoch end

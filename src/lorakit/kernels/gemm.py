@@ -1,13 +1,13 @@
 """Matrix products for the fused nodes, routed to the faster of the two CPU GEMM libraries torch has.
 
-PyTorch multiplies fp32 matrices on the CPU with its BLAS (Intel oneMKL in the x86 wheels).
-oneMKL picks its code path by CPU vendor: on AMD processors it runs its AVX2 kernels, so on a CPU
-with 512-bit FMA units (AMD Zen 5) it reaches half the machine's fp32 rate. The same wheels also
-carry oneDNN, which picks its kernels by instruction set: on the 2-core AMD EPYC (Zen 5) this
-project measures on, its fp32 products run 2.0-2.4× oneMKL's on every shape of a SmolLM2 LoRA
-step (438-489 against 206-221 GFLOP/s for the projections, 1.3-3.1× for the rank-16 products,
-1.6-1.8× for the 49k-row output head), at the same fp32 accuracy (relative error ~1e-6 against
-float64 for both). Both compute ``a @ b`` in fp32; they differ only in the order of the sums.
+PyTorch multiplies fp32 matrices on the CPU with its BLAS (Intel oneMKL in the x86 wheels), which
+chooses its code path by CPU vendor. On the 2-core AMD EPYC (Zen 5, 512-bit FMA units) this project
+measures on, it reaches 193-240 GFLOP/s: what AVX2 code can do there, half of what the cores can.
+The same wheels also carry oneDNN, which picks its kernels by instruction set: its fp32 products
+run 2.1-2.4× oneMKL's on the projections of a SmolLM2 LoRA step (458-499 against 201-213 GFLOP/s),
+1.6-1.9× on the rank-16 products and the 49k-row output head (``benchmarks/cpu_gemm.py``), both in
+fp32 (largest relative error against float64: 3-8e-7 for oneMKL, 5e-7 to 1.3e-6 for oneDNN: the
+order of the sums differs).
 
 ``mm(a, b, add)`` = ``a @ b + add`` through oneDNN's linear primitive (``b`` given to it as the
 (out, in) weight ``bᵀ``, a view; ``add`` fused into its output) inside ``onednn_scope()`` where
