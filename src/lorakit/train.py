@@ -55,7 +55,7 @@ from lorakit.frozen import frozen_linears
 from lorakit.inject import count_parameters, get_lora_model
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.kernels.cast import cached_casts
-from lorakit.kernels.gemm import onednn_scope, uses_onednn
+from lorakit.kernels.gemm import cpu_flags, onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss
 from lorakit.memory import keep_freed_memory, peak_memory_bytes, return_freed_memory
 from lorakit.mlp import fused_mlp
@@ -99,11 +99,7 @@ def cpu_native_bf16() -> bool:
     bf16 matmuls run ~2× fp32's on oneDNN (AMD EPYC with AVX512-BF16, 2 cores: 810-936 vs 411-499
     GFLOP/s; ~4× the 193-240 of oneMKL's fp32) and the demo trains ~1.4× faster under
     ``train.bf16: true``; elsewhere bf16 matmuls are slower than fp32."""
-    try:
-        with open(CPUINFO) as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
+    flags = cpu_flags(CPUINFO)[1]
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

@@ -26,6 +26,7 @@ runs on the BLAS. Generation and serving, whose shapes are unbounded, stay on th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Iterator
@@ -126,15 +127,9 @@ def mm(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> tor
         if add is None:
             return op(a, weight, None, "none", [], "")  # type: ignore[operator]
         return op.binary(a, add, weight, None, "add")  # type: ignore[attr-defined]
-    if torch.is_autocast_enabled(a.device.type):
-        with torch.autocast(a.device.type, enabled=False):
-            return a @ b if add is None else torch.addmm(add, a, b)
-    return a @ b if add is None else torch.addmm(add, a, b)
-
-
-def mm_reference(a: torch.Tensor, b: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
-    """The same through torch's own matmul: what ``mm`` must equal."""
-    return a @ b if add is None else add + a @ b
+    device = a.device.type
+    with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext():
+        return a @ b if add is None else torch.addmm(add, a, b)
 
 
 class _FrozenLinear(torch.autograd.Function):
