@@ -260,10 +260,10 @@ class Trainer:
         self.state = state
         # the next step's lr from this run's schedule, as LambdaLR forms it: the same value for a plain resume;
         # a finished run extended (more epochs or max_steps) continues on its new schedule, not at the old end's lr
+        # (the optimizer's groups carry the lr each step uses; the loop logs it from there)
         sched = self.scheduler
-        sched._last_lr = [base * f(sched.last_epoch) for base, f in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(self.optimizer.param_groups, sched._last_lr):
-            group["lr"] = lr
+        for group, base, f in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True):
+            group["lr"] = base * f(sched.last_epoch)
         self.log(f"resumed from {path} (step {state.step}, epoch {state.epoch})")
         return True
 
@@ -415,7 +415,7 @@ class Trainer:
             groups = [epoch_batches[k:k + t.grad_accum] for k in range(0, len(epoch_batches), t.grad_accum)]
             for index in range(s.step_in_epoch, len(groups)):
                 tick = time.perf_counter()
-                lr = self.scheduler.get_last_lr()[0]  # the lr this step uses
+                lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses
                 loss, grad_norm, tokens = self.step(groups[index])
                 elapsed = time.perf_counter() - tick
                 s.step, s.step_in_epoch, s.tokens = s.step + 1, index + 1, s.tokens + tokens
