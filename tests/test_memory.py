@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from lorakit.memory import file_backed, file_mappings, keep_freed_memory, page_out
+from lorakit import memory
+from lorakit.memory import HeapGuard, file_backed, file_mappings, keep_freed_memory, page_out
 
 
 def resident_bytes(t: torch.Tensor) -> int:
@@ -92,3 +93,33 @@ def test_keep_freed_memory_sets_glibc_malloc_unless_told_not_to():
         quiet = Libc()
         assert keep_freed_memory(env, quiet) is False and quiet.calls == []
     assert keep_freed_memory({}, object()) is False  # no mallopt (not glibc)
+
+
+def test_heap_guard_gives_freed_memory_back_only_past_the_slack():
+    """The level is the highest resident set of the warm-up steps; a later step that leaves more
+    than level + slack resident trims the heap (malloc_trim(0)), any other does not."""
+
+    class Libc:
+        def __init__(self) -> None:
+            self.trims = 0
+
+        def malloc_trim(self, pad: int) -> int:
+            assert pad == 0
+            self.trims += 1
+            return 1
+
+    mib = 2**20
+    readings = iter([900 * mib, 1000 * mib,  # warm-up: level 1000 MiB
+                     1100 * mib, 1128 * mib, 1129 * mib, 1000 * mib, 2000 * mib])
+    libc = Libc()
+    guard = HeapGuard(slack=128 * mib, warmup=2, lib=libc, resident=lambda: next(readings))
+    done = [guard.after_step() for _ in range(7)]
+    assert done == [False, False, False, False, True, False, True]
+    assert guard.level == 1000 * mib and guard.trims == libc.trims == 2
+
+
+def test_resident_bytes_counts_touched_memory():
+    before = memory.resident_bytes()
+    block = np.ones(64 * 2**20 // 8)  # 64 MiB, every page written
+    assert memory.resident_bytes() - before >= 60 * 2**20
+    del block

@@ -366,24 +366,33 @@ def test_bf16_auto_is_gpu_only_and_native_bf16_cpus_get_a_hint(monkeypatch, tmp_
         build_config(run_config(train={"bf16": "maybe"}))
 
 
-def test_return_freed_memory_trims_the_heap_after_training(run_config, monkeypatch):
-    """Once the steps are over, the memory kept for their reuse goes back to the OS (malloc_trim(0)),
-    before the closing evaluation; not where the allocator was left alone."""
+def test_the_allocator_policy_ends_and_the_heap_is_trimmed_after_training(run_config, monkeypatch):
+    """Once the steps are over, the memory kept for their reuse goes back to the OS (malloc_trim(0))
+    and glibc maps blocks of 32 MiB and more and trims the heap top past 64 MiB free again, before
+    the closing evaluation; not where the allocator was left alone."""
     import lorakit.train as T
     from lorakit import memory
 
-    trims: list[int] = []
+    calls: list[tuple] = []
 
     class Libc:
         def malloc_trim(self, pad: int) -> int:
-            trims.append(pad)
+            calls.append(("trim", pad))
             return 1
 
-    assert memory.return_freed_memory(Libc()) is True and trims == [0]
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append((param, value))
+            return 1
+
+    assert memory.return_freed_memory(Libc()) is True and calls == [("trim", 0)]
     assert memory.return_freed_memory(object()) is False  # no malloc_trim (not glibc)
+    calls.clear()
+    assert memory.stop_keeping_freed_memory(Libc()) is True
+    assert calls == [(-3, 32 * 2**20), (-1, 64 * 2**20), ("trim", 0)]  # M_MMAP_THRESHOLD, M_TRIM_THRESHOLD
+    assert memory.stop_keeping_freed_memory(object()) is False
     events: list[str] = []
     monkeypatch.setattr(T, "keep_freed_memory", lambda: events.append("keep") or True)
-    monkeypatch.setattr(T, "return_freed_memory", lambda: events.append("trim") or True)
+    monkeypatch.setattr(T, "stop_keeping_freed_memory", lambda: events.append("trim") or True)
     evaluate = T.Trainer.evaluate
     monkeypatch.setattr(T.Trainer, "evaluate", lambda self: events.append("eval") or evaluate(self))
     cfg = build_config(run_config(train={"epochs": 1, "save_steps": 0}, eval={"steps": 0, "generate": False}))
@@ -394,6 +403,32 @@ def test_return_freed_memory_trims_the_heap_after_training(run_config, monkeypat
     T.Trainer(build_config(run_config(train={"epochs": 1, "save_steps": 0}, eval={"steps": 0, "generate": False},
                                       output_dir=str(cfg.output_dir) + "-2")), progress=False, log=lambda _: None).run()
     assert events == ["keep", "eval"]
+
+
+def test_heap_guard_trims_between_steps_without_changing_the_run(run_config, tmp_path, monkeypatch):
+    """Where the allocator keeps freed memory, the trainer consults a HeapGuard after every step; one
+    that gives the heap back after every step past the warm-up (slack 0, real malloc_trim) leaves
+    the run identical to one with the allocator left alone."""
+    import lorakit.train as T
+    from lorakit import memory
+
+    guards: list[memory.HeapGuard] = []
+
+    class Eager(memory.HeapGuard):
+        def __init__(self) -> None:
+            super().__init__(slack=0, resident=lambda: 1 + self.steps)  # always above the warm-up level
+            guards.append(self)
+
+    monkeypatch.setattr(T, "HeapGuard", Eager)
+    monkeypatch.setattr(T, "keep_freed_memory", lambda: True)
+    trimmed = train(run_config(output_dir=str(tmp_path / "trimmed"), eval={"steps": 0, "generate": False}),
+                    progress=False)
+    monkeypatch.setattr(T, "keep_freed_memory", lambda: False)
+    plain = train(run_config(output_dir=str(tmp_path / "plain"), eval={"steps": 0, "generate": False}),
+                  progress=False)
+    assert len(guards) == 1 and guards[0].steps == trimmed.steps == 12 and guards[0].trims == 10
+    assert trimmed.train_loss == plain.train_loss
+    assert_identical(adapter_tensors(trimmed.output_dir), adapter_tensors(plain.output_dir))
 
 
 @pytest.mark.parametrize("padding_free", ["auto", False])

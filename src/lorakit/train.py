@@ -57,7 +57,7 @@ from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.kernels.cast import cached_casts
 from lorakit.kernels.gemm import cpu_flags, onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss
-from lorakit.memory import keep_freed_memory, peak_memory_bytes, return_freed_memory
+from lorakit.memory import HeapGuard, keep_freed_memory, peak_memory_bytes, stop_keeping_freed_memory
 from lorakit.mlp import fused_mlp
 from lorakit.models import empty_model, enable_checkpointing, load_model
 from lorakit.norm import fused_norms
@@ -205,6 +205,7 @@ class Trainer:
         warmup = t.warmup_steps if t.warmup_steps > 0 else round(t.warmup_ratio * self.total_steps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(t.schedule, warmup, self.total_steps))
         self.state = TrainState(fingerprint=config.fingerprint(), world_size=self.world.size)
+        self.heap: HeapGuard | None = None  # set by run() where the allocator keeps freed memory
 
     # -- set-up ------------------------------------------------------------------------------------
 
@@ -359,6 +360,7 @@ class Trainer:
     def run(self) -> TrainResult:
         cfg, t = self.config, self.config.train
         kept = self.device.type == "cpu" and keep_freed_memory()
+        self.heap = HeapGuard() if kept else None
         resumed = self._resume()
         first_step = self.state.step
         main = self.world.main
@@ -395,7 +397,7 @@ class Trainer:
         finally:
             bar.close()
             if kept:  # the steps' temporaries are not needed by evaluation, saving or the caller
-                return_freed_memory()
+                stop_keeping_freed_memory()
         if not interrupted:
             final_eval = self.evaluate()
             final_eval["peak_memory_bytes"] = peak_memory_bytes(self.device)
@@ -417,6 +419,8 @@ class Trainer:
                 tick = time.perf_counter()
                 lr = self.optimizer.param_groups[0]["lr"]  # the lr this step uses
                 loss, grad_norm, tokens = self.step(groups[index])
+                if self.heap is not None:
+                    self.heap.after_step()
                 elapsed = time.perf_counter() - tick
                 s.step, s.step_in_epoch, s.tokens = s.step + 1, index + 1, s.tokens + tokens
                 self.last_loss = loss
