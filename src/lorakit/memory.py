@@ -137,8 +137,8 @@ def stop_keeping_freed_memory(lib: Any = None) -> bool:
     mapped and unmapped on their own again, the heap's top is trimmed past 64 MiB free, and the
     free memory goes back now (``return_freed_memory``). Evaluation and generation after training
     allocate in other sizes than the steps did (a growing KV cache, a batch's logits); in the heap
-    the steps left behind, with nothing trimmed, the demo's closing evaluation peaked at 2.57-2.65
-    GiB RSS, above training's own 2.46; with this, 2.16 GiB, in the same time. Returns whether
+    the steps left behind, with nothing trimmed, the demo's closing evaluation peaked at 2.65 GiB
+    RSS, above training's own 2.46; with this, 2.16 GiB, in the same time. Returns whether
     glibc took the settings."""
     mallopt = getattr(libc() if lib is None else lib, "mallopt", None)
     if mallopt is None:
