@@ -10,7 +10,10 @@ a slow spell of the machine hits all of them:
     flat + prefix       + the shared system-turn prefix stored once per batch
     + fused MLP         + each SwiGLU MLP as one LoRA node (lorakit.mlp)
     + flash segments    + per-segment attention as one node on ATen's CPU flash kernel, keeping
-                        unpadded q, k, v for backward (lorakit.attention; what the trainer runs)
+                        unpadded q, k, v for backward (lorakit.attention)
+    + oneDNN products   + the fused nodes' fp32 products on oneDNN, token counts rounded up to a
+                        multiple of 32 (kernels.gemm; what the trainer runs where ``uses_onednn``
+                        says so: elsewhere this is the variant above plus the rounding)
 
     python benchmarks/step_speed.py [--steps 4] [--rounds 2]
 
@@ -34,6 +37,7 @@ from lorakit.attention import padding_free
 from lorakit.config import LoraConfig
 from lorakit.data import DataOptions, batches, collate, collate_flat, load_examples
 from lorakit.inject import get_lora_model
+from lorakit.kernels.gemm import onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss
 from lorakit.mlp import fused_mlp
 from lorakit.models import load_model
@@ -62,12 +66,14 @@ def main() -> None:
         "flat + prefix": (True, lambda b: collate_flat(b)),
         "+ fused MLP": ("mlp", lambda b: collate_flat(b)),
         "+ flash segments": ("flash", lambda b: collate_flat(b)),
+        "+ oneDNN products": ("onednn", lambda b: collate_flat(b, multiple=32, pad_id=pad)),
     }
 
     def step(fused: bool | str, make, batch) -> float:
         lorakit.layers.FUSED_LINEAR = bool(fused)
-        lorakit.attention.CPU_ATTENTION = "auto" if fused == "flash" else "sdpa"
-        with fused_mlp(model) if fused in ("mlp", "flash") else contextlib.nullcontext():
+        lorakit.attention.CPU_ATTENTION = "auto" if fused in ("flash", "onednn") else "sdpa"
+        with (fused_mlp(model) if fused in ("mlp", "flash", "onednn") else contextlib.nullcontext(),
+              onednn_scope() if fused == "onednn" else contextlib.nullcontext()):
             loss, n = causal_lm_loss(model, make(batch))
             (loss / n).backward()
         model.zero_grad(set_to_none=True)
@@ -94,6 +100,8 @@ def main() -> None:
     print(f"loss spread across variants: {spread:.2e}")
     append_entry(f"## step_speed.py — {time.strftime('%Y-%m-%d')}, {machine()}, torch {torch.__version__}\n\n"
                  f"SmolLM2-135M-Instruct fp32, default LoRA (r16, all linear), batches of 8 bundled examples "
+                 f"(oneDNN {'used' if uses_onednn(torch.device('cpu'), torch.float32) else 'not used here'} "
+                 f"in the last variant) "
                  f"({tokens:.0f} real tokens per batch), {args.steps} steps × {args.rounds} interleaved rounds; "
                  f"loss equal across variants within {spread:.1e}.\n\n{table}\n")
 
