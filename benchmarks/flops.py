@@ -143,7 +143,8 @@ def main() -> None:
 
     import lorakit
     from lorakit.attention import padding_free
-    from lorakit.data import DataOptions, batches, collate, collate_flat, load_examples
+    from lorakit.collate import batches, collate, collate_flat
+    from lorakit.data import DataOptions, load_examples
     from lorakit.kernels.cast import cached_casts
     from lorakit.kernels.gemm import onednn_scope, uses_onednn
     from lorakit.loss import causal_lm_loss

@@ -65,7 +65,7 @@ def measure(side: str, layers: int, shape: str, rows: list[Any], pad: int, vocab
 
     import lorakit
     from lorakit.attention import padding_free
-    from lorakit.data import collate, collate_flat
+    from lorakit.collate import collate, collate_flat
     from lorakit.loss import causal_lm_loss
     from lorakit.mlp import fused_mlp
     from lorakit.models import enable_checkpointing

@@ -34,8 +34,9 @@ import torch
 import lorakit.attention
 import lorakit.layers
 from lorakit.attention import padding_free
+from lorakit.collate import batches, collate, collate_flat
 from lorakit.config import LoraConfig
-from lorakit.data import DataOptions, batches, collate, collate_flat, load_examples
+from lorakit.data import DataOptions, load_examples
 from lorakit.inject import get_lora_model
 from lorakit.kernels.gemm import onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss

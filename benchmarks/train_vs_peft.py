@@ -187,7 +187,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
 
     import lorakit
     from lorakit.attention import padding_free
-    from lorakit.data import collate
+    from lorakit.collate import collate
     from lorakit.kernels.cast import cached_casts
     from lorakit.kernels.gemm import onednn_scope
     from lorakit.loss import causal_lm_loss

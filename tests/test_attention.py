@@ -18,7 +18,8 @@ from lorakit.attention import (
     varlen_attention,
     varlen_attention_reference,
 )
-from lorakit.data import IGNORE, DataOptions, Example, collate, collate_flat, shared_prefix, tokenize_row
+from lorakit.collate import collate, collate_flat, shared_prefix
+from lorakit.data import IGNORE, DataOptions, Example, tokenize_row
 from lorakit.loss import causal_lm_loss
 from lorakit.models import load_model
 from test_data import CHAT, R
@@ -211,27 +212,3 @@ def test_padded_batches_inside_the_context_run_as_before(tiny_model_dir):
             inside = m(ids, attention_mask=mask).logits
     torch.testing.assert_close(inside, before, atol=1e-6, rtol=0)
     assert model.config._attn_implementation == "sdpa"
-
-
-def test_collate_flat_marks_segments_and_blocks_cross_targets(tokenizer):
-    a = tokenize_row(R({"prompt": "Hi", "completion": "Yo"}, "a"), tokenizer, DataOptions())
-    b = tokenize_row(R({"text": "plain"}, "b"), tokenizer, DataOptions())
-    batch = collate_flat([[a], [b]], trim=False)
-    na, nb = len(a.input_ids), len(b.input_ids)
-    assert batch["input_ids"].shape == (1, na + nb)
-    assert batch["cu_seq_lens_q"].tolist() == [0, na, na + nb] and batch["max_length_q"] == max(na, nb)
-    assert batch["position_ids"][0].tolist() == list(range(na)) + list(range(nb))
-    assert batch["labels"][0, na] == IGNORE  # a's last position does not learn to predict b's first token
-    # trimmed: a's last token (it predicts nothing) is left out, its label moves to b's first slot, so
-    # a's second-to-last position still learns it; b, the last segment, keeps all its tokens
-    cut = collate_flat([[a], [b]])
-    assert cut["input_ids"][0].tolist() == a.input_ids[:-1] + b.input_ids
-    assert cut["cu_seq_lens_q"].tolist() == [0, na - 1, na - 1 + nb] and cut["max_length_q"] == max(na - 1, nb)
-    assert cut["position_ids"][0].tolist() == list(range(na - 1)) + list(range(nb))
-    assert cut["labels"][0].tolist() == [*a.labels[:-1], a.labels[-1], *b.labels[1:]]
-    assert a.labels[-1] != IGNORE  # the moved label is a trained one
-    # with a filler after it, the last example is trimmed too (its label moves into the filler)
-    filled = collate_flat([[a], [b]], multiple=8, pad_id=0)
-    n = filled["input_ids"].shape[1]
-    assert n % 8 == 0 and filled["input_ids"][0, :na + nb - 2].tolist() == a.input_ids[:-1] + b.input_ids[:-1]
-    assert filled["labels"][0, na + nb - 2] == b.labels[-1] and (filled["labels"][0, na + nb - 1:] == IGNORE).all()

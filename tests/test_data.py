@@ -5,23 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from conftest import write_jsonl
 from lorakit.data import (
     IGNORE,
     DataError,
     DataOptions,
-    collate,
     load_examples,
-    pack,
     read_rows,
     show_example,
     tokenize_row,
 )
 from lorakit.data import Row as R
-from lorakit.loss import causal_lm_loss
-from lorakit.models import load_model
 
 CHAT = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
                      {"role": "assistant", "content": "4"}, {"role": "user", "content": "3+3?"},
@@ -131,29 +126,3 @@ def test_show_example_marks_trained_tokens(tokenizer):
     ex = tokenize_row(R({"prompt": "Hi", "completion": "Yo"}, "f.jsonl:1"), tokenizer, DataOptions())
     text = show_example(ex, tokenizer)
     assert text.startswith("f.jsonl:1:") and text.endswith("[Y][o][<|im_end|>]") and "·Hi·" in text
-
-
-def test_packing_gives_the_same_loss_as_separate_examples(tiny_model_dir, tokenizer):
-    model, _ = load_model(str(tiny_model_dir))
-    rows = [CHAT, {"prompt": "Name a colour.", "completion": "Blue."}, {"text": "plain text row"},
-            {"instruction": "Add", "input": "2 and 3", "output": "5"}, {"prompt": "x " * 20, "completion": "y"}]
-    examples = [tokenize_row(R(r, f"r:{i}"), tokenizer, DataOptions()) for i, r in enumerate(rows)]
-    packed_rows = pack(examples, max_len=128)
-    assert len(packed_rows) < len(examples)
-    with torch.no_grad():
-        sep_sum, sep_n = causal_lm_loss(model, collate([[e] for e in examples], tokenizer.pad_token_id))
-        one_by_one = sum(float(causal_lm_loss(model, collate([[e]], 2))[0]) for e in examples)
-        packed_sum, packed_n = causal_lm_loss(model, collate(packed_rows, tokenizer.pad_token_id))
-    assert sep_n == packed_n == sum(e.n_supervised for e in examples)
-    assert abs(float(packed_sum) / packed_n - float(sep_sum) / sep_n) <= 1e-5
-    assert abs(one_by_one / sep_n - float(sep_sum) / sep_n) <= 1e-5
-    batch = collate(packed_rows, 2)
-    assert batch["attention_mask"].shape[1] == 1 and batch["attention_mask"].dim() == 4
-    assert batch["position_ids"][0, len(packed_rows[0][0].input_ids)] == 0  # positions restart per example
-    # rounded to a token count that is a multiple of 32: the same loss over the same tokens
-    for rows in ([[e] for e in examples], packed_rows):
-        plain, wide = collate(rows, 2), collate(rows, 2, multiple=32)
-        assert wide["input_ids"].numel() % 32 == 0 and 0 <= wide["input_ids"].shape[1] - plain["input_ids"].shape[1] < 32
-        with torch.no_grad():
-            (a, na), (b, nb) = causal_lm_loss(model, plain), causal_lm_loss(model, wide)
-        assert na == nb and abs(float(a) - float(b)) <= 1e-5 * abs(float(a))

@@ -6,7 +6,8 @@ import pytest
 
 from conftest import randomize_adapters, write_jsonl
 from lorakit import LoraConfig, get_lora_model
-from lorakit.data import DataOptions, load_examples, shared_prefix
+from lorakit.collate import shared_prefix
+from lorakit.data import DataOptions, load_examples
 from lorakit.evaluate import eval_loss
 from lorakit.models import load_model
 from test_train import rows

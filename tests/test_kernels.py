@@ -508,7 +508,8 @@ def test_last_mlp_runs_only_at_supervised_rows_with_the_same_loss_and_gradients(
     import lorakit.loss
     import lorakit.mlp
     from lorakit.attention import padding_free
-    from lorakit.data import IGNORE, Example, collate, collate_flat
+    from lorakit.collate import collate, collate_flat
+    from lorakit.data import IGNORE, Example
 
     model = get_lora_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear")).double()
     randomize_adapters(model)

@@ -261,7 +261,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     transformers' attention output has.
 
     ``prefix`` = P > 0 says the first segment, tokens [0, P), is a prefix shared by every other
-    segment (see ``data.collate_flat``): it attends causally to itself, and each later segment
+    segment (see ``collate.collate_flat``): it attends causally to itself, and each later segment
     attends to all P prefix keys plus its own keys up to itself, exactly as if the prefix had been
     repeated in front of it.
 

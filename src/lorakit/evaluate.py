@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from lorakit.attention import padding_free, supports_padding_free
-from lorakit.data import Example, collate, collate_flat
+from lorakit.collate import collate, collate_flat
+from lorakit.data import Example
 from lorakit.loss import causal_lm_loss
 
 
@@ -30,7 +31,7 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_
     """Mean cross-entropy over all supervised tokens of ``examples``, and its perplexity.
 
     ``flat`` (default: where the model supports it) runs each batch as training does, as one
-    padding-free row with the shared prefix stored once (``data.collate_flat``, its length rounded
+    padding-free row with the shared prefix stored once (``collate.collate_flat``, its length rounded
     up to a multiple of ``multiple``): the same loss as right-padded batches, in fewer FLOPs."""
     was_training = model.training
     model.eval()

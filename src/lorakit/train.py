@@ -35,7 +35,8 @@ from lorakit.checkpoint import (
     save_checkpoint,
     save_trainable,
 )
-from lorakit.data import Example, batches, collate, collate_flat, load_examples, pack, split_eval
+from lorakit.collate import batches, collate, collate_flat, pack
+from lorakit.data import Example, load_examples, split_eval
 from lorakit.distributed import (
     World,
     detach_to_meta,
