@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from conftest import randomize_adapters, write_jsonl
 from lorakit import LoraConfig, get_lora_model
 from lorakit.collate import shared_prefix
 from lorakit.data import DataOptions, load_examples
-from lorakit.evaluate import eval_loss
+from lorakit.evaluate import eval_loss, generate_answers
+from lorakit.kernels import gemm
 from lorakit.models import load_model
 from test_train import rows
 
@@ -28,3 +30,36 @@ def test_flat_eval_loss_equals_padded(tiny_model_dir, tmp_path, multiple):
     assert padded["eval_loss"] > 1.0  # random adapters on a random model: far from a trivial loss
     assert model.config._attn_implementation == before  # padding-free attention only inside the call
     assert eval_loss(model, examples, tok.pad_token_id, batch_size=4) == flat  # the default where supported
+
+
+@pytest.mark.skipif(gemm._linear_op() is None, reason="this torch build has no oneDNN linear")
+def test_greedy_answers_on_onednn_decode_steps_equal_the_blas_ones(tiny_model_dir, tmp_path, monkeypatch):
+    """generate_answers runs its decode steps' fp32 products on oneDNN (rows ≤ batch_size) and its
+    prompts on the BLAS: the same greedy logits, so the same answers as with oneDNN off; oneDNN ran,
+    never on more rows than the batch, and the model's layers are restored afterwards."""
+    model, tok = load_model(str(tiny_model_dir))
+    get_lora_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # the rest: frozen nn.Linear
+    randomize_adapters(model)
+    prompts = [tok.apply_chat_template([{"role": "user", "content": f"Say {w} twice."}], tokenize=False,
+                                       add_generation_prompt=True) for w in ("yes", "no", "blue", "seven", "ok")]
+    real = gemm._linear_op()
+    rows_seen: list[int] = []
+
+    class Counting:
+        def __call__(self, a, *args):
+            rows_seen.append(a.shape[0])
+            return real(a, *args)
+
+        def binary(self, a, *args):
+            rows_seen.append(a.shape[0])
+            return real.binary(a, *args)
+
+    monkeypatch.setattr(gemm, "_linear_op", lambda: Counting())
+    monkeypatch.setattr(gemm, "CPU_GEMM", "blas")
+    blas = generate_answers(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    assert rows_seen == []
+    monkeypatch.setattr(gemm, "CPU_GEMM", "onednn")
+    fast = generate_answers(model, tok, prompts, max_new_tokens=12, batch_size=2)
+    assert fast == blas and len(set(blas)) > 1
+    assert rows_seen and max(rows_seen) <= 2  # decode steps only: rows = the batch's
+    assert all(type(m).forward is m.forward.__func__ for m in model.modules() if type(m) is torch.nn.Linear)

@@ -18,6 +18,8 @@ from torch import nn
 from lorakit.attention import padding_free, supports_padding_free
 from lorakit.collate import collate, collate_flat
 from lorakit.data import Example
+from lorakit.frozen import frozen_linears
+from lorakit.kernels.gemm import onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss
 
 
@@ -58,13 +60,18 @@ def normalise(text: str) -> str:
 @torch.no_grad()
 def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
                      batch_size: int = 16, chat: bool = True) -> list[str]:
-    """Greedy answers for rendered ``prompts`` (left-padded batches, stopping at EOS/end of turn)."""
+    """Greedy answers for rendered ``prompts`` (left-padded batches, stopping at EOS/end of turn).
+    The decode steps' fp32 CPU products run on oneDNN where ``gemm.uses_onednn`` says so (their
+    rows are at most ``batch_size``: a bounded set of shapes); prompts run on torch's BLAS."""
     was_training = model.training
     model.eval()
     device = device_of(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers = []
+    fast = contextlib.ExitStack()
+    fast.enter_context(frozen_linears(model))
+    fast.enter_context(onednn_scope(max_rows=batch_size))
     try:
         for k in range(0, len(prompts), batch_size):
             enc = tokenizer(list(prompts[k:k + batch_size]), return_tensors="pt", padding=True,
@@ -73,6 +80,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *
                                  pad_token_id=tokenizer.pad_token_id)
             answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
+        fast.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return answers
@@ -101,7 +109,12 @@ def evaluate_file(model_name: str, data: str, *, adapters: Sequence[str] = (), g
     examples = load_examples(data, tokenizer, DataOptions(max_seq_len=max_seq_len, system_prompt=system_prompt))
     if max_examples > 0:
         examples = examples[:max_examples]
-    metrics = eval_loss(model, examples, tokenizer.pad_token_id, batch_size)
+    # as the trainer's eval loss: fp32 CPU products on oneDNN where it applies, token counts rounded
+    # up to a multiple of 32 so that their shapes come from a bounded set
+    weight = next(model.parameters())
+    multiple = 32 if uses_onednn(weight.device, weight.dtype) else 1
+    with onednn_scope():
+        metrics = eval_loss(model, examples, tokenizer.pad_token_id, batch_size, multiple=multiple)
     if generate:
         metrics["exact_match"], _ = exact_match(model, tokenizer, examples, max_new_tokens=max_new_tokens,
                                                 batch_size=batch_size)

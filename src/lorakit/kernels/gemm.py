@@ -21,7 +21,11 @@ freed). So it runs only inside ``onednn_scope()``, which the trainer enters with
 rounded up to a multiple of 32 (as for CPU bf16), and only for products whose two varying sides
 (rows and the summed dimension) are either small (≤ 64) or multiples of 16; any other product,
 such as a chunk of the output head sized by a batch's supervised tokens or a generation prefill,
-runs on the BLAS. Generation and serving, whose shapes are unbounded, stay on the BLAS.
+runs on the BLAS. Greedy generation for evaluation (``evaluate.generate_answers``) runs its
+decode steps, whose rows are the batch's few, on oneDNN (``onednn_scope(max_rows=)``) and its
+prompts on the BLAS: 1.66× faster on the demo's 128 held-out prompts in batches of 64, the same
+answers, no higher peak. Interactive generation and serving, whose shapes are unbounded, stay on
+the BLAS.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ import torch
 CPU_GEMM = os.environ.get("LORAKIT_CPU_GEMM", "auto")
 CPUINFO = "/proc/cpuinfo"
 _scopes = 0  # open onednn_scope() blocks
+_row_limits: list[int] = []  # the innermost scope's max_rows, if it set one
 
 
 @functools.cache
@@ -85,15 +90,18 @@ def uses_onednn(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 @contextmanager
-def onednn_scope() -> Iterator[None]:
+def onednn_scope(max_rows: int | None = None) -> Iterator[None]:
     """Within the block fp32 CPU products may run on oneDNN (``uses_onednn``); callers promise
-    shapes from a bounded set (see the module docstring)."""
+    shapes from a bounded set (see the module docstring). ``max_rows``: only products of at most
+    that many rows do (generation's decode steps, whose rows are the batch's, not its prompts')."""
     global _scopes
     _scopes += 1
+    _row_limits.append(max_rows if max_rows is not None else -1)
     try:
         yield
     finally:
         _scopes -= 1
+        _row_limits.pop()
 
 
 def _bounded(n: int) -> bool:
@@ -104,6 +112,8 @@ def onednn_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``mm(a, b)`` runs on oneDNN: inside ``onednn_scope()``, fp32 CPU matrices with
     bounded varying sides, no gradient to track, and ``uses_onednn``."""
     if not _scopes or a.dtype != torch.float32 or b.dtype != torch.float32:
+        return False
+    if _row_limits[-1] >= 0 and a.shape[0] > _row_limits[-1]:
         return False
     if not (_bounded(a.shape[0]) and _bounded(a.shape[1])):
         return False
