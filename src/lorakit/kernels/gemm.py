@@ -113,7 +113,7 @@ def onednn_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
     bounded varying sides, no gradient to track, and ``uses_onednn``."""
     if not _scopes or a.dtype != torch.float32 or b.dtype != torch.float32:
         return False
-    if _row_limits[-1] >= 0 and a.shape[0] > _row_limits[-1]:
+    if _row_limits and 0 <= _row_limits[-1] < a.shape[0]:
         return False
     if not (_bounded(a.shape[0]) and _bounded(a.shape[1])):
         return False
