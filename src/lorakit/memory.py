@@ -13,9 +13,9 @@ as well (without swap it keeps them), so the call can never change a value.
 The heap's side of the same policy: a CPU training process asks glibc to keep the memory it
 frees for reuse (``keep_freed_memory``), since every step allocates and frees the same large
 temporaries, and gives it back once the steps are over (``return_freed_memory``).
-Kept memory can fragment: with the fp32 products on oneDNN, whose per-call scratch buffers sit
-between the step's longer-lived tensors, the heap's resident size crept up by 0.3-0.6 GiB over
-the demo's 63 steps while the live peak stayed put. ``HeapGuard`` bounds that: it gives the freed
+Kept memory can fragment: with the fp32 products on oneDNN the heap's resident size crept up by
+0.3-0.6 GiB over the demo's 63 steps while the live peak stayed put (oneDNN's own caches hold
+about 1 MB per product shape, and training has few shapes; the rest is free memory in pieces). ``HeapGuard`` bounds that: it gives the freed
 memory back whenever the resident set rises more than a slack above its level after the first
 steps, so reuse stays the rule and growth the exception.
 ``peak_memory_bytes`` is what the trainer reports: peak RSS on a CPU, peak allocated on a GPU.
@@ -28,6 +28,7 @@ import ctypes
 import functools
 import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -172,12 +173,12 @@ class HeapGuard:
     then holds one step's temporaries). After every later step, if the resident set exceeds
     ``level + slack``, the heap's free memory goes back to the OS (``return_freed_memory``) and the
     next steps fault in again only what they use. Measured on the demo (fp32 products on oneDNN,
-    63 steps, 2 cores): peak RSS 2.44 GiB instead of 2.76-2.92 (2.35 on the BLAS, whose heap does
-    not creep), 15 trims, the same 1.8 min; trimming after every step instead also gives 2.35 GiB
+    63 steps, 2 cores): training's peak RSS 2.43-2.48 GiB instead of 2.76-2.92 (2.35 on the BLAS,
+    whose heap does not creep), about 15 trims, the same 1.7-1.8 min; trimming after every step instead also gives 2.35 GiB
     but takes 2.1 min."""
 
     def __init__(self, slack: int = 128 * 2**20, warmup: int = 2, lib: Any = None,
-                 resident: Any = resident_bytes) -> None:
+                 resident: Callable[[], int] = resident_bytes) -> None:
         self.slack, self.warmup, self.lib, self.resident = slack, warmup, lib, resident
         self.level, self.steps, self.trims = 0, 0, 0
 
