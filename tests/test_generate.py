@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from lorakit.generate import SamplingOptions, chat_input_ids, generate, prompt_ids
+from lorakit.kernels import gemm
 from lorakit.models import load_model
 
 CLI = [sys.executable, "-m", "lorakit"]
@@ -81,3 +82,31 @@ def test_chat_keeps_history_until_reset(smollm):
     answers = [part.split("\n")[0] for part in out.split("assistant> ")[1:]]
     assert answers == [expected[0], expected[1], fresh]
     assert "(history cleared)" in out
+
+
+@pytest.mark.skipif(gemm._linear_op() is None, reason="this torch build has no oneDNN linear")
+def test_decode_steps_on_onednn_give_the_blas_text(tiny_model_dir, monkeypatch):
+    """A frozen model's decode steps run their fp32 products on oneDNN (one row each), the prompt on
+    the BLAS: the same greedy text as with oneDNN off."""
+    model, tok = load_model(str(tiny_model_dir))
+    model.requires_grad_(False)
+    ids = prompt_ids(tok, "Count to five.")
+    real = gemm._linear_op()
+    rows_seen: list[int] = []
+
+    class Counting:
+        def __call__(self, a, *args):
+            rows_seen.append(a.shape[0])
+            return real(a, *args)
+
+        def binary(self, a, *args):
+            rows_seen.append(a.shape[0])
+            return real.binary(a, *args)
+
+    monkeypatch.setattr(gemm, "_linear_op", lambda: Counting())
+    monkeypatch.setattr(gemm, "CPU_GEMM", "blas")
+    blas = generate(model, tok, ids, SamplingOptions(max_new_tokens=16))
+    assert rows_seen == []
+    monkeypatch.setattr(gemm, "CPU_GEMM", "onednn")
+    assert generate(model, tok, ids, SamplingOptions(max_new_tokens=16)) == blas and len(blas) > 0
+    assert rows_seen and set(rows_seen) == {1}  # decode steps only

@@ -159,6 +159,7 @@ def _load_with_adapters(model_name: str, adapters: list[str] | None):
 
     model, tokenizer = load_model(model_name)
     load_adapters(model, adapters or [])
+    model.requires_grad_(False)  # inference only: every weight frozen, so frozen layers' fast paths apply
     return model, tokenizer
 
 

@@ -106,6 +106,7 @@ def evaluate_file(model_name: str, data: str, *, adapters: Sequence[str] = (), g
 
     model, tokenizer = load_model(model_name)
     load_adapters(model, adapters)
+    model.requires_grad_(False)  # inference only: every weight frozen, so frozen layers' fast paths apply
     examples = load_examples(data, tokenizer, DataOptions(max_seq_len=max_seq_len, system_prompt=system_prompt))
     if max_examples > 0:
         examples = examples[:max_examples]

@@ -10,6 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.frozen import frozen_linears
+from lorakit.kernels.gemm import onednn_scope
+
 
 @dataclass
 class SamplingOptions:
@@ -77,7 +80,9 @@ class _Streamer:
 def generate(model: nn.Module, tokenizer: Any, input_ids: torch.Tensor, options: SamplingOptions | None = None,
              on_text: Callable[[str], None] | None = None) -> str:
     """Generate from ``input_ids`` (1, T) until EOS / end of turn, a stop string or the token limit;
-    returns the text (cut before any stop string) and streams it to ``on_text``."""
+    returns the text (cut before any stop string) and streams it to ``on_text``. The decode steps'
+    fp32 CPU products (one row each: one shape per layer) run on oneDNN where ``gemm.uses_onednn``
+    says so, the prompt on torch's BLAS."""
     o = options or SamplingOptions()
     if o.seed is not None:
         torch.manual_seed(o.seed)
@@ -87,8 +92,9 @@ def generate(model: nn.Module, tokenizer: Any, input_ids: torch.Tensor, options:
     sampling = {"do_sample": True, "temperature": o.temperature, "top_p": o.top_p} if o.temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     extra = {"stop_strings": list(o.stop), "tokenizer": tokenizer} if o.stop else {}
-    model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=o.max_new_tokens,
-                   pad_token_id=tokenizer.pad_token_id, streamer=streamer, use_cache=True, **sampling, **extra)
+    with frozen_linears(model), onednn_scope(max_rows=1):
+        model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=o.max_new_tokens,
+                       pad_token_id=tokenizer.pad_token_id, streamer=streamer, use_cache=True, **sampling, **extra)
     return streamer.text()
 
 
