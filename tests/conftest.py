@@ -111,3 +111,24 @@ def write_jsonl(path, rows):
 
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
+
+
+@pytest.fixture
+def onednn_rows(monkeypatch):
+    """The row count of every product that runs on oneDNN from here on (``kernels.gemm``), in order."""
+    from lorakit.kernels import gemm
+
+    real = gemm._linear_op()
+    seen: list[int] = []
+
+    class Counting:
+        def __call__(self, a, *args):
+            seen.append(a.shape[0])
+            return real(a, *args)
+
+        def binary(self, a, *args):
+            seen.append(a.shape[0])
+            return real.binary(a, *args)
+
+    monkeypatch.setattr(gemm, "_linear_op", lambda: Counting())
+    return seen

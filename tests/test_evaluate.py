@@ -33,7 +33,7 @@ def test_flat_eval_loss_equals_padded(tiny_model_dir, tmp_path, multiple):
 
 
 @pytest.mark.skipif(gemm._linear_op() is None, reason="this torch build has no oneDNN linear")
-def test_greedy_answers_on_onednn_decode_steps_equal_the_blas_ones(tiny_model_dir, tmp_path, monkeypatch):
+def test_greedy_answers_on_onednn_decode_steps_equal_the_blas_ones(tiny_model_dir, monkeypatch, onednn_rows):
     """generate_answers runs its decode steps' fp32 products on oneDNN (rows ≤ batch_size) and its
     prompts on the BLAS: the same greedy logits, so the same answers as with oneDNN off; oneDNN ran,
     never on more rows than the batch, and the model's layers are restored afterwards."""
@@ -42,19 +42,7 @@ def test_greedy_answers_on_onednn_decode_steps_equal_the_blas_ones(tiny_model_di
     randomize_adapters(model)
     prompts = [tok.apply_chat_template([{"role": "user", "content": f"Say {w} twice."}], tokenize=False,
                                        add_generation_prompt=True) for w in ("yes", "no", "blue", "seven", "ok")]
-    real = gemm._linear_op()
-    rows_seen: list[int] = []
-
-    class Counting:
-        def __call__(self, a, *args):
-            rows_seen.append(a.shape[0])
-            return real(a, *args)
-
-        def binary(self, a, *args):
-            rows_seen.append(a.shape[0])
-            return real.binary(a, *args)
-
-    monkeypatch.setattr(gemm, "_linear_op", lambda: Counting())
+    rows_seen = onednn_rows
     monkeypatch.setattr(gemm, "CPU_GEMM", "blas")
     blas = generate_answers(model, tok, prompts, max_new_tokens=12, batch_size=2)
     assert rows_seen == []

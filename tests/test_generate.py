@@ -85,25 +85,13 @@ def test_chat_keeps_history_until_reset(smollm):
 
 
 @pytest.mark.skipif(gemm._linear_op() is None, reason="this torch build has no oneDNN linear")
-def test_decode_steps_on_onednn_give_the_blas_text(tiny_model_dir, monkeypatch):
+def test_decode_steps_on_onednn_give_the_blas_text(tiny_model_dir, monkeypatch, onednn_rows):
     """A frozen model's decode steps run their fp32 products on oneDNN (one row each), the prompt on
     the BLAS: the same greedy text as with oneDNN off."""
     model, tok = load_model(str(tiny_model_dir))
     model.requires_grad_(False)
     ids = prompt_ids(tok, "Count to five.")
-    real = gemm._linear_op()
-    rows_seen: list[int] = []
-
-    class Counting:
-        def __call__(self, a, *args):
-            rows_seen.append(a.shape[0])
-            return real(a, *args)
-
-        def binary(self, a, *args):
-            rows_seen.append(a.shape[0])
-            return real.binary(a, *args)
-
-    monkeypatch.setattr(gemm, "_linear_op", lambda: Counting())
+    rows_seen = onednn_rows
     monkeypatch.setattr(gemm, "CPU_GEMM", "blas")
     blas = generate(model, tok, ids, SamplingOptions(max_new_tokens=16))
     assert rows_seen == []
