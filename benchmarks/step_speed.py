@@ -38,7 +38,7 @@ from lorakit.collate import batches, collate, collate_flat
 from lorakit.config import LoraConfig
 from lorakit.data import DataOptions, load_examples
 from lorakit.inject import get_lora_model
-from lorakit.kernels.gemm import onednn_scope, uses_onednn
+from lorakit.kernels.gemm import TOKEN_MULTIPLE, onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss
 from lorakit.mlp import fused_mlp
 from lorakit.models import load_model
@@ -67,7 +67,7 @@ def main() -> None:
         "flat + prefix": (True, lambda b: collate_flat(b)),
         "+ fused MLP": ("mlp", lambda b: collate_flat(b)),
         "+ flash segments": ("flash", lambda b: collate_flat(b)),
-        "+ oneDNN products": ("onednn", lambda b: collate_flat(b, multiple=32, pad_id=pad)),
+        "+ oneDNN products": ("onednn", lambda b: collate_flat(b, multiple=TOKEN_MULTIPLE, pad_id=pad)),
     }
 
     def step(fused: bool | str, make, batch) -> float:

@@ -189,7 +189,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
     from lorakit.attention import padding_free
     from lorakit.collate import collate
     from lorakit.kernels.cast import cached_casts
-    from lorakit.kernels.gemm import onednn_scope
+    from lorakit.kernels.gemm import TOKEN_MULTIPLE, onednn_scope
     from lorakit.loss import causal_lm_loss
     from lorakit.mlp import fused_mlp
     from lorakit.norm import fused_norms
@@ -206,9 +206,9 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr)
-    # token counts a multiple of 32 on both sides, as lorakit's trainer pads them where oneDNN runs its products
+    # token counts a multiple of TOKEN_MULTIPLE (32) on both sides, as lorakit's trainer pads them where oneDNN runs its products
     # (kernels.gemm; a few columns a batch, HF's pad_to_multiple_of does the same for GPUs)
-    batches = [collate([[e] for e in exs[k:k + args.batch]], tok.pad_token_id, multiple=32)
+    batches = [collate([[e] for e in exs[k:k + args.batch]], tok.pad_token_id, multiple=TOKEN_MULTIPLE)
                for k in range(0, len(exs), args.batch)]
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16(args))
     tokens, loss_value = 0, 0.0

@@ -18,8 +18,8 @@ from torch import nn
 from lorakit.attention import padding_free, supports_padding_free
 from lorakit.collate import collate, collate_flat
 from lorakit.data import Example
-from lorakit.frozen import frozen_linears
-from lorakit.kernels.gemm import onednn_scope, uses_onednn
+from lorakit.frozen import decode_on_onednn
+from lorakit.kernels.gemm import TOKEN_MULTIPLE, onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss
 
 
@@ -69,18 +69,15 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers = []
-    fast = contextlib.ExitStack()
-    fast.enter_context(frozen_linears(model))
-    fast.enter_context(onednn_scope(max_rows=batch_size))
     try:
-        for k in range(0, len(prompts), batch_size):
-            enc = tokenizer(list(prompts[k:k + batch_size]), return_tensors="pt", padding=True,
-                            add_special_tokens=not chat).to(device)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
-                                 pad_token_id=tokenizer.pad_token_id)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        with decode_on_onednn(model, max_rows=batch_size):
+            for k in range(0, len(prompts), batch_size):
+                enc = tokenizer(list(prompts[k:k + batch_size]), return_tensors="pt", padding=True,
+                                add_special_tokens=not chat).to(device)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                                     pad_token_id=tokenizer.pad_token_id)
+                answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
-        fast.close()
         tokenizer.padding_side = side
         model.train(was_training)
     return answers
@@ -111,9 +108,9 @@ def evaluate_file(model_name: str, data: str, *, adapters: Sequence[str] = (), g
     if max_examples > 0:
         examples = examples[:max_examples]
     # as the trainer's eval loss: fp32 CPU products on oneDNN where it applies, token counts rounded
-    # up to a multiple of 32 so that their shapes come from a bounded set
+    # up so that their shapes come from a bounded set
     weight = next(model.parameters())
-    multiple = 32 if uses_onednn(weight.device, weight.dtype) else 1
+    multiple = TOKEN_MULTIPLE if uses_onednn(weight.device, weight.dtype) else 1
     with onednn_scope():
         metrics = eval_loss(model, examples, tokenizer.pad_token_id, batch_size, multiple=multiple)
     if generate:

@@ -10,8 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.frozen import frozen_linears
-from lorakit.kernels.gemm import onednn_scope
+from lorakit.frozen import decode_on_onednn
 
 
 @dataclass
@@ -92,7 +91,7 @@ def generate(model: nn.Module, tokenizer: Any, input_ids: torch.Tensor, options:
     sampling = {"do_sample": True, "temperature": o.temperature, "top_p": o.top_p} if o.temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     extra = {"stop_strings": list(o.stop), "tokenizer": tokenizer} if o.stop else {}
-    with frozen_linears(model), onednn_scope(max_rows=1):
+    with decode_on_onednn(model, max_rows=1):
         model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=o.max_new_tokens,
                        pad_token_id=tokenizer.pad_token_id, streamer=streamer, use_cache=True, **sampling, **extra)
     return streamer.text()

@@ -56,7 +56,7 @@ from lorakit.frozen import frozen_linears
 from lorakit.inject import count_parameters, get_lora_model
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.kernels.cast import cached_casts
-from lorakit.kernels.gemm import cpu_flags, onednn_scope, uses_onednn
+from lorakit.kernels.gemm import TOKEN_MULTIPLE, cpu_flags, onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss
 from lorakit.memory import HeapGuard, keep_freed_memory, peak_memory_bytes, stop_keeping_freed_memory
 from lorakit.mlp import fused_mlp
@@ -170,7 +170,7 @@ class Trainer:
         # per shape: bound the token counts it sees (≤ 31 idle tokens a batch; batch 8 of the demo
         # data: 2.8% a step for 32, 7.7% for 64, both level off)
         onednn = self.bf16 or (uses_onednn(self.device, dtype) and config.model.quantize is None)
-        self.flat_multiple = 32 if onednn and self.device.type == "cpu" else 1
+        self.flat_multiple = TOKEN_MULTIPLE if onednn and self.device.type == "cpu" else 1
         device_type = self.device.type
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if self.bf16 else None
         self._load_data()

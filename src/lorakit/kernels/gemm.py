@@ -44,8 +44,9 @@ import torch
 # (measured there; see the module docstring); "onednn": always where available; "blas": never
 CPU_GEMM = os.environ.get("LORAKIT_CPU_GEMM", "auto")
 CPUINFO = "/proc/cpuinfo"
-_scopes = 0  # open onednn_scope() blocks
-_row_limits: list[int] = []  # the innermost scope's max_rows, if it set one
+# token counts are rounded up to a multiple of this where oneDNN takes the products (bounded shapes)
+TOKEN_MULTIPLE = 32
+_scopes: list[int | None] = []  # the open onednn_scope() blocks' max_rows, innermost last
 
 
 @functools.cache
@@ -95,14 +96,11 @@ def onednn_scope(max_rows: int | None = None) -> Iterator[None]:
     """Within the block fp32 CPU products may run on oneDNN (``uses_onednn``); callers promise
     shapes from a bounded set (see the module docstring). ``max_rows``: only products of at most
     that many rows do (generation's decode steps, whose rows are the batch's, not its prompts')."""
-    global _scopes
-    _scopes += 1
-    _row_limits.append(max_rows if max_rows is not None else -1)
+    _scopes.append(max_rows)
     try:
         yield
     finally:
-        _scopes -= 1
-        _row_limits.pop()
+        _scopes.pop()
 
 
 def _bounded(n: int) -> bool:
@@ -114,7 +112,7 @@ def onednn_applies(a: torch.Tensor, b: torch.Tensor) -> bool:
     bounded varying sides, no gradient to track, and ``uses_onednn``."""
     if not _scopes or a.dtype != torch.float32 or b.dtype != torch.float32:
         return False
-    if _row_limits and 0 <= _row_limits[-1] < a.shape[0]:
+    if _scopes[-1] is not None and a.shape[0] > _scopes[-1]:
         return False
     if not (_bounded(a.shape[0]) and _bounded(a.shape[1])):
         return False
