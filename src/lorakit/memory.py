@@ -151,8 +151,8 @@ def stop_keeping_freed_memory(lib: Any = None) -> bool:
 
 def return_freed_memory(lib: Any = None) -> bool:
     """Give the heap's free memory back to the OS (glibc ``malloc_trim(0)``): what
-    ``keep_freed_memory`` kept for the training steps' reuse, once they are over. Returns whether
-    glibc released anything."""
+    ``keep_freed_memory`` kept for the training steps' reuse, when ``HeapGuard`` sees it grow and
+    once the steps are over. Returns whether glibc released anything."""
     trim = getattr(libc() if lib is None else lib, "malloc_trim", None)
     return trim is not None and bool(trim(0))
 
