@@ -36,7 +36,7 @@ import lorakit.layers
 from lorakit.layers import lora_layers
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import append_entry, machine, random_llama
+from results import add_random_adapters, append_entry, machine, random_llama
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -135,14 +135,7 @@ def main() -> None:
     ours = copy.deepcopy(base)
     tmp = Path(tempfile.mkdtemp())
     g = torch.Generator().manual_seed(0)
-    for i in range(n_adapters):
-        lorakit.add_adapter(ours, lorakit.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"), f"a{i}",
-                            trainable=False)
-    with torch.no_grad():
-        for _, layer in lora_layers(ours):
-            for name in layer.adapter_names:
-                for p in layer.adapter_parameters(name):
-                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    add_random_adapters(ours, n_adapters, g)
     for i in range(n_adapters):
         lorakit.save_adapter(ours, tmp / f"a{i}", adapter_name=f"a{i}")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp / "a0", adapter_name="a0")

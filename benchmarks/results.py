@@ -26,6 +26,24 @@ def random_llama(name: str, device: torch.device, dtype: torch.dtype) -> torch.n
     return LlamaForCausalLM(cfg).to(device, dtype).eval()
 
 
+def add_random_adapters(model: torch.nn.Module, n: int, g: torch.Generator) -> list[str]:
+    """Adapters ``a0`` … ``a{n-1}`` on ``model`` (r=16, all linear layers, not trainable), every A
+    and B drawn from N(0, 0.02²) with ``g``; returns their names."""
+    import lorakit
+    from lorakit.layers import lora_layers
+
+    names = [f"a{i}" for i in range(n)]
+    for name in names:
+        lorakit.add_adapter(model, lorakit.LoraConfig(r=16, lora_alpha=16, target_modules="all-linear"), name,
+                            trainable=False)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            for name in layer.adapter_names:
+                for p in layer.adapter_parameters(name):
+                    p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    return names
+
+
 def machine(device: torch.device | str | None = None) -> str:
     """The machine in words for a table's heading: the GPU's name, or the CPU's model, its vector
     instruction set as torch uses it and the thread count (CPU speed across sessions differs by

@@ -33,10 +33,11 @@ def test_flat_eval_loss_equals_padded(tiny_model_dir, tmp_path, multiple):
 
 
 @pytest.mark.skipif(gemm._linear_op() is None, reason="this torch build has no oneDNN linear")
-def test_greedy_answers_on_onednn_decode_steps_equal_the_blas_ones(tiny_model_dir, monkeypatch, onednn_rows):
-    """generate_answers runs its decode steps' fp32 products on oneDNN (rows ≤ batch_size) and its
-    prompts on the BLAS: the same greedy logits, so the same answers as with oneDNN off; oneDNN ran,
-    never on more rows than the batch, and the model's layers are restored afterwards."""
+def test_greedy_answers_on_onednn_equal_the_blas_ones(tiny_model_dir, monkeypatch, onednn_rows):
+    """generate_answers runs its fp32 products on oneDNN, rows padded to ``gemm.row_bucket`` sizes:
+    the same greedy logits, so the same answers as with oneDNN off; oneDNN ran the prompts and the
+    decode steps (rows = the batch's), only ever on bucket sizes, and the model's layers are
+    restored afterwards."""
     model, tok = load_model(str(tiny_model_dir))
     get_lora_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))  # the rest: frozen nn.Linear
     randomize_adapters(model)
@@ -49,5 +50,6 @@ def test_greedy_answers_on_onednn_decode_steps_equal_the_blas_ones(tiny_model_di
     monkeypatch.setattr(gemm, "CPU_GEMM", "onednn")
     fast = generate_answers(model, tok, prompts, max_new_tokens=12, batch_size=2)
     assert fast == blas and len(set(blas)) > 1
-    assert rows_seen and max(rows_seen) <= 2  # decode steps only: rows = the batch's
+    assert 2 in rows_seen and max(rows_seen) > 8  # decode steps (2 rows) and prompts (2 × their length)
+    assert all(gemm.row_bucket(n) == n for n in rows_seen)
     assert all(type(m).forward is m.forward.__func__ for m in model.modules() if type(m) is torch.nn.Linear)

@@ -85,9 +85,9 @@ def test_chat_keeps_history_until_reset(smollm):
 
 
 @pytest.mark.skipif(gemm._linear_op() is None, reason="this torch build has no oneDNN linear")
-def test_decode_steps_on_onednn_give_the_blas_text(tiny_model_dir, monkeypatch, onednn_rows):
-    """A frozen model's decode steps run their fp32 products on oneDNN (one row each), the prompt on
-    the BLAS: the same greedy text as with oneDNN off."""
+def test_generation_on_onednn_gives_the_blas_text(tiny_model_dir, monkeypatch, onednn_rows):
+    """A frozen model's fp32 products run on oneDNN: the prompt's rows padded to a bucket size, the
+    decode steps on one row each: the same greedy text as with oneDNN off."""
     model, tok = load_model(str(tiny_model_dir))
     model.requires_grad_(False)
     ids = prompt_ids(tok, "Count to five.")
@@ -97,4 +97,5 @@ def test_decode_steps_on_onednn_give_the_blas_text(tiny_model_dir, monkeypatch, 
     assert rows_seen == []
     monkeypatch.setattr(gemm, "CPU_GEMM", "onednn")
     assert generate(model, tok, ids, SamplingOptions(max_new_tokens=16)) == blas and len(blas) > 0
-    assert rows_seen and set(rows_seen) == {1}  # decode steps only
+    assert set(rows_seen) == {gemm.row_bucket(ids.shape[1]), 1}  # the prompt, then one row a step
+    assert gemm.row_bucket(ids.shape[1]) > ids.shape[1]  # (the prompt's rows really were padded)

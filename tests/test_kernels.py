@@ -586,6 +586,36 @@ def test_gemm_mm_equals_float64_math_for_any_strides(backend, monkeypatch):
     assert not gemm.onednn_applies(a, b)
 
 
+def test_row_bucket_sizes_are_few_and_waste_at_most_an_eighth():
+    """Bucket sizes: ≥ n, a fixed point for themselves, 1/2/4/8, then fewer than 8 rows of padding
+    up to 64 rows and at most 1/8 above, 8 sizes per doubling: 99 cover every row count up to 2^17."""
+    sizes = [gemm.row_bucket(n) for n in range(1, 2**17 + 1)]
+    assert sizes[:9] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
+    assert all(size >= n and gemm.row_bucket(size) == size for n, size in enumerate(sizes, 1))
+    assert all(size - n < 8 if n <= 64 else size <= n * 9 / 8 for n, size in enumerate(sizes, 1) if n > 8)
+    assert sizes == sorted(sizes) and len(set(sizes)) == 99
+
+
+@pytest.mark.parametrize("backend", GEMMS)
+def test_gemm_mm_with_bucketed_rows_pads_and_drops_the_padding(backend, monkeypatch, onednn_rows):
+    """Inside ``onednn_scope(bucket_rows=True)`` products of any row count run on oneDNN on
+    ``row_bucket(rows)`` rows (zero rows appended, their results dropped): the same values as the
+    unpadded product, ``add`` included; with a gradient to track, the BLAS as ever."""
+    monkeypatch.setattr(gemm, "CPU_GEMM", backend)
+    g = torch.Generator().manual_seed(2)
+    b = torch.randn(48, 40, generator=g)
+    with gemm.onednn_scope(bucket_rows=True):
+        for rows in (1, 3, 9, 100, 777):
+            a, add = torch.randn(rows, 48, generator=g), torch.randn(rows, 40, generator=g)
+            assert gemm.onednn_applies(a, b) is (backend == "onednn")
+            out, out_add = gemm.mm(a, b), gemm.mm(a, b, add)
+            assert out.shape == out_add.shape == (rows, 40)
+            torch.testing.assert_close(out.double(), a.double() @ b.double(), atol=2e-5, rtol=1e-5)
+            torch.testing.assert_close(out_add.double(), a.double() @ b.double() + add.double(), atol=2e-5, rtol=1e-5)
+        assert not gemm.onednn_applies(a.requires_grad_(), b)
+    assert onednn_rows == ([1, 1, 4, 4, 16, 16, 104, 104, 832, 832] if backend == "onednn" else [])
+
+
 def test_cpu_flags_reads_vendor_and_flags(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\n")
@@ -598,7 +628,7 @@ def test_fused_nodes_in_fp32_equal_float64_math_on_either_gemm(backend, monkeypa
     """The fused LoRA linear, LoRA SwiGLU and head + cross-entropy nodes in fp32, their products on
     oneDNN or on torch's BLAS: values and gradients equal the float64 references to fp32 rounding."""
     monkeypatch.setattr(gemm, "CPU_GEMM", backend)
-    monkeypatch.setattr(gemm, "_scopes", [None])  # as inside onednn_scope()
+    monkeypatch.setattr(gemm, "_scopes", [(None, 1)])  # as inside onednn_scope()
     monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", 5 * 4 * 300)  # 5 rows a chunk: three chunks
     g = torch.Generator().manual_seed(3)
 

@@ -15,8 +15,11 @@ import torch
 
 from conftest import randomize_adapters
 from lorakit import LoraConfig, get_lora_model, load_adapter, save_adapter
+from lorakit.engine import Engine, Request
 from lorakit.generate import SamplingOptions, generate
+from lorakit.kernels import gemm
 from lorakit.models import load_model
+from lorakit.pool import AdapterPool
 from lorakit.serve import Server, create_app
 
 KEY = "test-key"
@@ -304,3 +307,46 @@ def test_growing_cache_decodes_like_a_dynamic_cache():
             b = model(step, past_key_values=dynamic, use_cache=True).logits
             assert torch.equal(a, b)
             step = a[:, -1:].argmax(-1)
+
+
+@pytest.mark.skipif(gemm._linear_op() is None, reason="this torch build has no oneDNN linear")
+def test_engine_on_onednn_with_bucketed_rows_gives_the_blas_tokens(tiny_model_dir, tmp_path, monkeypatch, onednn_rows):
+    """An fp32 engine batching requests over two adapters and the base, rows joining and leaving:
+    with its products on oneDNN (every row count padded to a ``gemm.row_bucket`` size, prefills
+    included) the same greedy tokens as on the BLAS; oneDNN saw bucket sizes only, from one-row
+    decode steps to prefills of over 64 rows."""
+    base, tok = load_model(str(tiny_model_dir))
+    base.requires_grad_(False)
+    pool = AdapterPool(base, max_loaded=2)
+    for i, name in enumerate(["alpha", "beta"]):
+        m = get_lora_model(copy.deepcopy(base), ADAPTERS[name])
+        randomize_adapters(m, seed=i + 1, std=0.5)
+        save_adapter(m, tmp_path / name)
+        pool.register(name, tmp_path / name)
+    g = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, 40, (12,), generator=g).tolist()
+    work = [(torch.randint(3, 100, (n,), generator=g).tolist(), [None, "alpha", "beta"][i % 3], 3 + i % 6)
+            for i, n in enumerate(lengths)]
+
+    def run() -> list[list[int]]:
+        engine = Engine(base, tok, pool, max_batch=5)
+        engine.eos = set()  # every request makes exactly its max_new_tokens
+        done = threading.Semaphore(0)
+        requests = [Request(ids, adapter, SamplingOptions(max_new_tokens=n), lambda e: e[0] == "done" and done.release())
+                    for ids, adapter, n in work]
+        engine.start()
+        for r in requests:
+            engine.submit(r)
+        for _ in requests:
+            assert done.acquire(timeout=60)
+        engine.stop()
+        return [r.generated for r in requests]
+
+    monkeypatch.setattr(gemm, "CPU_GEMM", "blas")
+    blas = run()
+    assert onednn_rows == [] and [len(t) for t in blas] == [n for *_, n in work]
+    monkeypatch.setattr(gemm, "CPU_GEMM", "onednn")
+    assert run() == blas
+    assert all(gemm.row_bucket(n) == n for n in onednn_rows)
+    assert 1 in onednn_rows and max(onednn_rows) > 64
+    assert len(set(onednn_rows)) < len({len(ids) for ids, *_ in work})  # fewer sizes than prompt lengths alone

@@ -18,6 +18,7 @@ Adapter changes (load / unload) run on the worker between steps, never during a 
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import queue
 import threading
@@ -31,6 +32,7 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from lorakit.batch import adapter_batch
+from lorakit.frozen import inference_on_onednn
 from lorakit.generate import SamplingOptions, _Streamer
 from lorakit.pool import AdapterPool
 
@@ -161,7 +163,7 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = _new_cache()
-        with adapter_batch(self.model, [r.adapter for r in new]):
+        with adapter_batch(self.model, [r.adapter for r in new]), self._products():
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True)
         self._append(new, _cache_tensors(out.past_key_values), mask)
@@ -174,12 +176,18 @@ class Engine:
         mask = torch.cat([self.mask, torch.ones_like(positions)], dim=1)
         cache = _new_cache()
         cache.layers = self.cache  # each layer writes this step's token into its buffers
-        with adapter_batch(self.model, [r.adapter for r in rows]):
+        with adapter_batch(self.model, [r.adapter for r in rows]), self._products():
             out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True)
         self.mask = mask
         self.steps += 1
         self._advance(rows, out.logits[:, -1])
+
+    def _products(self) -> contextlib.AbstractContextManager:
+        """Where the step's frozen fp32 CPU products run: on oneDNN where it is the faster GEMM
+        (``gemm.uses_onednn``), their rows padded up to ``gemm.row_bucket`` sizes, so that a batch
+        whose size changes every step, and prefills of any length, meet oneDNN in few shapes."""
+        return inference_on_onednn(self.model)
 
     def _advance(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample one token for each of ``rows`` (the last ``len(rows)`` rows of the batch), stream it,

@@ -18,7 +18,7 @@ from torch import nn
 from lorakit.attention import padding_free, supports_padding_free
 from lorakit.collate import collate, collate_flat
 from lorakit.data import Example
-from lorakit.frozen import decode_on_onednn
+from lorakit.frozen import inference_on_onednn
 from lorakit.kernels.gemm import TOKEN_MULTIPLE, onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss
 
@@ -61,8 +61,8 @@ def normalise(text: str) -> str:
 def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *, max_new_tokens: int = 64,
                      batch_size: int = 16, chat: bool = True) -> list[str]:
     """Greedy answers for rendered ``prompts`` (left-padded batches, stopping at EOS/end of turn).
-    The decode steps' fp32 CPU products run on oneDNN where ``gemm.uses_onednn`` says so (their
-    rows are at most ``batch_size``: a bounded set of shapes); prompts run on torch's BLAS."""
+    The fp32 CPU products run on oneDNN where ``gemm.uses_onednn`` says so, their rows padded up
+    to ``gemm.row_bucket`` sizes (``frozen.inference_on_onednn``)."""
     was_training = model.training
     model.eval()
     device = device_of(model)
@@ -70,7 +70,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *
     tokenizer.padding_side = "left"
     answers = []
     try:
-        with decode_on_onednn(model, max_rows=batch_size):
+        with inference_on_onednn(model):
             for k in range(0, len(prompts), batch_size):
                 enc = tokenizer(list(prompts[k:k + batch_size]), return_tensors="pt", padding=True,
                                 add_special_tokens=not chat).to(device)

@@ -7,7 +7,8 @@ BLAS. Inside ``frozen_linears(model)`` each such layer (exactly ``nn.Linear``, w
 needing no gradient, fp32 on a CPU where ``gemm.uses_onednn``) runs ``gemm.frozen_linear``: the
 same function, its two products on oneDNN inside the trainer's ``onednn_scope()``. Under autocast
 the layer's own forward runs (autocast rounds its products); elsewhere nothing is switched.
-Generation uses the same switch for its decode steps only (``decode_on_onednn``).
+Generation and serving use the same switch, with every row count padded to a few sizes
+(``inference_on_onednn``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 
 from lorakit.kernels.gemm import frozen_linear, onednn_scope, uses_onednn
+from lorakit.layers import find_modules
 from lorakit.patch import patched_forward, unfused
 
 
@@ -40,14 +42,15 @@ def _forward(self: nn.Linear, x: torch.Tensor, *args: Any, **kwargs: Any) -> tor
 def frozen_linears(model: nn.Module) -> Iterator[int]:
     """Within the block, frozen fp32 CPU ``nn.Linear`` layers run ``gemm.frozen_linear`` where
     oneDNN applies; yields how many were switched (0 elsewhere)."""
-    with patched_forward([m for m in model.modules() if _is_frozen_linear(m)], _forward) as n:
+    linears = [m for _, m in find_modules(model, nn.Linear) if _is_frozen_linear(m)]  # LoRA layers not walked into
+    with patched_forward(linears, _forward) as n:
         yield n
 
 
 @contextmanager
-def decode_on_onednn(model: nn.Module, max_rows: int) -> Iterator[None]:
-    """For generation: within the block the frozen layers' fp32 CPU products of at most
-    ``max_rows`` rows (the decode steps: one row per sequence) run on oneDNN where it applies, and
-    longer ones (the prompts, of any length: unbounded shapes) on torch's BLAS."""
-    with frozen_linears(model), onednn_scope(max_rows=max_rows):
+def inference_on_onednn(model: nn.Module) -> Iterator[None]:
+    """For generation and serving: within the block the frozen layers' fp32 CPU products run on
+    oneDNN where it is the faster GEMM, their rows padded up to ``gemm.row_bucket`` sizes (prompts
+    of any length and batches of any size meet oneDNN in few shapes; ``gemm.onednn_scope``)."""
+    with frozen_linears(model), onednn_scope(bucket_rows=True):
         yield

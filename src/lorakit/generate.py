@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.frozen import decode_on_onednn
+from lorakit.frozen import inference_on_onednn
 
 
 @dataclass
@@ -79,9 +79,9 @@ class _Streamer:
 def generate(model: nn.Module, tokenizer: Any, input_ids: torch.Tensor, options: SamplingOptions | None = None,
              on_text: Callable[[str], None] | None = None) -> str:
     """Generate from ``input_ids`` (1, T) until EOS / end of turn, a stop string or the token limit;
-    returns the text (cut before any stop string) and streams it to ``on_text``. The decode steps'
-    fp32 CPU products (one row each: one shape per layer) run on oneDNN where ``gemm.uses_onednn``
-    says so, the prompt on torch's BLAS."""
+    returns the text (cut before any stop string) and streams it to ``on_text``. The fp32 CPU
+    products run on oneDNN where ``gemm.uses_onednn`` says so: the prompt's rows padded up to a
+    ``gemm.row_bucket`` size, each decode step's one row as it is."""
     o = options or SamplingOptions()
     if o.seed is not None:
         torch.manual_seed(o.seed)
@@ -91,7 +91,7 @@ def generate(model: nn.Module, tokenizer: Any, input_ids: torch.Tensor, options:
     sampling = {"do_sample": True, "temperature": o.temperature, "top_p": o.top_p} if o.temperature > 0 else \
         {"do_sample": False, "temperature": None, "top_p": None, "top_k": None}
     extra = {"stop_strings": list(o.stop), "tokenizer": tokenizer} if o.stop else {}
-    with decode_on_onednn(model, max_rows=1):
+    with inference_on_onednn(model):
         model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=o.max_new_tokens,
                        pad_token_id=tokenizer.pad_token_id, streamer=streamer, use_cache=True, **sampling, **extra)
     return streamer.text()
