@@ -671,19 +671,28 @@ def test_fused_nodes_in_fp32_equal_float64_math_on_either_gemm(backend, monkeypa
 
 @pytest.mark.parametrize("backend", GEMMS)
 @pytest.mark.parametrize("bias", [False, True])
-def test_frozen_linear_equals_f_linear(backend, bias, monkeypatch):
-    """``gemm.frozen_linear`` gives F.linear's output and input gradient (fp32, either library)."""
+@pytest.mark.parametrize("trainable", [False, True])
+def test_linear_equals_f_linear_with_its_gradients(backend, bias, trainable, monkeypatch):
+    """``gemm.linear`` gives F.linear's output and the gradients of x and, where they train, of W
+    and b, against float64 (fp32, either library); a frozen W keeps no input for backward."""
     monkeypatch.setattr(gemm, "CPU_GEMM", backend)
     g = torch.Generator().manual_seed(5)
     x = torch.randn(2, 40, 48, generator=g, requires_grad=True)
-    w, b = torch.randn(96, 48, generator=g), torch.randn(96, generator=g) if bias else None
+    w = torch.randn(96, 48, generator=g).requires_grad_(trainable)
+    b = torch.randn(96, generator=g).requires_grad_(trainable) if bias else None
     up = torch.randn(2, 40, 96, generator=g)
+    inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
     with gemm.onednn_scope():
-        y = gemm.frozen_linear(x, w, b)
-        (gx,) = torch.autograd.grad(y, x, up)
-    ref = F.linear(x.double(), w.double(), b.double() if bias else None)
-    (rx,) = torch.autograd.grad(ref, x, up.double())
+        y = gemm.linear(x, w, b)
+        assert (y.grad_fn.saved_tensors[0] is None) is not trainable  # x kept only to form W's gradient
+        got = torch.autograd.grad(y, inputs, up)
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_(trainable)
+    bd = b.detach().double().requires_grad_(trainable) if bias else None
+    ref = F.linear(xd, wd, bd)
+    want = torch.autograd.grad(ref, [t for t in (xd, wd, bd) if t is not None and t.requires_grad], up.double())
     torch.testing.assert_close(y.double(), ref.detach(), atol=1e-4, rtol=1e-5)
-    torch.testing.assert_close(gx.double(), rx.double(), atol=1e-4, rtol=1e-5)
-    with pytest.raises(ValueError, match="must not need gradients"):
-        gemm.frozen_linear(x, w.requires_grad_())
+    for u, v in zip(got, want, strict=True):
+        assert u.dtype == torch.float32
+        torch.testing.assert_close(u.double(), v, atol=1e-4, rtol=1e-5)
+    with torch.no_grad():
+        assert gemm.linear(x, w, b).grad_fn is None

@@ -32,8 +32,8 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from lorakit.batch import adapter_batch
-from lorakit.frozen import inference_on_onednn
 from lorakit.generate import SamplingOptions, _Streamer
+from lorakit.plain import inference_on_onednn
 from lorakit.pool import AdapterPool
 
 Emit = Callable[[tuple[str, Any]], None]

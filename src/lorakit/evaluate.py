@@ -18,9 +18,9 @@ from torch import nn
 from lorakit.attention import padding_free, supports_padding_free
 from lorakit.collate import collate, collate_flat
 from lorakit.data import Example
-from lorakit.frozen import inference_on_onednn
 from lorakit.kernels.gemm import TOKEN_MULTIPLE, onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss
+from lorakit.plain import inference_on_onednn
 
 
 def device_of(model: nn.Module) -> torch.device:
@@ -62,7 +62,7 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *
                      batch_size: int = 16, chat: bool = True) -> list[str]:
     """Greedy answers for rendered ``prompts`` (left-padded batches, stopping at EOS/end of turn).
     The fp32 CPU products run on oneDNN where ``gemm.uses_onednn`` says so, their rows padded up
-    to ``gemm.row_bucket`` sizes (``frozen.inference_on_onednn``)."""
+    to ``gemm.row_bucket`` sizes (``plain.inference_on_onednn``)."""
     was_training = model.training
     model.eval()
     device = device_of(model)

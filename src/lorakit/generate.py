@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.frozen import inference_on_onednn
+from lorakit.plain import inference_on_onednn
 
 
 @dataclass

@@ -29,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit import rows
 from lorakit.kernels.cast import cast_frozen
-from lorakit.kernels.gemm import frozen_linear, uses_onednn
+from lorakit.kernels.gemm import linear, uses_onednn
 from lorakit.kernels.lora import fused_lora_linear, lora_linear
 
 # Use the fused LoRA-linear autograd node where it applies (see `_LinearLora._fused_adapter`);
@@ -280,15 +280,14 @@ class _LinearLora(LoraLayer):
         return live[0] if x.dtype == dtype == self.lora_A[live[0]].weight.dtype else None
 
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """x Wᵀ + b; for a frozen fp32 ``nn.Linear`` base on a CPU where oneDNN is faster, through
-        ``gemm.frozen_linear`` (its products on oneDNN inside ``onednn_scope()``): the base of a
+        """x Wᵀ + b; for an fp32 ``nn.Linear`` base on a CPU where oneDNN is faster, through
+        ``gemm.linear`` (its products on oneDNN inside ``onednn_scope()``): the base of a
         mixed-adapter batch, of a routed or multi-adapter forward."""
         weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
-        if args or kwargs or self.base_class is not nn.Linear or weight.requires_grad \
-                or (bias is not None and bias.requires_grad) or x.dtype != weight.dtype \
+        if args or kwargs or self.base_class is not nn.Linear or x.dtype != weight.dtype \
                 or autocast_dtype(x) is not None or not uses_onednn(weight.device, weight.dtype):
             return LoraLayer._base_forward(self, x, *args, **kwargs)
-        return frozen_linear(x, weight, bias)
+        return linear(x, weight, bias)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         cast = autocast_dtype(x)

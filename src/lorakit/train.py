@@ -52,7 +52,6 @@ from lorakit.distributed import (
 )
 from lorakit.errors import LorakitError
 from lorakit.evaluate import eval_loss, exact_match
-from lorakit.frozen import frozen_linears
 from lorakit.inject import count_parameters, get_lora_model
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.kernels.cast import cached_casts
@@ -63,6 +62,7 @@ from lorakit.mlp import fused_mlp
 from lorakit.models import empty_model, enable_checkpointing, load_model
 from lorakit.norm import fused_norms
 from lorakit.optim import build_optimizer, lr_lambda
+from lorakit.plain import plain_linears
 from lorakit.report import MetricsLog, plot_loss, write_model_card
 from lorakit.train_config import ConfigError, RunConfig, build_config, dump_config, load_config
 
@@ -275,14 +275,14 @@ class Trainer:
     def fast_paths(self) -> Iterator[nn.Module]:
         """The model as training runs it: padding-free attention (where on), the fused SwiGLU MLP and
         RMSNorm nodes, (under autocast) each frozen weight rounded to bf16 once, not every step, and
-        the fused nodes' and frozen linear layers' fp32 CPU products on oneDNN where it is faster."""
+        the fused nodes' and plain linear layers' fp32 CPU products on oneDNN where it is faster."""
         # lorakit's attention: per segment for padding-free batches; under CPU bf16 also for padded ones
         # (their rows as segments of attention._MathSegments)
         cpu_bf16 = (self.bf16 and self.device.type == "cpu" and supports_padding_free(self.model)
                     and self.model.config._attn_implementation == "sdpa")
         with padding_free(self.model) if self.padding_free or cpu_bf16 else contextlib.nullcontext(), \
                 fused_mlp(self.model), fused_norms(self.model), cached_casts(release=self.device.type == "cpu"), \
-                frozen_linears(self.model), onednn_scope():
+                plain_linears(self.model), onednn_scope():
             yield self.model
 
     def step(self, group: Sequence[Sequence[Sequence[Example]]]) -> tuple[float, float, int]:

@@ -21,7 +21,7 @@ freed). So it runs only inside ``onednn_scope()`` and on few shapes. The trainer
 its token counts rounded up to a multiple of 32 (as for CPU bf16), and there only products whose
 two varying sides (rows and the summed dimension) are either small (≤ 64) or multiples of 16 run
 on oneDNN; any other product, such as a chunk of the output head sized by a batch's supervised
-tokens, runs on the BLAS. Generation and serving (``frozen.inference_on_onednn``: evaluation's
+tokens, runs on the BLAS. Generation and serving (``plain.inference_on_onednn``: evaluation's
 greedy answers, ``generate.generate``, the serving engine), whose row counts change with every
 prompt and every step of a continuous batch, enter it with ``bucket_rows``: every product runs on
 oneDNN with its rows padded up to ``row_bucket(rows)`` (at most 99 sizes, 8 per doubling). Demo
@@ -163,28 +163,32 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     return mm(x2, weight.T, add).reshape(*x.shape[:-1], weight.shape[0])
 
 
-class _FrozenLinear(torch.autograd.Function):
-    """y = x Wᵀ + b for a frozen W (and b): forward and ∂L/∂x = g W both through ``mm``; nothing but
-    W is kept for the backward pass, as autograd keeps for a frozen ``F.linear``."""
+class _Linear(torch.autograd.Function):
+    """y = x Wᵀ + b with every product through ``mm``: forward, ∂L/∂x = G W, and, where W needs
+    one, ∂L/∂W = Gᵀ x (rows: W's out features; summed: the tokens). Keeps W, and x only where W
+    trains: what autograd keeps for ``F.linear``."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(weight)
-        ctx.lead = x.shape[:-1]
+        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+        ctx.has_bias = bias is not None
         return _linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        (weight,) = ctx.saved_tensors
-        grad_x = mm(grad.reshape(-1, grad.shape[-1]), weight).reshape(*ctx.lead, weight.shape[1])
-        return grad_x, None, None
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        grad_x = mm(g, weight).reshape(*grad.shape[:-1], weight.shape[1]) if need_x else None
+        grad_w = mm(g.T, x.reshape(-1, x.shape[-1])).to(weight.dtype) if need_w else None
+        grad_b = g.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_b
 
 
-def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` for a weight and bias that need no gradient, its products on
-    ``mm`` (oneDNN inside ``onednn_scope()`` where it applies). x (…, in), weight (out, in)."""
-    if weight.requires_grad or (bias is not None and bias.requires_grad):
-        raise ValueError("frozen_linear: weight and bias must not need gradients")
-    if not torch.is_grad_enabled() or not x.requires_grad:  # no autograd node (~14 µs a call) to build
-        return _linear(x, weight, bias)
-    return _FrozenLinear.apply(x, weight, bias)
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with its products (and its gradients' products) on ``mm``:
+    oneDNN inside ``onednn_scope()`` where it applies. x (…, in), weight (out, in), bias (out,)."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
+                                           or (bias is not None and bias.requires_grad)):
+        return _linear(x, weight, bias)  # no autograd node (~14 µs a call) to build
+    return _Linear.apply(x, weight, bias)
