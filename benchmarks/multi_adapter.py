@@ -4,7 +4,8 @@ Same base, same 16 random adapters (r=16, all linear layers, saved by lorakit an
 a batch of 32 rows using 1, 4 or 16 distinct adapters. Times one prefill of ``--prompt-len`` tokens
 and one decode step on a KV cache of that length; each cost is also given relative to the same
 library's single-adapter batch (the ordinary forward with one active adapter). Also: a merged
-model vs the plain base (should be ≈ 1.00). Medians of ``--repeat`` runs; prints a table and
+model vs the plain base (should be ≈ 1.00). lorakit's variants run as its server runs a forward
+(``plain.inference_on_onednn``: fp32 CPU products on oneDNN where faster). Medians of ``--repeat`` runs; prints a table and
 appends it to benchmarks/RESULTS.md.
 
     python benchmarks/multi_adapter.py                         # SmolLM2-135M-Instruct (CPU or GPU)
@@ -34,6 +35,7 @@ import torch
 import lorakit
 import lorakit.layers
 from lorakit.layers import lora_layers
+from lorakit.plain import inference_on_onednn
 
 sys.path.insert(0, str(Path(__file__).parent))
 from results import add_random_adapters, append_entry, machine, random_llama
@@ -147,6 +149,14 @@ def main() -> None:
     step_ids = torch.randint(0, 1000, (args.batch, 1), generator=g).to(device)
     prefill_cache = prefilled_cache(base, ids)  # same cache for every variant
 
+    def served(fn: Any) -> Any:
+        """``fn`` as lorakit's generation and server run a forward: fp32 CPU products on oneDNN with
+        bucketed rows where it is the faster GEMM (``plain.inference_on_onednn``), else unchanged."""
+        def run(arg: Any) -> Any:
+            with inference_on_onednn(ours):
+                return fn(arg)
+        return run
+
     def ours_fn(rows: list[str], kernel: str = "torch") -> tuple[Any, Any]:
         def prefill(_: Any) -> None:
             lorakit.rows.MIXED_KERNEL = kernel
@@ -157,7 +167,7 @@ def main() -> None:
             lorakit.rows.MIXED_KERNEL = kernel
             with lorakit.adapter_batch(ours, rows):
                 ours(step_ids, past_key_values=cache, use_cache=True)
-        return prefill, decode
+        return served(prefill), served(decode)
 
     def peft_fn(rows: list[str]) -> tuple[Any, Any]:
         return (lambda _: theirs(input_ids=ids, adapter_names=rows, use_cache=False),
@@ -190,7 +200,7 @@ def main() -> None:
         notes.append(f"Triton kernel vs PyTorch path, 16-adapter logits: max |diff| {float((t - c).abs().max()):.2e} "
                      f"(max |logit| {float(c.abs().max()):.1f}).")
 
-    variants = {"lorakit single": single(ours, lambda: lorakit.set_adapter(ours, "a0")),
+    variants = {"lorakit single": tuple(map(served, single(ours, lambda: lorakit.set_adapter(ours, "a0")))),
                 "peft single": single(theirs, lambda: theirs.set_adapter("a0"))}
     for k in (1, 4, 16):
         rows = [f"a{i % k}" for i in range(args.batch)]
@@ -213,6 +223,7 @@ def main() -> None:
              f"linear layers, {dtype}, torch {torch.__version__}, peft {peft.__version__}; {args.repeat} rounds, each "
              f"timing every variant in turn: medians of the times, and of each round's ratio to the variant's "
              f"own single-adapter batch. Decode steps on a {type(prefill_cache).__name__} of the prompt. "
+             f"lorakit's forwards run as its server runs them (fp32 CPU products on oneDNN where faster). "
              f"Mixed-batch logits lorakit vs PEFT: max |diff| {max_diff:.2e}.", "",
              "| variant | prefill ms | decode step ms | prefill / own single | decode / own single |",
              "|---|---|---|---|---|"]
