@@ -350,3 +350,22 @@ def test_engine_on_onednn_with_bucketed_rows_gives_the_blas_tokens(tiny_model_di
     assert all(gemm.row_bucket(n) == n for n in onednn_rows)
     assert 1 in onednn_rows and max(onednn_rows) > 64
     assert len(set(onednn_rows)) < len({len(ids) for ids, *_ in work})  # fewer sizes than prompt lengths alone
+
+
+def test_prefill_groups_bound_the_padding_and_keep_every_request():
+    """Joining prompts are prefilled shortest first in groups whose left padding (every row padded to
+    the group's longest) stays within 1/8 of their real tokens; each request lands in one group."""
+    from lorakit.engine import prefill_groups
+
+    g = torch.Generator().manual_seed(0)
+    requests = [Request([0] * int(n), None, SamplingOptions(), lambda _: None)
+                for n in torch.randint(16, 97, (32,), generator=g)]
+    groups = prefill_groups(requests)
+    assert sorted(map(id, (r for group in groups for r in group))) == sorted(map(id, requests))
+    lengths = [[len(r.ids) for r in group] for group in groups]
+    assert [n for group in lengths for n in group] == sorted(len(r.ids) for r in requests)
+    assert all(len(group) * max(group) <= 9 / 8 * sum(group) for group in lengths)
+    padded = sum(len(group) * max(group) for group in lengths)
+    assert padded < 0.6 * len(requests) * max(map(max, lengths))  # one batch: every row padded to the longest
+    assert len(groups) < len(requests) // 3  # still few forwards
+    assert prefill_groups(requests, waste=float("inf")) == [sorted(requests, key=lambda r: len(r.ids))]

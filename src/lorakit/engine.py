@@ -2,9 +2,10 @@
 
 One worker thread owns the model. Each loop iteration
 
-1. admits waiting requests (up to ``max_batch`` rows): their prompts are prefilled together,
-   left-padded, each row with its own adapter (``lorakit.batch.adapter_batch``), and their KV
-   caches are appended to the running batch's (both left-padded to a common length);
+1. admits waiting requests (up to ``max_batch`` rows): their prompts are prefilled in groups of
+   similar length (``prefill_groups``), left-padded, each row with its own adapter
+   (``lorakit.batch.adapter_batch``), and their KV caches are appended to the running batch's
+   (both left-padded to a common length);
 2. runs one decode step for every running row: input (B, 1), the attention mask marking each
    row's left padding, position ids = each row's own length, the LoRA term gathered per row;
 3. samples each row's next token with its own settings (greedy, or temperature / top-p with its
@@ -37,6 +38,7 @@ from lorakit.plain import inference_on_onednn
 from lorakit.pool import AdapterPool
 
 Emit = Callable[[tuple[str, Any]], None]
+PREFILL_WASTE = 1 / 8  # prompts joining together are prefilled in groups padded by at most this much
 
 
 @dataclass
@@ -104,9 +106,8 @@ class Engine:
     def _run(self) -> None:
         self.model.eval()
         while not self._stop.is_set():
-            new = self._take(block=not self.rows)
-            if new:
-                self._guard(new, self._prefill)
+            for group in prefill_groups(self._take(block=not self.rows)):
+                self._guard(group, self._prefill)
             if self.rows:
                 self._guard(list(self.rows), self._decode)
 
@@ -248,6 +249,25 @@ class Engine:
         self.mask = mask[:, start:]
         self.cache = [_GrowingLayer(layer.keys.index_select(0, index)[:, :, start:],
                                     layer.values.index_select(0, index)[:, :, start:]) for layer in self.cache]
+
+
+def prefill_groups(requests: list[Request], waste: float | None = None) -> list[list[Request]]:
+    """``requests`` in groups to prefill together, shortest prompts first: a group takes the next
+    prompt while padding every row to it keeps the padding within ``waste`` of the group's real
+    tokens (left padding to the longest prompt is computed and thrown away). 32 prompts of 16-96
+    tokens in one batch are 40% padding; grouped, at most 1/8."""
+    waste = PREFILL_WASTE if waste is None else waste
+    groups: list[list[Request]] = []
+    real = 0
+    for r in sorted(requests, key=lambda r: len(r.ids)):
+        group = groups[-1] if groups else None
+        if group is None or (len(group) + 1) * len(r.ids) > (1 + waste) * (real + len(r.ids)):
+            groups.append([r])
+            real = len(r.ids)
+        else:
+            group.append(r)
+            real += len(r.ids)
+    return groups
 
 
 def _sample(logits: torch.Tensor, o: SamplingOptions, generator: torch.Generator | None) -> int:
