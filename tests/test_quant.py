@@ -79,6 +79,44 @@ def test_lora_on_quantized_base_trains_only_adapters(method):
     assert (logits(model) - base_out).abs().max() > 1e-3
 
 
+def test_4bit_base_dequantized_onto_gemm_equals_bitsandbytes(monkeypatch):
+    """LoRA on an NF4 base in fp32: with oneDNN the faster GEMM, each base product runs as
+    dequantize + ``gemm.mm`` (``kernels.dequant``; oneDNN inside ``onednn_scope()``), else as
+    bitsandbytes' own forward. Loss, adapter gradients and input gradients equal bitsandbytes' to
+    fp32 rounding; the node keeps the packed 4-bit weight only, never a float copy."""
+    from lorakit.kernels import gemm
+
+    if gemm._linear_op() is None:
+        pytest.skip("this torch build has no oneDNN linear")
+    model = tiny_llama()
+    quantize_model(model, "nf4")
+    lorakit.get_lora_model(model, lorakit.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model, std=0.3)
+    model.train()
+    emb = model.get_input_embeddings()
+
+    def run() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        model.zero_grad(set_to_none=True)
+        x = emb(IDS).detach().requires_grad_()
+        loss = model(inputs_embeds=x, labels=IDS).loss
+        loss.backward()
+        return loss.detach(), [x.grad] + [p.grad for p in model.parameters() if p.requires_grad]
+
+    monkeypatch.setattr(gemm, "CPU_GEMM", "blas")  # uses_onednn false: bitsandbytes' forward
+    want, want_grads = run()
+    monkeypatch.setattr(gemm, "CPU_GEMM", "onednn")
+    out = model.model.layers[0].self_attn.q_proj(torch.randn(3, 5, 32).requires_grad_())
+    node = out.grad_fn.next_functions[0][0]  # the base's term of base + LoRA
+    assert type(node).__name__ == "_DequantLinearBackward"
+    assert [type(t).__name__ for t in node.saved_tensors] == ["Params4bit"]
+    with gemm.onednn_scope():
+        got, grads = run()
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert len(grads) == len(want_grads) == 1 + 2 * 7 * 2
+    for u, v in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(u, v, atol=1e-5 * float(v.abs().max()), rtol=1e-4)
+
+
 def test_eval_mode_keeps_the_4bit_layout_on_avx512_bf16_cpus(monkeypatch):
     """bitsandbytes repacks 4-bit weights for its bf16 CPU kernel at the first eval-mode forward
     on CPUs with AVX512-BF16 (and fails on layers this small); lorakit keeps the layout training

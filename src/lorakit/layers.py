@@ -29,6 +29,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit import rows
 from lorakit.kernels.cast import cast_frozen
+from lorakit.kernels.dequant import dequant_linear, is_4bit
 from lorakit.kernels.gemm import linear, uses_onednn
 from lorakit.kernels.lora import fused_lora_linear, lora_linear
 
@@ -280,14 +281,19 @@ class _LinearLora(LoraLayer):
         return live[0] if x.dtype == dtype == self.lora_A[live[0]].weight.dtype else None
 
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """x Wᵀ + b; for an fp32 ``nn.Linear`` base on a CPU where oneDNN is faster, through
-        ``gemm.linear`` (its products on oneDNN inside ``onednn_scope()``): the base of a
-        mixed-adapter batch, of a routed or multi-adapter forward."""
+        """x Wᵀ + b; on a CPU where oneDNN is the faster fp32 GEMM, an fp32 ``nn.Linear`` base
+        through ``gemm.linear`` (the base of a mixed-adapter batch, of a routed or multi-adapter
+        forward) and a 4-bit base computing in fp32 through ``dequant.dequant_linear``: their
+        products on oneDNN inside ``onednn_scope()``."""
         weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
-        if args or kwargs or self.base_class is not nn.Linear or x.dtype != weight.dtype \
-                or autocast_dtype(x) is not None or not uses_onednn(weight.device, weight.dtype):
+        if args or kwargs or autocast_dtype(x) is not None or not uses_onednn(x.device, x.dtype):
             return LoraLayer._base_forward(self, x, *args, **kwargs)
-        return linear(x, weight, bias)
+        if self.base_class is nn.Linear and x.dtype == weight.dtype:
+            return linear(x, weight, bias)
+        if is_4bit(weight) and getattr(self, "compute_dtype", None) in (None, x.dtype) \
+                and (bias is None or not bias.requires_grad):  # a QLoRA base in fp32: dequantized, then mm
+            return dequant_linear(x, weight, bias)
+        return LoraLayer._base_forward(self, x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         cast = autocast_dtype(x)

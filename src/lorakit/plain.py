@@ -1,11 +1,12 @@
 """Plain linear layers (the ones LoRA does not wrap) run their products through ``kernels.gemm``.
 
 With LoRA on some projections only (``q_proj`` and ``v_proj``, say) the others stay plain
-``nn.Linear`` modules, frozen; under full fine-tuning every projection is one, trainable. Autograd
-runs their forward and gradient products on torch's BLAS. Inside ``plain_linears(model)`` each
-such layer (exactly ``nn.Linear``, fp32 on a CPU where ``gemm.uses_onednn``) runs ``gemm.linear``
-instead: the same function and gradients, its products on oneDNN inside ``onednn_scope()`` (the
-trainer's). Under autocast the layer's own forward runs (autocast rounds its products); elsewhere
+``nn.Linear`` modules, frozen (bitsandbytes 4-bit ones under QLoRA); under full fine-tuning every
+projection is one, trainable. Autograd runs their forward and gradient products on torch's BLAS.
+Inside ``plain_linears(model)`` each such layer (exactly ``nn.Linear``, fp32 on a CPU where
+``gemm.uses_onednn``) runs ``gemm.linear`` instead, and a 4-bit one computing in fp32
+``dequant.dequant_linear``: the same function and gradients, the products on oneDNN inside
+``onednn_scope()`` (the trainer's). Under autocast the layer's own forward runs (autocast rounds its products); elsewhere
 nothing is switched. Generation and serving use the same switch, with every row count padded to a
 few sizes (``inference_on_onednn``).
 """
@@ -19,20 +20,30 @@ from typing import Any
 import torch
 from torch import nn
 
+from lorakit.kernels.dequant import dequant_linear, is_4bit
 from lorakit.kernels.gemm import linear, onednn_scope, uses_onednn
-from lorakit.layers import find_modules
+from lorakit.layers import LoraLayer, find_modules
 from lorakit.patch import patched_forward, unfused
 
 
 def _is_plain_linear(module: nn.Module) -> bool:
     weight = getattr(module, "weight", None)
-    return type(module) is nn.Linear and isinstance(weight, torch.Tensor) and uses_onednn(weight.device, weight.dtype)
+    if not isinstance(weight, torch.Tensor):
+        return False
+    if type(module) is nn.Linear:
+        return uses_onednn(weight.device, weight.dtype)
+    # a bitsandbytes 4-bit layer (QLoRA's base outside the adapter's targets) computing in fp32
+    return (isinstance(module, nn.Linear) and is_4bit(weight) and not isinstance(module, LoraLayer)
+            and getattr(module, "compute_dtype", None) in (None, torch.float32)
+            and uses_onednn(weight.device, torch.float32))
 
 
 def _forward(self: nn.Linear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if args or kwargs or x.dtype != self.weight.dtype or torch.is_autocast_enabled(x.device.type):  # autocast: its own
+    four_bit = is_4bit(self.weight)
+    dtype = torch.float32 if four_bit else self.weight.dtype
+    if args or kwargs or x.dtype != dtype or torch.is_autocast_enabled(x.device.type):  # autocast: its own
         return unfused(self)(x, *args, **kwargs)
-    return linear(x, self.weight, self.bias)
+    return dequant_linear(x, self.weight, self.bias) if four_bit else linear(x, self.weight, self.bias)
 
 
 @contextmanager

@@ -169,7 +169,7 @@ class Trainer:
         # oneDNN (CPU bf16 matmuls, and fp32 ones where kernels.gemm routes them there) keeps memory
         # per shape: bound the token counts it sees (≤ 31 idle tokens a batch; batch 8 of the demo
         # data: 2.8% a step for 32, 7.7% for 64, both level off)
-        onednn = self.bf16 or (uses_onednn(self.device, dtype) and config.model.quantize is None)
+        onednn = self.bf16 or uses_onednn(self.device, dtype)  # a 4-bit base's products too (kernels.dequant)
         self.flat_multiple = TOKEN_MULTIPLE if onednn and self.device.type == "cpu" else 1
         device_type = self.device.type
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if self.bf16 else None
