@@ -344,6 +344,32 @@ def test_qlora_run_reports_base_memory_and_saves_a_peft_adapter(run_config, tiny
         build_config(run_config(model={"quantize": "nf4"}, method="full"))
 
 
+@pytest.mark.skipif(gemm._linear_op() is None, reason="this torch build has no oneDNN linear")
+def test_qlora_on_onednn_trains_the_adapter_the_bitsandbytes_path_trains(run_config, tmp_path, monkeypatch):
+    """A QLoRA run (all linear layers, no dropout: the fused paths apply) with the 4-bit base
+    dequantized into lorakit's fused nodes on oneDNN ends with the adapter of the same run on
+    bitsandbytes' own forward and torch's BLAS, to fp32 rounding carried through 6 AdamW steps."""
+    pytest.importorskip("bitsandbytes")
+    import lorakit.kernels.lora as lora_kernel
+
+    calls = []
+    real = lora_kernel.dequantize
+    monkeypatch.setattr(lora_kernel, "dequantize", lambda w, dtype: calls.append(1) or real(w, dtype))
+    common = {"model": {"quantize": "nf4"}, "lora": {"lora_dropout": 0.0}, "train": {"epochs": 1, "save_steps": 0},
+              "eval": {"steps": 0}}
+    monkeypatch.setattr(gemm, "CPU_GEMM", "blas")
+    a = train(run_config(**common, output_dir=str(tmp_path / "blas")), progress=False)
+    assert not calls
+    monkeypatch.setattr(gemm, "CPU_GEMM", "onednn")
+    b = train(run_config(**common, output_dir=str(tmp_path / "onednn")), progress=False)
+    assert len(calls) > 6 * 2 * 7  # each step: every projection's fused node forward, and backward
+    assert abs(a.train_loss - b.train_loss) < 1e-4 * abs(a.train_loss)
+    x, y = adapter_tensors(a.output_dir), adapter_tensors(b.output_dir)
+    assert x.keys() == y.keys()
+    for k in x:
+        torch.testing.assert_close(y[k], x[k], atol=1e-4 * float(x[k].abs().max()), rtol=0)
+
+
 def test_bf16_auto_is_gpu_only_and_native_bf16_cpus_get_a_hint(monkeypatch, tmp_path, run_config):
     import lorakit.train as T
 

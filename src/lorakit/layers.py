@@ -258,11 +258,12 @@ class _LinearLora(LoraLayer):
 
     def _fused_adapter(self, x: torch.Tensor, cast: torch.dtype | None) -> str | None:
         """The one adapter when the fused kernel applies, else None: a plain ``nn.Linear`` /
-        ``Conv1D`` base (not quantized), exactly one unmerged active adapter (or a mixed batch in
+        ``Conv1D`` base or a 4-bit one the node can dequantize (``_fused_4bit``), exactly one unmerged active adapter (or a mixed batch in
         which every row uses the same adapter, which this layer has), and either one dtype
         throughout or autocast (``cast``, from ``autocast_dtype(x)``; the caller applies it itself)."""
+        four_bit = self._fused_4bit(x, cast)
         if not FUSED_LINEAR or self.adapters_disabled or "router_adapters" in self.__dict__ \
-                or self.base_class not in (nn.Linear, Conv1D):
+                or (self.base_class not in (nn.Linear, Conv1D) and not four_bit):
             return None
         if "row_adapters" in self.__dict__:
             plan: rows.RowPlan = self.__dict__["row_index"]
@@ -277,8 +278,16 @@ class _LinearLora(LoraLayer):
             return None
         if cast is not None:
             return live[0]
-        dtype = self.weight.dtype  # type: ignore[attr-defined]
+        dtype = x.dtype if four_bit else self.weight.dtype  # type: ignore[attr-defined]
         return live[0] if x.dtype == dtype == self.lora_A[live[0]].weight.dtype else None
+
+    def _fused_4bit(self, x: torch.Tensor, cast: torch.dtype | None) -> bool:
+        """A bitsandbytes 4-bit base computing in x's dtype, on a CPU where oneDNN is the faster fp32
+        GEMM: the fused node dequantizes it itself (``kernels.dequant``; no autocast)."""
+        weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
+        return (cast is None and is_4bit(weight) and getattr(self, "compute_dtype", None) in (None, x.dtype)
+                and (bias is None or (bias.dtype == x.dtype and not bias.requires_grad))
+                and uses_onednn(x.device, x.dtype))
 
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """x Wᵀ + b; on a CPU where oneDNN is the faster fp32 GEMM, an fp32 ``nn.Linear`` base
@@ -300,7 +309,7 @@ class _LinearLora(LoraLayer):
         name = None if args or kwargs else self._fused_adapter(x, cast)
         if name is None:
             return LoraLayer.forward(self, x, *args, **kwargs)
-        weight = self.weight if self.base_class is nn.Linear else self.weight.T  # type: ignore[attr-defined]
+        weight = self.weight if issubclass(self.base_class, nn.Linear) else self.weight.T  # type: ignore[attr-defined]
         dropout = self.lora_dropout[name]
         mixed = "row_adapters" in self.__dict__  # mixed batches apply no dropout
         p = dropout.p if isinstance(dropout, nn.Dropout) and self.training and not mixed else 0.0

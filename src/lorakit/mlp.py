@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from lorakit.kernels.cast import cast_frozen
+from lorakit.kernels.dequant import is_4bit
 from lorakit.kernels.mlp import lora_swiglu
 from lorakit.layers import _LinearLora, autocast_dtype
 from lorakit.models import is_checkpointing
@@ -39,7 +40,8 @@ def _projection(layer: _LinearLora, x: torch.Tensor,
     """(W, A, B, scale) when ``layer`` can join the fused node for input ``x`` (under autocast to
     ``cast``, or None), else None."""
     name = layer._fused_adapter(x, cast)
-    if name is None or layer.bias is not None or layer.weight.requires_grad:  # type: ignore[attr-defined]
+    if name is None or layer.bias is not None or layer.weight.requires_grad \
+            or is_4bit(layer.weight):  # type: ignore[attr-defined]  # a 4-bit base: the projections' own fused nodes
         return None
     dropout = layer.lora_dropout[name]
     if isinstance(dropout, nn.Dropout) and dropout.p > 0 and layer.training:

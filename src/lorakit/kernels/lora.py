@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from lorakit.kernels.dequant import dequantize, is_4bit
 from lorakit.kernels.gemm import mm
 
 
@@ -55,10 +56,11 @@ class _FusedLoraLinear(torch.autograd.Function):
                 a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
         shape = x.shape
         x2, xl2 = x.reshape(-1, shape[-1]), x_lora.reshape(-1, shape[-1])
-        y, h = _forward(x2, xl2, weight, bias, a, b, scale)
+        w = dequantize(weight, x.dtype) if is_4bit(weight) else weight
+        y, h = _forward(x2, xl2, w, bias, a, b, scale)
         ctx.scale, ctx.shape, ctx.same = scale, shape, x_lora is x
         ctx.save_for_backward(x2 if weight.requires_grad else None, xl2, h, weight, a, b)
-        return y.reshape(*shape[:-1], weight.shape[0])
+        return y.reshape(*shape[:-1], w.shape[0])
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -66,6 +68,8 @@ class _FusedLoraLinear(torch.autograd.Function):
         s = ctx.scale
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         needs = ctx.needs_input_grad
+        if is_4bit(weight) and needs[0]:  # a 4-bit base: dequantized again rather than kept in float
+            weight = dequantize(weight, g.dtype)
         gh = mm(g, b * s)  # (N, r); the scale folded into the small operand (one rounding in bf16)
         grad_b = mm(h.T, g).T if needs[5] else None  # h carries the scale; (hᵀ g)ᵀ, as the wide gᵀ would be copied
         grad_a = mm(gh.T, xl2) if needs[4] else None
@@ -87,15 +91,18 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
                       b: torch.Tensor, scale: float, dropout_p: float = 0.0) -> torch.Tensor:
     """``x Wᵀ + bias + s · dropout(x) Aᵀ Bᵀ`` as one autograd node (see ``_FusedLoraLinear``).
 
-    All tensors must share one dtype and device. With ``dropout_p == 0`` the input is not copied
-    and only x and the rank-r intermediate are kept for the backward pass. With gradients off
+    All tensors must share one dtype and device, but ``weight`` may instead be a frozen bitsandbytes
+    4-bit parameter (``dequant.is_4bit``): dequantized to x's dtype in forward and again in backward,
+    only the packed weight kept (QLoRA). With ``dropout_p == 0`` the input is not copied and only x
+    and the rank-r intermediate are kept for the backward pass. With gradients off
     (inference) the same ops run without the autograd node.
     """
     x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
     if not torch.is_grad_enabled():  # inference: the same ops without an autograd node's overhead
         x2 = x.reshape(-1, x.shape[-1])
-        y, _ = _forward(x2, x_lora.reshape(-1, x.shape[-1]) if x_lora is not x else x2, weight, bias, a, b, scale)
-        return y.reshape(*x.shape[:-1], weight.shape[0])
+        w = dequantize(weight, x.dtype) if is_4bit(weight) else weight
+        y, _ = _forward(x2, x_lora.reshape(-1, x.shape[-1]) if x_lora is not x else x2, w, bias, a, b, scale)
+        return y.reshape(*x.shape[:-1], w.shape[0])
     return _FusedLoraLinear.apply(x, x_lora, weight, bias, a, b, scale)
 
 
