@@ -5,7 +5,9 @@ matmul, in forward and again in its backward (``MatMul4Bit``: only the packed Q 
 matmul runs on torch's BLAS. ``dequant_linear`` does the same steps, with both products on
 ``gemm.mm`` instead (oneDNN inside the trainer's ``onednn_scope()`` where it is faster): the QLoRA
 demo step spent 63% of its time in those BLAS products. It keeps Q (already held by the layer),
-never the fp32 weight: the 4-bit base's memory stays 4-bit between forward and backward.
+never the fp32 weight: the 4-bit base's memory stays 4-bit between forward and backward. The fused
+LoRA-linear node (``kernels.lora``) dequantizes its 4-bit base the same way (``dequantize``);
+``dequant_linear`` serves the 4-bit layers without one (not targeted, or in a mixed-adapter batch).
 """
 
 from __future__ import annotations
