@@ -258,12 +258,14 @@ class _LinearLora(LoraLayer):
 
     def _fused_adapter(self, x: torch.Tensor, cast: torch.dtype | None) -> str | None:
         """The one adapter when the fused kernel applies, else None: a plain ``nn.Linear`` /
-        ``Conv1D`` base or a 4-bit one the node can dequantize (``_fused_4bit``), exactly one unmerged active adapter (or a mixed batch in
-        which every row uses the same adapter, which this layer has), and either one dtype
-        throughout or autocast (``cast``, from ``autocast_dtype(x)``; the caller applies it itself)."""
-        four_bit = self._fused_4bit(x, cast)
-        if not FUSED_LINEAR or self.adapters_disabled or "router_adapters" in self.__dict__ \
-                or (self.base_class not in (nn.Linear, Conv1D) and not four_bit):
+        ``Conv1D`` base or a 4-bit one the node can dequantize (``_fused_4bit``), exactly one
+        unmerged active adapter (or a mixed batch in which every row uses the same adapter, which
+        this layer has), and either one dtype throughout or autocast (``cast``, from
+        ``autocast_dtype(x)``; the caller applies it itself)."""
+        if not FUSED_LINEAR or self.adapters_disabled or "router_adapters" in self.__dict__:
+            return None
+        four_bit = self.base_class not in (nn.Linear, Conv1D) and self._fused_4bit(x, cast)
+        if self.base_class not in (nn.Linear, Conv1D) and not four_bit:
             return None
         if "row_adapters" in self.__dict__:
             plan: rows.RowPlan = self.__dict__["row_index"]
