@@ -628,7 +628,7 @@ def test_fused_nodes_in_fp32_equal_float64_math_on_either_gemm(backend, monkeypa
     """The fused LoRA linear, LoRA SwiGLU and head + cross-entropy nodes in fp32, their products on
     oneDNN or on torch's BLAS: values and gradients equal the float64 references to fp32 rounding."""
     monkeypatch.setattr(gemm, "CPU_GEMM", backend)
-    monkeypatch.setattr(gemm, "_scopes", [(None, 1)])  # as inside onednn_scope()
+    monkeypatch.setattr(gemm, "_scopes", [False])  # as inside onednn_scope()
     monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", 5 * 4 * 300)  # 5 rows a chunk: three chunks
     g = torch.Generator().manual_seed(3)
 
