@@ -369,3 +369,41 @@ def test_prefill_groups_bound_the_padding_and_keep_every_request():
     assert padded < 0.6 * len(requests) * max(map(max, lengths))  # one batch: every row padded to the longest
     assert len(groups) < len(requests) // 3  # still few forwards
     assert prefill_groups(requests, waste=float("inf")) == [sorted(requests, key=lambda r: len(r.ids))]
+
+
+def test_idle_engine_gives_freed_memory_back_once_per_burst(tiny_model_dir, monkeypatch):
+    """When the last running request finishes and none waits, the engine trims the heap (glibc keeps
+    a burst's freed memory otherwise), once; never while rows are running."""
+    import lorakit.engine as engine_module
+
+    base, tok = load_model(str(tiny_model_dir))
+    engine = Engine(base, tok, AdapterPool(base), max_batch=4)
+    trims_while_running = []
+    monkeypatch.setattr(engine_module, "return_freed_memory",
+                        lambda: trims_while_running.append(len(engine.rows)) or True)
+    engine.eos = set()
+    engine.start()
+
+    def burst(n: int) -> None:
+        done = threading.Semaphore(0)
+        for i in range(n):
+            engine.submit(Request([5 + i, 6, 7], None, SamplingOptions(max_new_tokens=4),
+                                  lambda e: e[0] == "done" and done.release()))
+        for _ in range(n):
+            assert done.acquire(timeout=60)
+
+    def trims_reach(n: int) -> bool:
+        deadline = time.time() + 10
+        while engine.trims < n and time.time() < deadline:
+            time.sleep(0.01)
+        return engine.trims == n
+
+    assert engine.trims == 0
+    burst(6)
+    assert trims_reach(1) and engine.steps > 0
+    time.sleep(0.2)
+    assert engine.trims == 1  # idle and already trimmed: not again
+    burst(2)
+    assert trims_reach(2)
+    engine.stop()
+    assert trims_while_running == [0, 0]

@@ -34,6 +34,7 @@ from transformers.cache_utils import DynamicLayer
 
 from lorakit.batch import adapter_batch
 from lorakit.generate import SamplingOptions, _Streamer
+from lorakit.memory import return_freed_memory
 from lorakit.plain import inference_on_onednn
 from lorakit.pool import AdapterPool
 
@@ -74,6 +75,7 @@ class Engine:
         self.cache: list[_GrowingLayer] = []  # per layer: keys, values (B, H, T, D), appended in place
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # (B, T): 0 = left padding
         self.steps = 0  # decode steps run (for tests and metrics)
+        self.trims = 0  # times the idle engine gave freed heap memory back
         self.max_rows_seen = 0
         self._stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="lorakit-engine", daemon=True)
@@ -105,7 +107,15 @@ class Engine:
 
     def _run(self) -> None:
         self.model.eval()
+        stepped = False  # since the heap was last trimmed
         while not self._stop.is_set():
+            if not self.rows and stepped and self.waiting.empty():
+                # idle: hand the burst's freed heap back (glibc keeps it otherwise; 2.4 → 1.7 GiB
+                # after 64 requests on the 135 M model) before waiting for the next request
+                return_freed_memory()
+                self.trims += 1
+                stepped = False
+            stepped = stepped or bool(self.rows) or not self.waiting.empty()
             for group in prefill_groups(self._take(block=not self.rows)):
                 self._guard(group, self._prefill)
             if self.rows:
