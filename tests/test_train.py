@@ -350,11 +350,11 @@ def test_qlora_on_onednn_trains_the_adapter_the_bitsandbytes_path_trains(run_con
     dequantized into lorakit's fused nodes on oneDNN ends with the adapter of the same run on
     bitsandbytes' own forward and torch's BLAS, to fp32 rounding carried through 6 AdamW steps."""
     pytest.importorskip("bitsandbytes")
-    import lorakit.kernels.lora as lora_kernel
+    import lorakit.kernels.dequant as dequant
 
     calls = []
-    real = lora_kernel.dequantize
-    monkeypatch.setattr(lora_kernel, "dequantize", lambda w, dtype: calls.append(1) or real(w, dtype))
+    real = dequant.dequantize
+    monkeypatch.setattr(dequant, "dequantize", lambda w, dtype: calls.append(1) or real(w, dtype))
     common = {"model": {"quantize": "nf4"}, "lora": {"lora_dropout": 0.0}, "train": {"epochs": 1, "save_steps": 0},
               "eval": {"steps": 0}}
     monkeypatch.setattr(gemm, "CPU_GEMM", "blas")

@@ -19,7 +19,6 @@ Adapter changes (load / unload) run on the worker between steps, never during a 
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import queue
 import threading
@@ -107,19 +106,20 @@ class Engine:
 
     def _run(self) -> None:
         self.model.eval()
-        stepped = False  # since the heap was last trimmed
+        worked = False  # a prefill or decode step ran since the heap was last trimmed
         while not self._stop.is_set():
-            if not self.rows and stepped and self.waiting.empty():
+            if worked and not self.rows and self.waiting.empty():
                 # idle: hand the burst's freed heap back (glibc keeps it otherwise; 2.4 → 1.7 GiB
                 # after 64 requests on the 135 M model) before waiting for the next request
                 return_freed_memory()
                 self.trims += 1
-                stepped = False
-            stepped = stepped or bool(self.rows) or not self.waiting.empty()
+                worked = False
             for group in prefill_groups(self._take(block=not self.rows)):
                 self._guard(group, self._prefill)
+                worked = True
             if self.rows:
                 self._guard(list(self.rows), self._decode)
+                worked = True
 
     def _take(self, block: bool) -> list[Request]:
         """Waiting requests that fit in the batch; runs queued ``call``s on the way."""
@@ -174,7 +174,7 @@ class Engine:
         ids, mask = ids.to(self.device), mask.to(self.device)
         positions = (mask.cumsum(1) - 1).clamp(min=0)
         cache = _new_cache()
-        with adapter_batch(self.model, [r.adapter for r in new]), self._products():
+        with adapter_batch(self.model, [r.adapter for r in new]), inference_on_onednn(self.model):
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True)
         self._append(new, _cache_tensors(out.past_key_values), mask)
@@ -187,18 +187,12 @@ class Engine:
         mask = torch.cat([self.mask, torch.ones_like(positions)], dim=1)
         cache = _new_cache()
         cache.layers = self.cache  # each layer writes this step's token into its buffers
-        with adapter_batch(self.model, [r.adapter for r in rows]), self._products():
+        with adapter_batch(self.model, [r.adapter for r in rows]), inference_on_onednn(self.model):
             out = self.model(input_ids=last, attention_mask=mask, position_ids=positions, past_key_values=cache,
                              use_cache=True)
         self.mask = mask
         self.steps += 1
         self._advance(rows, out.logits[:, -1])
-
-    def _products(self) -> contextlib.AbstractContextManager:
-        """Where the step's frozen fp32 CPU products run: on oneDNN where it is the faster GEMM
-        (``gemm.uses_onednn``), their rows padded up to ``gemm.row_bucket`` sizes, so that a batch
-        whose size changes every step, and prefills of any length, meet oneDNN in few shapes."""
-        return inference_on_onednn(self.model)
 
     def _advance(self, rows: list[Request], logits: torch.Tensor) -> None:
         """Sample one token for each of ``rows`` (the last ``len(rows)`` rows of the batch), stream it,
@@ -261,12 +255,11 @@ class Engine:
                                     layer.values.index_select(0, index)[:, :, start:]) for layer in self.cache]
 
 
-def prefill_groups(requests: list[Request], waste: float | None = None) -> list[list[Request]]:
+def prefill_groups(requests: list[Request], waste: float = PREFILL_WASTE) -> list[list[Request]]:
     """``requests`` in groups to prefill together, shortest prompts first: a group takes the next
     prompt while padding every row to it keeps the padding within ``waste`` of the group's real
     tokens (left padding to the longest prompt is computed and thrown away). 32 prompts of 16-96
     tokens in one batch are 40% padding; grouped, at most 1/8."""
-    waste = PREFILL_WASTE if waste is None else waste
     groups: list[list[Request]] = []
     real = 0
     for r in sorted(requests, key=lambda r: len(r.ids)):

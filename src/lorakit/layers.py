@@ -29,7 +29,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit import rows
 from lorakit.kernels.cast import cast_frozen
-from lorakit.kernels.dequant import dequant_linear, is_4bit
+from lorakit.kernels.dequant import is_4bit, runs_dequantized
 from lorakit.kernels.gemm import linear, uses_onednn
 from lorakit.kernels.lora import fused_lora_linear, lora_linear
 
@@ -220,6 +220,20 @@ class LoraLayer:
         return out if out is not None else torch.zeros((), dtype=x.dtype, device=x.device)
 
 
+def gemm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                compute_dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    """A linear layer's x Wᵀ + b (W (out, in): ``nn.Linear``'s, or a bitsandbytes 4-bit one)
+    through ``gemm.linear``, on a CPU where oneDNN is the faster fp32 GEMM and autocast is off: a
+    W of x's dtype, or a 4-bit W whose layer computes in x's dtype (``compute_dtype``;
+    ``dequant.runs_dequantized``), its products on oneDNN inside ``onednn_scope()``. None where
+    neither applies: the layer's own forward then runs."""
+    if autocast_dtype(x) is not None or not uses_onednn(x.device, x.dtype):
+        return None
+    if weight.dtype == x.dtype or runs_dequantized(weight, bias, compute_dtype, x.dtype):
+        return linear(x, weight, bias)
+    return None
+
+
 def keep_4bit_layout(module: nn.Module) -> None:
     """Keep a bitsandbytes 4-bit layer's weights in the one layout that training, merging and
     saving read (a no-op for other modules). On CPUs with AVX512-BF16, bitsandbytes otherwise
@@ -264,9 +278,11 @@ class _LinearLora(LoraLayer):
         ``autocast_dtype(x)``; the caller applies it itself)."""
         if not FUSED_LINEAR or self.adapters_disabled or "router_adapters" in self.__dict__:
             return None
-        four_bit = self.base_class not in (nn.Linear, Conv1D) and self._fused_4bit(x, cast)
-        if self.base_class not in (nn.Linear, Conv1D) and not four_bit:
-            return None
+        four_bit = False
+        if self.base_class not in (nn.Linear, Conv1D):
+            four_bit = self._fused_4bit(x, cast)
+            if not four_bit:
+                return None
         if "row_adapters" in self.__dict__:
             plan: rows.RowPlan = self.__dict__["row_index"]
             if len(plan.present) != 1 or plan.bare is not None or len(plan.row_slots) != x.shape[0]:
@@ -286,25 +302,17 @@ class _LinearLora(LoraLayer):
     def _fused_4bit(self, x: torch.Tensor, cast: torch.dtype | None) -> bool:
         """A bitsandbytes 4-bit base computing in x's dtype, on a CPU where oneDNN is the faster fp32
         GEMM: the fused node dequantizes it itself (``kernels.dequant``; no autocast)."""
-        weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
-        return (cast is None and is_4bit(weight) and getattr(self, "compute_dtype", None) in (None, x.dtype)
-                and (bias is None or (bias.dtype == x.dtype and not bias.requires_grad))
-                and uses_onednn(x.device, x.dtype))
+        return (cast is None and uses_onednn(x.device, x.dtype)
+                and runs_dequantized(self.weight, self.bias, getattr(self, "compute_dtype", None), x.dtype))  # type: ignore[attr-defined]
 
     def _base_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """x Wᵀ + b; on a CPU where oneDNN is the faster fp32 GEMM, an fp32 ``nn.Linear`` base
-        through ``gemm.linear`` (the base of a mixed-adapter batch, of a routed or multi-adapter
-        forward) and a 4-bit base computing in fp32 through ``dequant.dequant_linear``: their
-        products on oneDNN inside ``onednn_scope()``."""
-        weight, bias = self.weight, self.bias  # type: ignore[attr-defined]
-        if args or kwargs or autocast_dtype(x) is not None or not uses_onednn(x.device, x.dtype):
-            return LoraLayer._base_forward(self, x, *args, **kwargs)
-        if self.base_class is nn.Linear and x.dtype == weight.dtype:
-            return linear(x, weight, bias)
-        if is_4bit(weight) and getattr(self, "compute_dtype", None) in (None, x.dtype) \
-                and (bias is None or not bias.requires_grad):  # a QLoRA base in fp32: dequantized, then mm
-            return dequant_linear(x, weight, bias)
-        return LoraLayer._base_forward(self, x, *args, **kwargs)
+        """x Wᵀ + b, through ``gemm_linear`` where it applies (the base of a mixed-adapter batch,
+        of a routed or multi-adapter forward)."""
+        weight = self.weight  # type: ignore[attr-defined]
+        out = None
+        if not args and not kwargs and (self.base_class is nn.Linear or is_4bit(weight)):
+            out = gemm_linear(x, weight, self.bias, getattr(self, "compute_dtype", None))  # type: ignore[attr-defined]
+        return out if out is not None else LoraLayer._base_forward(self, x, *args, **kwargs)
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         cast = autocast_dtype(x)

@@ -4,11 +4,11 @@ With LoRA on some projections only (``q_proj`` and ``v_proj``, say) the others s
 ``nn.Linear`` modules, frozen (bitsandbytes 4-bit ones under QLoRA); under full fine-tuning every
 projection is one, trainable. Autograd runs their forward and gradient products on torch's BLAS.
 Inside ``plain_linears(model)`` each such layer (exactly ``nn.Linear``, fp32 on a CPU where
-``gemm.uses_onednn``) runs ``gemm.linear`` instead, and a 4-bit one computing in fp32
-``dequant.dequant_linear``: the same function and gradients, the products on oneDNN inside
-``onednn_scope()`` (the trainer's). Under autocast the layer's own forward runs (autocast rounds its products); elsewhere
-nothing is switched. Generation and serving use the same switch, with every row count padded to a
-few sizes (``inference_on_onednn``).
+``gemm.uses_onednn``), and a 4-bit one computing in fp32, runs ``gemm.linear`` instead
+(``layers.gemm_linear``, as LoRA layers do for their base): the same function and gradients, the
+products on oneDNN inside ``onednn_scope()`` (the trainer's). Under autocast the layer's own
+forward runs (autocast rounds its products); elsewhere nothing is switched. Generation and serving
+use the same switch, with every row count padded to a few sizes (``inference_on_onednn``).
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.kernels.dequant import dequant_linear, is_4bit
-from lorakit.kernels.gemm import linear, onednn_scope, uses_onednn
-from lorakit.layers import LoraLayer, find_modules
+from lorakit.kernels.dequant import runs_dequantized
+from lorakit.kernels.gemm import onednn_scope, uses_onednn
+from lorakit.layers import LoraLayer, find_modules, gemm_linear
 from lorakit.patch import patched_forward, unfused
 
 
@@ -33,17 +33,14 @@ def _is_plain_linear(module: nn.Module) -> bool:
     if type(module) is nn.Linear:
         return uses_onednn(weight.device, weight.dtype)
     # a bitsandbytes 4-bit layer (QLoRA's base outside the adapter's targets) computing in fp32
-    return (isinstance(module, nn.Linear) and is_4bit(weight) and not isinstance(module, LoraLayer)
-            and getattr(module, "compute_dtype", None) in (None, torch.float32)
+    return (isinstance(module, nn.Linear) and not isinstance(module, LoraLayer)
+            and runs_dequantized(weight, module.bias, getattr(module, "compute_dtype", None), torch.float32)
             and uses_onednn(weight.device, torch.float32))
 
 
 def _forward(self: nn.Linear, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    four_bit = is_4bit(self.weight)
-    dtype = torch.float32 if four_bit else self.weight.dtype
-    if args or kwargs or x.dtype != dtype or torch.is_autocast_enabled(x.device.type):  # autocast: its own
-        return unfused(self)(x, *args, **kwargs)
-    return dequant_linear(x, self.weight, self.bias) if four_bit else linear(x, self.weight, self.bias)
+    out = None if args or kwargs else gemm_linear(x, self.weight, self.bias, getattr(self, "compute_dtype", None))
+    return out if out is not None else unfused(self)(x, *args, **kwargs)  # autocast, another dtype: its own
 
 
 @contextmanager

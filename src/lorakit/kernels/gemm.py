@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from lorakit.kernels.dequant import float_weight
+
 # "auto": oneDNN for fp32 CPU products where torch's BLAS is oneMKL on an AMD CPU with AVX-512
 # (measured there; see the module docstring); "onednn": always where available; "blas": never
 CPU_GEMM = os.environ.get("LORAKIT_CPU_GEMM", "auto")
@@ -166,20 +168,22 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
 class _Linear(torch.autograd.Function):
     """y = x Wᵀ + b with every product through ``mm``: forward, ∂L/∂x = G W, and, where W needs
     one, ∂L/∂W = Gᵀ x (rows: W's out features; summed: the tokens). Keeps W, and x only where W
-    trains: what autograd keeps for ``F.linear``."""
+    trains: what autograd keeps for ``F.linear``. A 4-bit W is kept packed and dequantized again
+    for ∂L/∂x."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
         ctx.has_bias = bias is not None
-        return _linear(x, weight, bias)
+        return _linear(x, float_weight(weight, x.dtype), bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
-        grad_x = mm(g, weight).reshape(*grad.shape[:-1], weight.shape[1]) if need_x else None
+        w = float_weight(weight, g.dtype) if need_x else weight
+        grad_x = mm(g, w).reshape(*grad.shape[:-1], w.shape[1]) if need_x else None
         grad_w = mm(g.T, x.reshape(-1, x.shape[-1])).to(weight.dtype) if need_w else None
         grad_b = g.sum(0) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b
@@ -187,8 +191,10 @@ class _Linear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` with its products (and its gradients' products) on ``mm``:
-    oneDNN inside ``onednn_scope()`` where it applies. x (…, in), weight (out, in), bias (out,)."""
+    oneDNN inside ``onednn_scope()`` where it applies. x (…, in), weight (out, in), bias (out,).
+    ``weight`` may be a frozen bitsandbytes 4-bit parameter: dequantized to x's dtype for each
+    product, only the packed weight kept (``kernels.dequant``)."""
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
                                            or (bias is not None and bias.requires_grad)):
-        return _linear(x, weight, bias)  # no autograd node (~14 µs a call) to build
+        return _linear(x, float_weight(weight, x.dtype), bias)  # no autograd node (~14 µs a call) to build
     return _Linear.apply(x, weight, bias)

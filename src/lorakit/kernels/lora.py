@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from lorakit.kernels.dequant import dequantize, is_4bit
+from lorakit.kernels.dequant import float_weight
 from lorakit.kernels.gemm import mm
 
 
@@ -56,7 +56,7 @@ class _FusedLoraLinear(torch.autograd.Function):
                 a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
         shape = x.shape
         x2, xl2 = x.reshape(-1, shape[-1]), x_lora.reshape(-1, shape[-1])
-        w = dequantize(weight, x.dtype) if is_4bit(weight) else weight
+        w = float_weight(weight, x.dtype)
         y, h = _forward(x2, xl2, w, bias, a, b, scale)
         ctx.scale, ctx.shape, ctx.same = scale, shape, x_lora is x
         ctx.save_for_backward(x2 if weight.requires_grad else None, xl2, h, weight, a, b)
@@ -68,8 +68,8 @@ class _FusedLoraLinear(torch.autograd.Function):
         s = ctx.scale
         g = grad.reshape(-1, grad.shape[-1])  # (N, out)
         needs = ctx.needs_input_grad
-        if is_4bit(weight) and needs[0]:  # a 4-bit base: dequantized again rather than kept in float
-            weight = dequantize(weight, g.dtype)
+        if needs[0]:  # a 4-bit base: dequantized again rather than kept in float
+            weight = float_weight(weight, g.dtype)
         gh = mm(g, b * s)  # (N, r); the scale folded into the small operand (one rounding in bf16)
         grad_b = mm(h.T, g).T if needs[5] else None  # h carries the scale; (hᵀ g)ᵀ, as the wide gᵀ would be copied
         grad_a = mm(gh.T, xl2) if needs[4] else None
@@ -100,7 +100,7 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     x_lora = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
     if not torch.is_grad_enabled():  # inference: the same ops without an autograd node's overhead
         x2 = x.reshape(-1, x.shape[-1])
-        w = dequantize(weight, x.dtype) if is_4bit(weight) else weight
+        w = float_weight(weight, x.dtype)
         y, _ = _forward(x2, x_lora.reshape(-1, x.shape[-1]) if x_lora is not x else x2, w, bias, a, b, scale)
         return y.reshape(*x.shape[:-1], w.shape[0])
     return _FusedLoraLinear.apply(x, x_lora, weight, bias, a, b, scale)
