@@ -26,8 +26,11 @@ from test_data import CHAT, R
 
 
 @pytest.mark.parametrize("kernel", ["flash", "math", "sdpa"])
-@pytest.mark.parametrize("prefix", [0, 4])
-def test_varlen_attention_matches_the_per_segment_reference(prefix, kernel, monkeypatch):
+@pytest.mark.parametrize(("prefix", "window"), [(0, None), (4, None), (0, 3), (4, 3), (4, 6), (4, 13)])
+def test_varlen_attention_matches_the_per_segment_reference(prefix, window, kernel, monkeypatch):
+    """Causal per segment, the shared prefix seen by every segment, and a sliding window (3: within
+    a segment; 6: reaching into the prefix from a segment's first tokens only; 13: wider than
+    any distance, no mask built)."""
     monkeypatch.setattr(lorakit.attention, "CPU_ATTENTION", kernel)
     g = torch.Generator().manual_seed(0)
     lengths = [prefix, 5, 1, 9, 3] if prefix else [5, 1, 9, 3]
@@ -36,8 +39,11 @@ def test_varlen_attention_matches_the_per_segment_reference(prefix, kernel, monk
     q = torch.randn(1, 6, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True)  # grouped-query: 3 per kv
     v = torch.randn(1, 2, n, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    out = varlen_attention(q, k, v, cu, 9, scale=0.3, prefix=prefix)
-    ref = varlen_attention_reference(q, k, v, cu, scale=0.3, prefix=prefix)
+    out = varlen_attention(q, k, v, cu, 9, scale=0.3, prefix=prefix, window=window)
+    ref = varlen_attention_reference(q, k, v, cu, scale=0.3, prefix=prefix, window=window)
+    if window is not None and window < 9:  # the window changes the function: the test can tell
+        assert not torch.allclose(ref, varlen_attention_reference(q, k, v, cu, scale=0.3, prefix=prefix))
+    assert (lorakit.attention.plan_segments(cu, 9, prefix, window).mask is None) == (window in (None, 13) and not prefix)
     assert out.shape == (1, n, 6, 8) and out.is_contiguous()
     torch.testing.assert_close(out, ref, atol=1e-12, rtol=0)
     up = torch.randn(out.shape, generator=g, dtype=torch.float64)

@@ -34,6 +34,10 @@ NAME = "lorakit_varlen"
 # (autograd through SDPA on the gathered segments, the path other devices take)
 CPU_ATTENTION = "auto"
 MATH_BYTES = 32 * 2**20
+# attention-interface arguments that change the function beyond the masks this module builds: a
+# model passing one is refused (``supports_padding_free`` says no up front where its config shows it)
+UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
+UNSUPPORTED_CONFIG = ("attn_logit_softcapping", "attention_chunk_size")
 
 
 def segment_index(cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,18 +66,31 @@ class SegmentPlan:
     cols: torch.Tensor
 
 
-def plan_segments(cu_seqlens: torch.Tensor, max_len: int, prefix: int = 0) -> SegmentPlan:
+def plan_segments(cu_seqlens: torch.Tensor, max_len: int, prefix: int = 0, window: int | None = None) -> SegmentPlan:
     """The ``SegmentPlan`` of a row with segments ``cu_seqlens`` (S+1,). With ``prefix`` = P > 0 the
     first segment, tokens [0, P), is a prefix every later segment attends to: each later segment's
     keys are the P prefix tokens followed by its own, and the prefix itself is segment 0, whose
-    queries see only the prefix keys causally (its own-key half is masked)."""
+    queries see only the prefix keys causally (its own-key half is masked).
+
+    ``window`` = W (a sliding-window layer, transformers' convention) further hides every key more
+    than W − 1 positions before its query: query position i sees key position j iff i − W < j ≤ i.
+    A later segment's positions continue after the prefix (its slot t is position P + t), so a
+    prefix key j lies P + t − j positions back. No mask is built where no distance reaches W."""
+    dev = cu_seqlens.device
+    reach = max_len + prefix  # one more than the largest query-key distance in the row
+    if window is not None and window >= reach:
+        window = None
     if not prefix:
         gather, valid = segment_index(cu_seqlens, max_len)
         rows, cols = valid.nonzero(as_tuple=True)
-        return SegmentPlan(gather, gather, None, rows, cols)
+        mask = None
+        if window is not None:
+            i = torch.arange(max_len, device=dev)[:, None]
+            j = torch.arange(max_len, device=dev)[None, :]
+            mask = ((j <= i) & (i - j < window)).expand(gather.shape[0], 1, max_len, max_len)
+        return SegmentPlan(gather, gather, mask, rows, cols)
     if int(cu_seqlens[1]) != prefix:
         raise ValueError(f"shared prefix of {prefix} tokens but the first segment has {int(cu_seqlens[1])}")
-    dev = cu_seqlens.device
     length = max(max_len, prefix)
     gather, valid = segment_index(cu_seqlens, length)  # segment 0 is the prefix itself
     s = gather.shape[0]
@@ -84,7 +101,15 @@ def plan_segments(cu_seqlens: torch.Tensor, max_len: int, prefix: int = 0) -> Se
     own = (j - prefix <= i) & torch.cat([torch.zeros(s, prefix, dtype=torch.bool, device=dev), valid], 1)[:, None, :]
     own[0] = False  # segment 0's own keys are the prefix keys again: seen once, through the head
     # padded query rows (i ≥ the segment's length) still see the prefix: no all-masked row, no NaN
-    mask = torch.where(torch.arange(s, device=dev)[:, None, None] == 0, head & (j <= i), head | own)
+    first = torch.arange(s, device=dev)[:, None, None] == 0
+    mask = torch.where(first, head & (j <= i), head | own)
+    if window is not None:
+        # key column j is position j in every segment (prefix keys 0..P-1, then own slot t at P + t);
+        # queries sit at position i in segment 0 and at P + i in the others
+        near = torch.where(first, i - j < window, prefix + i - j < window)
+        # a padded query row may now see nothing: let it see the prefix's last key (its output is unused)
+        mask = mask & near
+        mask[:, :, prefix - 1] |= ~mask.any(-1)
     rows, cols = valid.nonzero(as_tuple=True)
     return SegmentPlan(gather, keys, mask[:, None], rows, cols)
 
@@ -253,7 +278,8 @@ def _mask(plan: SegmentPlan) -> torch.Tensor:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_len: int,
-                     scale: float | None = None, dropout_p: float = 0.0, prefix: int = 0) -> torch.Tensor:
+                     scale: float | None = None, dropout_p: float = 0.0, prefix: int = 0,
+                     window: int | None = None) -> torch.Tensor:
     """Causal attention within each segment of a packed row.
 
     q (1, H, N, D), k and v (1, Hkv, N, D) with H a multiple of Hkv (grouped-query attention);
@@ -263,14 +289,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     ``prefix`` = P > 0 says the first segment, tokens [0, P), is a prefix shared by every other
     segment (see ``collate.collate_flat``): it attends causally to itself, and each later segment
     attends to all P prefix keys plus its own keys up to itself, exactly as if the prefix had been
-    repeated in front of it.
+    repeated in front of it. ``window`` = W (a sliding-window layer) hides keys W or more positions
+    before their query, as transformers' sliding-window mask does.
 
     On CPU without dropout this runs one of two nodes that keep only q, k, v, the output and the
     log-sum-exp for backward (``CPU_ATTENTION``): ``_MathSegments`` for bf16 compute on short
     segments, ``_FlashSegments`` otherwise; elsewhere autograd differentiates SDPA on the gathered
     segments. All compute the same function.
     """
-    plan = plan_segments(cu_seqlens, max_len, prefix)
+    plan = plan_segments(cu_seqlens, max_len, prefix, window)
     if CPU_ATTENTION != "sdpa" and q.device.type == "cpu" and dropout_p == 0:
         # the result in the dtype SDPA would give (under autocast its dtype; rotary leaves q, k in
         # fp32 beside a bf16 v)
@@ -290,9 +317,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
 
 
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                               scale: float | None = None, prefix: int = 0) -> torch.Tensor:
+                               scale: float | None = None, prefix: int = 0, window: int | None = None) -> torch.Tensor:
     """Segment by segment with an explicit causal softmax (the shared prefix, if any, literally
-    prepended to each segment's keys and values): what ``varlen_attention`` must equal, (1, N, H, D)."""
+    prepended to each segment's keys and values; with ``window``, only the last ``window`` keys up to
+    each query): what ``varlen_attention`` must equal, (1, N, H, D)."""
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, 1), v.repeat_interleave(groups, 1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
@@ -304,6 +332,8 @@ def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
         scores = (qs @ ks.transpose(-1, -2)) * scale
         n, m = end - start, len(keys)
         allowed = torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n)  # bottom-right aligned
+        if window is not None:
+            allowed &= ~torch.ones(n, m, dtype=torch.bool, device=q.device).tril(m - n - window)
         outs.append(scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vs)
     return torch.cat(outs, dim=2).transpose(1, 2)
 
@@ -326,7 +356,14 @@ def _interface_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
                        attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
                        **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-interface signature; returns (B, N, H, D) as its callers expect."""
+    for name in UNSUPPORTED_KWARGS:
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"{type(module).__name__} passes {name}= to attention, which lorakit's "
+                                      f"attention does not implement; set data.padding_free=false")
     cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None and getattr(module, "is_causal", True) is False:
+        raise NotImplementedError(f"{type(module).__name__} attends both ways; padding-free batches attend causally "
+                                  f"within each example: set data.padding_free=false")
     if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -346,7 +383,7 @@ def _interface_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     out = varlen_attention(query, key, value, cu, int(kwargs["max_length_q"]), scaling, dropout,
-                           int(kwargs.get("shared_prefix") or 0))
+                           int(kwargs.get("shared_prefix") or 0), kwargs.get("sliding_window"))
     return out, None
 
 
@@ -361,10 +398,32 @@ def register() -> None:
 
 def supports_padding_free(model: nn.Module) -> bool:
     """True for transformers models that route attention through the attention interface and use
-    SDPA or eager attention (the two this module stands in for)."""
+    SDPA or eager attention (the two this module stands in for), with no attention feature beyond
+    causal, sliding-window and shared-prefix masks (see ``padding_free_obstacle``)."""
+    return padding_free_obstacle(model) is None
+
+
+def padding_free_obstacle(model: nn.Module) -> str | None:
+    """Why ``model`` cannot run padding-free batches, as a phrase for an error message, or None."""
     config = getattr(model, "config", None)
-    return (bool(getattr(type(model), "_supports_attention_backend", False)) and config is not None
-            and getattr(config, "_attn_implementation", None) in ("sdpa", "eager", NAME))
+    if config is None or not getattr(type(model), "_supports_attention_backend", False) \
+            or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", NAME):
+        return "does not route attention through transformers' attention interface with sdpa/eager"
+    if any(getattr(m, "is_causal", True) is False for m in model.modules()):
+        return "has bidirectional attention (padding-free batches attend causally within each example)"
+    for name in UNSUPPORTED_CONFIG:  # Gemma 2's soft-capped scores, Llama 4's chunked attention
+        if _config_value(config, name) is not None:
+            return f"sets {name} (an attention feature padding-free batches do not implement)"
+    return None
+
+
+def _config_value(config: Any, name: str) -> Any:
+    """``config.name``, or that of its text sub-config (multimodal models), or None."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, name, None) if cfg is not None else None
+        if value:
+            return value
+    return None
 
 
 @contextmanager

@@ -9,6 +9,7 @@ and the cross-entropy run fused (``kernels.cross_entropy``), so no (N, V) tensor
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -24,24 +25,73 @@ _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q",
                  "max_length_k", "shared_prefix")
 
 
+# config fields by which a transformers causal LM rescales or caps its logits after the head
+# (Gemma 2/3, Cohere, Granite): such a model runs whole, as its forward computes them
+LOGIT_POSTPROCESSING = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+_SPLIT = "_lorakit_head_split"
+
+
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     """(body returning hidden states, output head) for a standard causal LM, or None when the model
-    post-processes its logits (soft-capping, scaling) and must run whole."""
+    must run whole: its config says it post-processes its logits, or (for any other model, checked
+    once and remembered) body-then-head does not give the logits its own forward gives on a short
+    probe input."""
+    if _SPLIT not in model.__dict__:
+        model.__dict__[_SPLIT] = _find_split(model)
+    return model.__dict__[_SPLIT]
+
+
+def _find_split(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     cfg = getattr(model, "config", None)
-    if cfg is None or getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None):
+    if cfg is None or any(getattr(c, name, None) for c in (cfg, getattr(cfg, "text_config", None))
+                          for name in LOGIT_POSTPROCESSING):
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = getattr(model, "base_model", None)
     if head is None or body is None or body is model:
         return None
-    return body, head
+    return (body, head) if _same_logits(model, body, head) else None
+
+
+def _same_logits(model: nn.Module, body: nn.Module, head: nn.Module) -> bool:
+    """Whether head(body(x)) equals model(x).logits on 8 tokens (in eval mode: no dropout draws, so
+    the random stream is untouched). Exact in practice (the same operations); the tolerance only
+    allows for another kernel order on another device."""
+    modes = {m: m.training for m in model.modules()}
+    param = next(model.parameters(), None)
+    if param is None:
+        return False
+    ids = torch.arange(8, device=param.device)[None] % max(1, head.weight.shape[0])
+    model.eval()
+    try:
+        with torch.no_grad():
+            own = model(input_ids=ids, use_cache=False).logits.float()
+            split = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
+        return own.shape == split.shape and torch.allclose(own, split, rtol=1e-3, atol=1e-3 * float(own.abs().max()))
+    except Exception:  # a model the probe cannot run is run whole, which is always right
+        return False
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether ``model``'s forward (or, under a DDP / FSDP wrapper, the wrapped one's) takes
+    ``logits_to_keep``."""
+    inner = getattr(model, "module", model)
+    try:
+        return "logits_to_keep" in inspect.signature(inner.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def causal_lm_loss(model: nn.Module, batch: dict[str, Any], whole: bool = False) -> tuple[torch.Tensor, int]:
     """(sum of token cross-entropies over supervised positions, number of those positions).
 
-    ``whole`` calls the model's own forward (as DDP / FSDP wrappers need) and asks it for logits at
-    the supervised columns only (``logits_to_keep``), instead of running body and head separately.
+    ``whole`` calls the model's own forward (as DDP / FSDP wrappers need) instead of running body and
+    head separately, as a model that post-processes its logits always does (``split_head``); its
+    forward is asked for logits at the supervised columns only (``logits_to_keep``) where it takes
+    that argument, as transformers' causal LMs do.
     """
     labels = batch["labels"]
     targets = labels[:, 1:]
@@ -49,7 +99,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any], whole: bool = False)
     n = int(mask.sum())
     inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
     parts = None if whole else split_head(model)
-    if whole:
+    if parts is None and _keeps_logits(model):
         cols = mask.any(0).nonzero().squeeze(1)  # (K,) positions whose next token trains in some row
         logits = model(**inputs, use_cache=False, logits_to_keep=cols).logits  # (B, K, V)
         targets, mask = targets[:, cols], mask[:, cols]
@@ -63,4 +113,4 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any], whole: bool = False)
         if type(head) is nn.Linear:
             return linear_cross_entropy(hidden[mask], head.weight, head.bias, targets[mask]), n
         logits = head(hidden[mask])  # (N, V)
-    return F.cross_entropy(logits.float(), targets[mask], reduction="sum"), n
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets[mask], reduction="sum"), n

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from lorakit.attention import padding_free, supports_padding_free
+from lorakit.attention import padding_free as padding_free_attention
+from lorakit.attention import padding_free_obstacle, supports_padding_free
 from lorakit.checkpoint import (
     TrainState,
     complete_checkpoints,
@@ -228,11 +229,10 @@ class Trainer:
         self.rows = pack(self.train_examples, d.max_seq_len) if d.packing else [[e] for e in self.train_examples]
 
     def _padding_free(self, setting: bool | str) -> bool:
-        supported = supports_padding_free(self.model)
-        if setting is True and not supported:
-            raise ConfigError(f"data.padding_free: {type(self.model).__name__} does not route attention through "
-                              f"transformers' attention interface with sdpa/eager; set data.padding_free=auto")
-        return supported if setting == "auto" else bool(setting)
+        obstacle = padding_free_obstacle(self.model)
+        if setting is True and obstacle is not None:
+            raise ConfigError(f"data.padding_free: {type(self.model).__name__} {obstacle}; set data.padding_free=auto")
+        return obstacle is None if setting == "auto" else bool(setting)
 
     def _resume(self) -> bool:
         mode = self.config.train.resume
@@ -271,19 +271,8 @@ class Trainer:
 
     # -- the loop ----------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def fast_paths(self) -> Iterator[nn.Module]:
-        """The model as training runs it: padding-free attention (where on), the fused SwiGLU MLP and
-        RMSNorm nodes, (under autocast) each frozen weight rounded to bf16 once, not every step, and
-        the fused nodes' and plain linear layers' fp32 CPU products on oneDNN where it is faster."""
-        # lorakit's attention: per segment for padding-free batches; under CPU bf16 also for padded ones
-        # (their rows as segments of attention._MathSegments)
-        cpu_bf16 = (self.bf16 and self.device.type == "cpu" and supports_padding_free(self.model)
-                    and self.model.config._attn_implementation == "sdpa")
-        with padding_free(self.model) if self.padding_free or cpu_bf16 else contextlib.nullcontext(), \
-                fused_mlp(self.model), fused_norms(self.model), cached_casts(release=self.device.type == "cpu"), \
-                plain_linears(self.model), onednn_scope():
-            yield self.model
+    def fast_paths(self) -> contextlib.AbstractContextManager[nn.Module]:
+        return fast_paths(self.model, padding_free=self.padding_free, bf16=self.bf16, device=self.device)
 
     def step(self, group: Sequence[Sequence[Sequence[Example]]]) -> tuple[float, float, int]:
         """One optimizer step over micro-batches ``group`` (each the global micro-batch of all ranks;
@@ -457,6 +446,21 @@ class Trainer:
                    "trainable_params": self.trainable, "total_params": self.total}
         write_model_card(self.out / "README.md", dump_config(self.config), summary, self.config.model.name,
                          self.config.method)
+
+
+@contextlib.contextmanager
+def fast_paths(model: nn.Module, *, padding_free: bool, bf16: bool, device: torch.device) -> Iterator[nn.Module]:
+    """The model as training runs it: padding-free attention (where on), the fused SwiGLU MLP and
+    RMSNorm nodes, (under autocast) each frozen weight rounded to bf16 once, not every step, and
+    the fused nodes' and plain linear layers' fp32 CPU products on oneDNN where it is faster."""
+    # lorakit's attention: per segment for padding-free batches; under CPU bf16 also for padded ones
+    # (their rows as segments of attention._MathSegments)
+    cpu_bf16 = (bf16 and device.type == "cpu" and supports_padding_free(model)
+                and model.config._attn_implementation == "sdpa")  # type: ignore[union-attr]
+    with padding_free_attention(model) if padding_free or cpu_bf16 else contextlib.nullcontext(), \
+            fused_mlp(model), fused_norms(model), cached_casts(release=device.type == "cpu"), \
+            plain_linears(model), onednn_scope():
+        yield model
 
 
 def _progress(total: int, initial: int, enabled: bool) -> Any:

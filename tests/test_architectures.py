@@ -1,0 +1,143 @@
+"""The trainer's fast paths on the decoder families users fine-tune: each one's loss and LoRA
+gradients equal those of the model's own forward on padded batches.
+
+The fast paths (padding-free batches with a shared prefix, per-segment attention, the fused LoRA
+linear / SwiGLU / RMSNorm nodes, the output head and cross-entropy at supervised positions only)
+are written against what Llama does; these tiny random models carry what the others do
+differently: sliding-window layers (Mistral, Qwen2, Gemma 3), soft-capped attention and logits
+(Gemma 2, 3), logits scaled after the head (Granite, Cohere), (1 + w) norms and GELU MLPs (Gemma),
+fused qkv / gate-up projections (Phi-3), q/k norms (Qwen3, OLMo 2), parallel blocks and LayerNorm
+(Phi, Cohere, GPT-NeoX), Conv1D and learned positions (GPT-2), layers without rotary (SmolLM3).
+Computed in float64 so that a wrong function stands out: what remains of the fp32 statistics
+the norms compute in is < 1e-6 of each gradient, a missing window or scale moves it by > 1e-4.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers as T
+
+import lorakit.layers
+import lorakit.loss
+from lorakit import LoraConfig, get_lora_model
+from lorakit.attention import padding_free_obstacle, supports_padding_free
+from lorakit.collate import collate, collate_flat
+from lorakit.data import IGNORE, Example
+from lorakit.loss import causal_lm_loss, split_head
+from lorakit.train import fast_paths
+
+V = 96
+LLAMA_LIKE = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+PLAIN = dict(vocab_size=V, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+GEMMA = dict(LLAMA_LIKE, head_dim=16, query_pre_attn_scalar=16)
+WINDOW = 6  # shorter than most examples below (5-token prefix + 6-19 tokens)
+
+# name: (config, runs padding-free, head split from the body)
+ARCHITECTURES = {
+    "llama": (lambda: T.LlamaConfig(**LLAMA_LIKE), True, True),
+    "llama-tied": (lambda: T.LlamaConfig(**LLAMA_LIKE, tie_word_embeddings=True), True, True),
+    "mistral-window": (lambda: T.MistralConfig(**LLAMA_LIKE, sliding_window=WINDOW), True, True),
+    "qwen2-window": (lambda: T.Qwen2Config(**LLAMA_LIKE, use_sliding_window=True, sliding_window=WINDOW,
+                                           max_window_layers=1), True, True),
+    "qwen3": (lambda: T.Qwen3Config(**LLAMA_LIKE, head_dim=16), True, True),
+    "gemma": (lambda: T.GemmaConfig(**GEMMA), True, True),
+    # (no window short enough to leave a padded query without keys: eager attention's float64 mask
+    # turns -inf in its fp32 softmax, and the padded batch's loss NaN)
+    "gemma2": (lambda: T.Gemma2Config(**GEMMA, sliding_window=64), False, False),
+    "gemma3": (lambda: T.Gemma3TextConfig(**GEMMA, sliding_window=WINDOW, sliding_window_pattern=2), True, True),
+    "phi3": (lambda: T.Phi3Config(**LLAMA_LIKE), True, True),
+    "olmo2": (lambda: T.Olmo2Config(**LLAMA_LIKE), True, True),
+    "granite": (lambda: T.GraniteConfig(**LLAMA_LIKE, embedding_multiplier=2.0, residual_multiplier=0.5,
+                                        attention_multiplier=0.2, logits_scaling=4.0), True, False),
+    "cohere": (lambda: T.CohereConfig(**LLAMA_LIKE), True, False),
+    "smollm3": (lambda: T.SmolLM3Config(**LLAMA_LIKE), True, True),
+    "phi": (lambda: T.PhiConfig(**PLAIN), True, True),
+    "gpt-neox": (lambda: T.GPTNeoXConfig(**PLAIN), True, True),
+    "starcoder2": (lambda: T.Starcoder2Config(**LLAMA_LIKE), True, True),
+    "gpt2": (lambda: T.GPT2Config(vocab_size=V, n_embd=64, n_layer=2, n_head=4, n_positions=128, resid_pdrop=0.0,
+                                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=1, eos_token_id=2), True, True),
+}
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    config = ARCHITECTURES[name][0]()
+    implementation = "eager" if name == "gemma2" else "sdpa"  # Gemma 2's soft-capped scores need eager
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation=implementation).double()
+    return get_lora_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+
+
+def _examples() -> list[Example]:
+    """Chat-like rows: a 5-token system prefix shared by all, then a prompt and a trained answer."""
+    g = torch.Generator().manual_seed(1)
+    prefix = torch.randint(3, V, (5,), generator=g).tolist()
+    rows = []
+    for _ in range(5):
+        n = int(torch.randint(6, 20, (1,), generator=g))
+        ids = prefix + torch.randint(3, V, (n,), generator=g).tolist()
+        answer = 5 + n // 2
+        rows.append(Example(ids, [IGNORE] * answer + ids[answer:], "test"))
+    return rows
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_fast_paths_equal_the_models_own_forward(name, monkeypatch):
+    model = _model(name)
+    model.train()
+    _, flat, split = ARCHITECTURES[name]
+    assert supports_padding_free(model) == flat and (split_head(model) is not None) == split
+    rows = [[e] for e in _examples()]
+
+    # reference: the model's own forward on a right-padded batch, the LoRA term as separate ops
+    monkeypatch.setattr(lorakit.layers, "FUSED_LINEAR", False)
+    padded = collate(rows, 0)
+    logits = model(input_ids=padded["input_ids"], attention_mask=padded["attention_mask"], use_cache=False).logits
+    targets = padded["labels"][:, 1:]
+    ref = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                                            reduction="sum")
+    ref.backward()
+    ref_grads = _grads(model)
+
+    monkeypatch.setattr(lorakit.layers, "FUSED_LINEAR", True)
+    head_rows: list[int] = []  # tokens through the head module (the fused head + CE node bypasses it)
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, i, o: head_rows.append(i[0][..., 0].numel()))
+    with fast_paths(model, padding_free=flat, bf16=False, device=torch.device("cpu")):
+        batch = collate_flat(rows, multiple=32, pad_id=0) if flat else collate(rows, 0, multiple=32)
+        assert flat == ("shared_prefix" in batch)
+        loss, n = causal_lm_loss(model, batch)
+        loss.backward()
+    hook.remove()
+    assert n == int((targets != IGNORE).sum())
+    # a model run whole still gets logits only at the columns that train (no batch × seq × vocab)
+    assert head_rows == ([] if split else [batch["input_ids"].shape[0] * int(batch["labels"][:, 1:].ne(IGNORE).any(0).sum())])
+    torch.testing.assert_close(loss, ref, rtol=1e-9, atol=0)
+    for key, grad in _grads(model).items():
+        scale = float(ref_grads[key].abs().max())
+        torch.testing.assert_close(grad, ref_grads[key], rtol=0, atol=1e-6 * scale, msg=key)
+
+
+def test_an_unknown_logit_post_processing_is_found_by_the_probe(monkeypatch):
+    """With the known config fields forgotten, the one-time probe still sees that Granite's and
+    Cohere's forwards rescale the head's output (they run whole) and that Llama's does not."""
+    monkeypatch.setattr(lorakit.loss, "LOGIT_POSTPROCESSING", ())
+    for name, split in (("granite", False), ("cohere", False), ("llama", True)):
+        model = _model(name)
+        model.train()
+        assert (split_head(model) is not None) == split
+        assert all(m.training for m in model.modules())  # the probe ran in eval mode and put it back
+
+
+def test_models_with_attention_features_padding_free_lacks_say_why():
+    assert "attn_logit_softcapping" in padding_free_obstacle(_model("gemma2"))
+    bert = T.BertForMaskedLM(T.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=32))
+    assert "bidirectional" in padding_free_obstacle(bert)
