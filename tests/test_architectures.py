@@ -10,6 +10,7 @@ fused qkv / gate-up projections (Phi-3), q/k norms (Qwen3, OLMo 2), parallel blo
 (Phi, Cohere, GPT-NeoX), Conv1D and learned positions (GPT-2), layers without rotary (SmolLM3).
 Computed in float64 so that a wrong function stands out: what remains of the fp32 statistics
 the norms compute in is < 1e-6 of each gradient, a missing window or scale moves it by > 1e-4.
+On the same families ``all-linear`` wraps the modules PEFT wraps, and PEFT loads the adapters.
 """
 
 from __future__ import annotations
@@ -141,3 +142,30 @@ def test_models_with_attention_features_padding_free_lacks_say_why():
     bert = T.BertForMaskedLM(T.BertConfig(vocab_size=V, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                                           intermediate_size=32))
     assert "bidirectional" in padding_free_obstacle(bert)
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_all_linear_wraps_what_peft_wraps_and_the_adapter_loads_in_peft(name, tmp_path):
+    """``all-linear`` picks PEFT's modules on every family (fused qkv / gate-up projections, Conv1D
+    included), and PEFT loads the saved adapter to the same logits."""
+    import copy
+
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import PeftModel, get_peft_model
+
+    from lorakit import save_adapter
+
+    torch.manual_seed(0)
+    implementation = "eager" if name == "gemma2" else "sdpa"
+    base = T.AutoModelForCausalLM.from_config(ARCHITECTURES[name][0](), attn_implementation=implementation).double()
+    base.eval()
+    ours = get_lora_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                           init_lora_weights=False))
+    theirs = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=4, target_modules="all-linear"))
+    trained = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
+    assert trained == sorted(n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad)
+    save_adapter(ours, tmp_path)
+    ids = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(PeftModel.from_pretrained(base, tmp_path)(ids).logits, ours(ids).logits,
+                                   rtol=0, atol=1e-12)
