@@ -5,7 +5,8 @@ The fast paths (padding-free batches with a shared prefix, per-segment attention
 linear / SwiGLU / RMSNorm nodes, the output head and cross-entropy at supervised positions only)
 are written against what Llama does; these tiny random models carry what the others do
 differently: sliding-window layers (Mistral, Qwen2, Gemma 3), soft-capped attention and logits
-(Gemma 2, 3), logits scaled after the head (Granite, Cohere), (1 + w) norms and GELU MLPs (Gemma),
+(Gemma 2, 3), attention sinks (gpt-oss), logits scaled after the head (Granite, Cohere), experts
+(Mixtral, gpt-oss: only their routers are linear layers), (1 + w) norms and GELU MLPs (Gemma),
 fused qkv / gate-up projections (Phi-3), q/k norms (Qwen3, OLMo 2), parallel blocks and LayerNorm
 (Phi, Cohere, GPT-NeoX), Conv1D and learned positions (GPT-2), layers without rotary (SmolLM3).
 Computed in float64 so that a wrong function stands out: what remains of the fp32 statistics
@@ -55,6 +56,10 @@ ARCHITECTURES = {
                                         attention_multiplier=0.2, logits_scaling=4.0), True, False),
     "cohere": (lambda: T.CohereConfig(**LLAMA_LIKE), True, False),
     "smollm3": (lambda: T.SmolLM3Config(**LLAMA_LIKE), True, True),
+    "mixtral": (lambda: T.MixtralConfig(**LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2), True, True),
+    "gpt-oss": (lambda: T.GptOssConfig(**LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
+                                       sliding_window=WINDOW, rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
+                False, True),
     "phi": (lambda: T.PhiConfig(**PLAIN), True, True),
     "gpt-neox": (lambda: T.GPTNeoXConfig(**PLAIN), True, True),
     "starcoder2": (lambda: T.Starcoder2Config(**LLAMA_LIKE), True, True),
@@ -63,11 +68,16 @@ ARCHITECTURES = {
 }
 
 
+MOE = ("mixtral", "gpt-oss")
+
+
 def _model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     config = ARCHITECTURES[name][0]()
-    implementation = "eager" if name == "gemma2" else "sdpa"  # Gemma 2's soft-capped scores need eager
-    model = T.AutoModelForCausalLM.from_config(config, attn_implementation=implementation).double()
+    implementation = "eager" if name in ("gemma2", "gpt-oss") else "sdpa"  # soft-capped scores, sinks: eager only
+    # (experts as a loop of matmuls: the grouped-matmul kernel takes no float64)
+    model = T.AutoModelForCausalLM.from_config(config, attn_implementation=implementation,
+                                               experts_implementation="eager").double()
     return get_lora_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
 
 
@@ -147,7 +157,9 @@ def test_models_with_attention_features_padding_free_lacks_say_why():
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_all_linear_wraps_what_peft_wraps_and_the_adapter_loads_in_peft(name, tmp_path):
     """``all-linear`` picks PEFT's modules on every family (fused qkv / gate-up projections, Conv1D
-    included), and PEFT loads the saved adapter to the same logits."""
+    included; on MoE models PEFT also adapts the fused expert weights, which lorakit warns it does
+    not), and PEFT loads the saved adapter to the same logits."""
+    import contextlib
     import copy
 
     from peft import LoraConfig as PeftLoraConfig
@@ -156,14 +168,20 @@ def test_all_linear_wraps_what_peft_wraps_and_the_adapter_loads_in_peft(name, tm
     from lorakit import save_adapter
 
     torch.manual_seed(0)
-    implementation = "eager" if name == "gemma2" else "sdpa"
-    base = T.AutoModelForCausalLM.from_config(ARCHITECTURES[name][0](), attn_implementation=implementation).double()
+    implementation = "eager" if name in ("gemma2", "gpt-oss") else "sdpa"
+    base = T.AutoModelForCausalLM.from_config(ARCHITECTURES[name][0](), attn_implementation=implementation,
+                                              experts_implementation="eager").double()
     base.eval()
-    ours = get_lora_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                                           init_lora_weights=False))
+    with pytest.warns(UserWarning, match="fused expert weights") if name in MOE else contextlib.nullcontext():
+        ours = get_lora_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                               init_lora_weights=False))
     theirs = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=4, target_modules="all-linear"))
     trained = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
-    assert trained == sorted(n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad)
+    peft_trained = sorted(n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad)
+    if name in MOE:  # PEFT also adapts the fused 3-D expert weights (target_parameters): lorakit warns it does not
+        peft_trained = [n for n in peft_trained if ".experts." not in n and ".mlp.gate." not in n]
+        trained = [n for n in trained if ".mlp.gate." not in n and ".router." not in n]
+    assert trained == peft_trained
     save_adapter(ours, tmp_path)
     ids = torch.randint(3, V, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

@@ -83,6 +83,29 @@ def test_keys_are_peft_keys(tmp_path):
     assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["use_rslora"] is True
 
 
+@pytest.mark.parametrize(("targets", "extra", "saved"), [
+    ("all-linear", {}, ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]),
+    (["q_proj", "v_proj"], {"layers_to_transform": [1]}, ["q_proj", "v_proj"]),
+    (["model.layers.1.self_attn.q_proj", "mlp.up_proj"], {}, None),  # leaf names would take layer 0's q_proj too
+])
+def test_saved_target_modules_name_the_wrapped_modules(targets, extra, saved, tmp_path):
+    """adapter_config.json lists the modules the adapter wraps (PEFT's own habit after expanding
+    all-linear), or a regex of their full names where leaf names would pick more; PEFT wraps
+    exactly those again."""
+    base = tiny_llama()
+    model = lorakit.get_lora_model(copy.deepcopy(base), lorakit.LoraConfig(r=2, target_modules=targets, **extra))
+    lorakit.save_adapter(model, tmp_path)
+    written = json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]
+    wrapped = sorted(n for n, _ in lora_layers(model))
+    if saved is not None:
+        assert written == saved
+    else:
+        assert isinstance(written, str)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    assert sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                  if hasattr(m, "lora_A") and not n.endswith(("lora_A", "lora_B"))) == wrapped
+
+
 def test_trainable_load_and_resave_round_trip(tmp_path):
     base, model = trained("gpt2")
     lorakit.save_adapter(model, tmp_path / "a")

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lorakit.errors import LorakitError
+
 NAME = "lorakit_varlen"
 # CPU kernel for per-segment attention: "auto" (16-bit compute with one layer's fp32 scores within
 # MATH_BYTES: "math", else "flash"), "flash" (_FlashSegments), "math" (_MathSegments), or "sdpa"
@@ -38,6 +40,10 @@ MATH_BYTES = 32 * 2**20
 # model passing one is refused (``supports_padding_free`` says no up front where its config shows it)
 UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks")
 UNSUPPORTED_CONFIG = ("attn_logit_softcapping", "attention_chunk_size")
+
+
+class AttentionError(LorakitError, NotImplementedError):
+    """A model asks lorakit's attention for something it does not compute."""
 
 
 def segment_index(cu_seqlens: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -358,11 +364,11 @@ def _interface_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     """transformers' attention-interface signature; returns (B, N, H, D) as its callers expect."""
     for name in UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
-            raise NotImplementedError(f"{type(module).__name__} passes {name}= to attention, which lorakit's "
+            raise AttentionError(f"{type(module).__name__} passes {name}= to attention, which lorakit's "
                                       f"attention does not implement; set data.padding_free=false")
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None and getattr(module, "is_causal", True) is False:
-        raise NotImplementedError(f"{type(module).__name__} attends both ways; padding-free batches attend causally "
+        raise AttentionError(f"{type(module).__name__} attends both ways; padding-free batches attend causally "
                                   f"within each example: set data.padding_free=false")
     if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -414,6 +420,8 @@ def padding_free_obstacle(model: nn.Module) -> str | None:
     for name in UNSUPPORTED_CONFIG:  # Gemma 2's soft-capped scores, Llama 4's chunked attention
         if _config_value(config, name) is not None:
             return f"sets {name} (an attention feature padding-free batches do not implement)"
+    if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):  # gpt-oss
+        return "has attention sinks (an attention feature padding-free batches do not implement)"
     return None
 
 

@@ -112,6 +112,11 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if spec == "all-linear":
         head = output_head_name(model, config.task_type)
         names = [n for n, m in candidates if isinstance(m, (nn.Linear, Conv1D)) and n != head]
+        experts = [f"{n}.{p}" for n, m in candidates for p, w in m.named_parameters(recurse=False) if w.ndim == 3]
+        if experts:  # transformers' fused MoE experts: (E, out, in) weights, no nn.Linear
+            warnings.warn(f"all-linear adapts linear layers only: {len(experts)} fused expert weights ({experts[0]}, …) "
+                          f"stay frozen (PEFT adapts them through target_parameters, which lorakit does not support)",
+                          stacklevel=3)
     else:
         names = [n for n, _ in candidates if name_matches(n, spec)]
     if config.exclude_modules:

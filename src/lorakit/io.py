@@ -9,8 +9,10 @@ Only safetensors are read: pickle files can run code and are refused.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,7 +24,14 @@ from torch import nn
 
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
-from lorakit.inject import adapter_configs, add_adapter, base_modules, delete_adapter, set_adapter
+from lorakit.inject import (
+    adapter_configs,
+    add_adapter,
+    base_modules,
+    delete_adapter,
+    resolve_targets,
+    set_adapter,
+)
 from lorakit.layers import LoraEmbedding, LoraLayer
 from lorakit.saved import ModulesToSave
 
@@ -82,6 +91,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     params, _ = adapter_state_dict(model, adapter_name)
     tensors = {k: p.detach().to("cpu").contiguous() for k, p in params.items()}
     payload = config.to_peft_dict()
+    payload["target_modules"] = saved_targets(model, adapter_name)
     if payload["base_model_name_or_path"] is None:
         payload["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     metadata = {"format": "pt"}
@@ -93,6 +103,24 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(payload, indent=2, sort_keys=True)))
     return directory
+
+
+def saved_targets(model: nn.Module, adapter_name: str = "default") -> list[str] | str:
+    """``target_modules`` as ``adapter_config.json`` records it: the modules the adapter wraps, not
+    the rule that chose them, so that PEFT and vLLM wrap exactly those (PEFT expands ``all-linear``
+    by its own rules, which on a transformers MoE model also take the expert weights). The sorted
+    leaf names, as PEFT writes them ("q_proj", …), where those pick exactly the wrapped modules
+    under the adapter's other fields (``exclude_modules``, ``layers_to_transform``); otherwise a
+    regular expression matching the wrapped modules' full names and nothing else."""
+    config = adapter_configs(model)[adapter_name]
+    wrapped = sorted(n for n, m in base_modules(model) if isinstance(m, LoraLayer) and adapter_name in m.r)
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
+    try:
+        if sorted(resolve_targets(model, dataclasses.replace(config, target_modules=leaves))) == wrapped:
+            return leaves
+    except ValueError:
+        pass
+    return "(?:" + "|".join(re.escape(n) for n in wrapped) + ")"
 
 
 def _atomic_write(path: Path, write: callable) -> None:  # type: ignore[valid-type]
