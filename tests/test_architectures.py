@@ -6,7 +6,8 @@ linear / SwiGLU / RMSNorm nodes, the output head and cross-entropy at supervised
 are written against what Llama does; these tiny random models carry what the others do
 differently: sliding-window layers (Mistral, Qwen2, Gemma 3), soft-capped attention and logits
 (Gemma 2, 3), attention sinks (gpt-oss), logits scaled after the head (Granite, Cohere), experts
-(Mixtral, gpt-oss: only their routers are linear layers), (1 + w) norms and GELU MLPs (Gemma),
+(Mixtral, gpt-oss: only their routers are linear layers), a Llama-like MLP with multipliers and
+Mamba layers beside attention (Falcon-H1), (1 + w) norms and GELU MLPs (Gemma),
 fused qkv / gate-up projections (Phi-3), q/k norms (Qwen3, OLMo 2), parallel blocks and LayerNorm
 (Phi, Cohere, GPT-NeoX), Conv1D and learned positions (GPT-2), layers without rotary (SmolLM3).
 Computed in float64 so that a wrong function stands out: what remains of the fp32 statistics
@@ -25,6 +26,7 @@ import lorakit.loss
 from lorakit import LoraConfig, get_lora_model
 from lorakit.attention import padding_free_obstacle, supports_padding_free
 from lorakit.collate import collate, collate_flat
+from lorakit.layers import lora_layers
 from lorakit.data import IGNORE, Example
 from lorakit.loss import causal_lm_loss, split_head
 from lorakit.train import fast_paths
@@ -60,6 +62,9 @@ ARCHITECTURES = {
     "gpt-oss": (lambda: T.GptOssConfig(**LLAMA_LIKE, num_local_experts=4, num_experts_per_tok=2, head_dim=16,
                                        sliding_window=WINDOW, rope_parameters={"rope_type": "default", "rope_theta": 1e4}),
                 False, True),
+    "falcon-h1": (lambda: T.FalconH1Config(**LLAMA_LIKE, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
+                                           mamba_d_state=8, mamba_chunk_size=8, mlp_multipliers=[0.5, 2.0]),
+                  False, True),
     "phi": (lambda: T.PhiConfig(**PLAIN), True, True),
     "gpt-neox": (lambda: T.GPTNeoXConfig(**PLAIN), True, True),
     "starcoder2": (lambda: T.Starcoder2Config(**LLAMA_LIKE), True, True),
@@ -69,6 +74,7 @@ ARCHITECTURES = {
 
 
 MOE = ("mixtral", "gpt-oss")
+MAMBA = ("falcon-h1",)
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -175,7 +181,9 @@ def test_all_linear_wraps_what_peft_wraps_and_the_adapter_loads_in_peft(name, tm
     with pytest.warns(UserWarning, match="fused expert weights") if name in MOE else contextlib.nullcontext():
         ours = get_lora_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
                                                                init_lora_weights=False))
-    theirs = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=4, target_modules="all-linear"))
+    # PEFT refuses all-linear on Mamba hybrids (it would take the mixers' kernel-read out_proj): name ours
+    spec = sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(ours)}) if name in MAMBA else "all-linear"
+    theirs = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=4, target_modules=spec))
     trained = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
     peft_trained = sorted(n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad)
     if name in MOE:  # PEFT also adapts the fused 3-D expert weights (target_parameters): lorakit warns it does not
@@ -187,3 +195,13 @@ def test_all_linear_wraps_what_peft_wraps_and_the_adapter_loads_in_peft(name, tm
     with torch.no_grad():
         torch.testing.assert_close(PeftModel.from_pretrained(base, tmp_path)(ids).logits, ours(ids).logits,
                                    rtol=0, atol=1e-12)
+
+
+def test_mamba_out_proj_is_left_to_its_kernel():
+    """A Mamba mixer's fused scan reads ``out_proj.weight`` itself: all-linear skips it (and takes
+    ``in_proj``, which the mixer calls), naming it is refused with the fix."""
+    wrapped = [n for n, _ in lora_layers(_model("falcon-h1"))]
+    assert "model.layers.0.mamba.in_proj" in wrapped and not any(n.endswith("mamba.out_proj") for n in wrapped)
+    base = T.AutoModelForCausalLM.from_config(ARCHITECTURES["falcon-h1"][0]())
+    with pytest.raises(ValueError, match="output projection of a Mamba mixer.*exclude_modules"):
+        get_lora_model(base, LoraConfig(target_modules=["in_proj", "out_proj"]))

@@ -15,6 +15,7 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 
+import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -96,6 +97,16 @@ def describe_targets(model: nn.Module, limit: int = 12) -> str:
     return ", ".join(parts) + more
 
 
+def _kernel_read_projections(model: nn.Module) -> set[str]:
+    """Full names of linear layers whose weight a fused kernel reads without calling the module: the
+    ``out_proj`` of Mamba / Mamba-2 mixers (a module with ``in_proj``, ``conv1d``, ``out_proj`` and
+    the SSM's ``A_log``; mamba-ssm's scan takes ``out_proj.weight`` as an argument). PEFT refuses
+    these too."""
+    return {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+            if isinstance(getattr(m, "out_proj", None), nn.Module) and hasattr(m, "in_proj") and hasattr(m, "conv1d")
+            and isinstance(getattr(m, "A_log", None), torch.Tensor)}
+
+
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Full names of the modules ``config`` wraps in ``model``; raises when nothing matches."""
     spec = config.target_modules
@@ -109,9 +120,10 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         spec = DEFAULT_TARGETS[model_type]
     saved = config.modules_to_save or []
     candidates = [(n, m) for n, m in base_modules(model) if n and not name_matches(n, saved)]
+    kernel_read = _kernel_read_projections(model)
     if spec == "all-linear":
         head = output_head_name(model, config.task_type)
-        names = [n for n, m in candidates if isinstance(m, (nn.Linear, Conv1D)) and n != head]
+        names = [n for n, m in candidates if isinstance(m, (nn.Linear, Conv1D)) and n != head and n not in kernel_read]
         experts = [f"{n}.{p}" for n, m in candidates for p, w in m.named_parameters(recurse=False) if w.ndim == 3]
         if experts:  # transformers' fused MoE experts: (E, out, in) weights, no nn.Linear
             warnings.warn(f"all-linear adapts linear layers only: {len(experts)} fused expert weights ({experts[0]}, …) "
@@ -121,6 +133,11 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         names = [n for n, _ in candidates if name_matches(n, spec)]
     if config.exclude_modules:
         names = [n for n in names if not name_matches(n, config.exclude_modules)]
+    bypassed = [n for n in names if n in kernel_read]
+    if bypassed:
+        raise ValueError(f"target_modules picks {bypassed[0]}, the output projection of a Mamba mixer, whose fused "
+                         f"GPU kernel reads the weight directly, so an adapter there would be ignored; leave out "
+                         f"'out_proj' (exclude_modules) or use 'all-linear', which skips these")
     if config.layers_to_transform is not None:
         names = [n for n in names if layer_index(n, config.layers_pattern) in config.layers_to_transform]
     if not names:

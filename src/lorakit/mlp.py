@@ -1,7 +1,8 @@
 """Gated MLPs run as one fused LoRA node while training (``kernels.mlp.lora_swiglu``).
 
 Inside ``fused_mlp(model)``, every Llama-style MLP (``down_proj(silu(gate_proj(x)) * up_proj(x))``,
-as in Llama, Mistral, Qwen2/3 and SmolLM) whose three projections carry LoRA runs through the
+as in Llama, Mistral, Qwen2/3, SmolLM and over a hundred more in transformers, recognised by its
+forward's code) whose three projections carry LoRA runs through the
 fused node, which keeps 2 fewer (N, I) activations per layer for the backward pass. A call that
 the node cannot take (adapters disabled or merged, several active adapters, dropout, a quantized
 or trained base, biases) runs the module's own forward, so results never change, only memory.
@@ -10,28 +11,34 @@ Under autocast the node runs on operands cast to the autocast dtype, as each unf
 
 from __future__ import annotations
 
+import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaMLP
 
 from lorakit.kernels.cast import cast_frozen
 from lorakit.kernels.dequant import is_4bit
 from lorakit.kernels.mlp import lora_swiglu
 from lorakit.layers import _LinearLora, autocast_dtype
 from lorakit.models import is_checkpointing
-from lorakit.patch import patched_forward, unfused
+from lorakit.patch import patched_forward, same_code, unfused
 
 _LAST = "_lorakit_last_mlp"  # on the model, inside fused_mlp: its last gated MLP
 _ROWS = "_lorakit_rows"  # on that MLP, inside mlp_rows: the token rows to compute
 
 
 def is_gated_mlp(module: nn.Module) -> bool:
-    """A ``…MLP`` module with LoRA-wrapped ``gate_proj``, ``up_proj`` and ``down_proj`` and a SiLU."""
+    """A module computing Llama's MLP: its class's forward has the code of ``LlamaMLP.forward``
+    (recognised by code, not name: look-alikes with multipliers, clamps, an inner norm or dropout
+    keep their own), its ``act_fn`` is a SiLU, and its three projections are LoRA-wrapped."""
     act = getattr(module, "act_fn", None)
-    return (type(module).__name__.endswith("MLP") and type(act).__name__ in ("SiLU", "SiLUActivation")
+    forward = getattr(type(module), "forward", None)
+    return (isinstance(forward, types.FunctionType) and same_code(forward, LlamaMLP.forward)
+            and type(act).__name__ in ("SiLU", "SiLUActivation")
             and all(isinstance(getattr(module, n, None), _LinearLora) for n in ("gate_proj", "up_proj", "down_proj")))
 
 

@@ -20,12 +20,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from lorakit.kernels.norm import rms_norm
-from lorakit.patch import patched_forward, unfused
-
-
-def _same_code(f: types.FunctionType, g: types.FunctionType) -> bool:
-    a, b = f.__code__, g.__code__
-    return (a.co_code, a.co_consts, a.co_names, a.co_varnames) == (b.co_code, b.co_consts, b.co_names, b.co_varnames)
+from lorakit.patch import patched_forward, same_code, unfused
 
 
 def is_llama_rms_norm(module: nn.Module) -> bool:
@@ -33,7 +28,7 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
     (H,) ``weight`` and a float ``variance_epsilon``."""
     forward = getattr(type(module), "forward", None)
     weight = getattr(module, "weight", None)
-    return (isinstance(forward, types.FunctionType) and _same_code(forward, LlamaRMSNorm.forward)
+    return (isinstance(forward, types.FunctionType) and same_code(forward, LlamaRMSNorm.forward)
             and isinstance(weight, torch.Tensor) and weight.dim() == 1
             and isinstance(getattr(module, "variance_epsilon", None), float))
 

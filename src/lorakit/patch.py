@@ -12,6 +12,13 @@ from torch import nn
 _SAVED = "_lorakit_unfused"  # the forward a patched module had before (its fused forward may call it)
 
 
+def same_code(f: types.FunctionType, g: types.FunctionType) -> bool:
+    """Whether two functions compile to the same bytecode, constants and names: a model's module
+    that computes what a known transformers module computes (modular transformers copies code)."""
+    a, b = f.__code__, g.__code__
+    return (a.co_code, a.co_consts, a.co_names, a.co_varnames) == (b.co_code, b.co_consts, b.co_names, b.co_varnames)
+
+
 def unfused(module: nn.Module) -> Callable[..., Any]:
     """The forward ``module`` had before it was patched."""
     return module.__dict__[_SAVED]
