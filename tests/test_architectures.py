@@ -26,8 +26,8 @@ import lorakit.loss
 from lorakit import LoraConfig, get_lora_model
 from lorakit.attention import padding_free_obstacle, supports_padding_free
 from lorakit.collate import collate, collate_flat
-from lorakit.layers import lora_layers
 from lorakit.data import IGNORE, Example
+from lorakit.layers import lora_layers
 from lorakit.loss import causal_lm_loss, split_head
 from lorakit.train import fast_paths
 

@@ -521,6 +521,7 @@ def test_last_mlp_runs_only_at_supervised_rows_with_the_same_loss_and_gradients(
         examples.append(Example(ids, [IGNORE] * (4 + n - answer) + ids[4 + n - answer:], "x"))
     batch = collate_flat([[e] for e in examples]) if flat else collate([[e] for e in examples], 0)
     assert batch.get("shared_prefix", 0) == (4 if flat else 0)
+    assert lorakit.loss.split_head(model) is not None  # its one-time probe (8 tokens) before counting rows
     rows: list[int] = []
     swiglu = lorakit.mlp.lora_swiglu
     monkeypatch.setattr(lorakit.mlp, "lora_swiglu", lambda x, *p: rows.append(x.reshape(-1, x.shape[-1]).shape[0])
