@@ -205,3 +205,31 @@ def test_mamba_out_proj_is_left_to_its_kernel():
     base = T.AutoModelForCausalLM.from_config(ARCHITECTURES["falcon-h1"][0]())
     with pytest.raises(ValueError, match="output projection of a Mamba mixer.*exclude_modules"):
         get_lora_model(base, LoraConfig(target_modules=["in_proj", "out_proj"]))
+
+
+@pytest.mark.parametrize("name", list(ARCHITECTURES))
+def test_default_targets_are_peffts_defaults(name):
+    """With ``target_modules`` unset, a model type PEFT has a default for gets the same modules;
+    others get lorakit's own default where it has one, else an error that names the fix."""
+    import copy
+
+    import peft
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT_DEFAULTS
+
+    from lorakit.config import DEFAULT_TARGETS
+
+    base = T.AutoModelForCausalLM.from_config(ARCHITECTURES[name][0]())
+    model_type = base.config.model_type
+    if model_type in PEFT_DEFAULTS:
+        ours = sorted(n for n, _ in lora_layers(get_lora_model(copy.deepcopy(base), LoraConfig(r=2))))
+        assert ours and {n.rsplit(".", 1)[-1] for n in ours} == set(PEFT_DEFAULTS[model_type])
+        if name in MOE:  # PEFT 0.21 looks for expert parameters there and, finding none by default, refuses
+            return
+        theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=2))
+        assert ours == sorted(n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
+                              if isinstance(m, peft.tuners.lora.LoraLayer))
+    elif model_type in DEFAULT_TARGETS:
+        assert lora_layers(get_lora_model(base, LoraConfig(r=2)))
+    else:
+        with pytest.raises(ValueError, match="target_modules is not set.*all-linear"):
+            get_lora_model(base, LoraConfig(r=2))

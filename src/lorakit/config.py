@@ -18,17 +18,18 @@ BIAS_MODES = ("none", "all", "lora_only")
 
 # Default targets by `config.model_type` when `target_modules` is None, as PEFT does.
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
+    **{key: ["q_proj", "v_proj"] for key in ("llama", "mistral", "mixtral", "qwen2", "qwen3", "gemma", "gemma2",
+                                             "gemma3_text", "opt", "gptj", "stablelm")},
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
     "phi3": ["qkv_proj"],
     "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
+    "gpt_bigcode": ["c_attn"],
+    **{key: ["query_key_value"] for key in ("gpt_neox", "falcon", "bloom")},
+    "mpt": ["Wqkv"],
     "bert": ["query", "value"],
     "roberta": ["query", "value"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"],
 }
 
 # Fields of PEFT's LoraConfig that select features lorakit does not implement: loading a config
