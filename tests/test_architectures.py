@@ -233,3 +233,70 @@ def test_default_targets_are_peffts_defaults(name):
     else:
         with pytest.raises(ValueError, match="target_modules is not set.*all-linear"):
             get_lora_model(base, LoraConfig(r=2))
+
+
+@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n not in MAMBA])
+def test_serving_engine_decodes_each_family_like_generate(name, tmp_path):
+    """The engine (rows joining and leaving a left-padded batch, two adapters and the base mixed in
+    it, its own growing KV cache) gives each request the greedy tokens transformers' ``generate``
+    gives it alone with its adapter: sliding windows, soft-capping, sinks, Conv1D all included."""
+    import copy
+    import threading
+    import warnings
+
+    from conftest import randomize_adapters
+    from lorakit import load_adapter, save_adapter
+    from lorakit.engine import Engine, Request, SamplingOptions
+    from lorakit.pool import AdapterPool
+
+    torch.manual_seed(0)
+    implementation = "eager" if name in ("gemma2", "gpt-oss") else "sdpa"
+    base = T.AutoModelForCausalLM.from_config(ARCHITECTURES[name][0](), attn_implementation=implementation,
+                                              experts_implementation="eager").eval().requires_grad_(False)
+    pool = AdapterPool(base, max_loaded=2)
+    for seed, adapter in enumerate(["x", "y"], 1):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MoE: expert weights stay frozen
+            model = get_lora_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        randomize_adapters(model, seed=seed, std=0.5)
+        save_adapter(model, tmp_path / adapter)
+        pool.register(adapter, tmp_path / adapter)
+    g = torch.Generator().manual_seed(0)
+    work = [(torch.randint(3, V, (n,), generator=g).tolist(), [None, "x", "y"][k % 3])
+            for k, n in enumerate((3, 17, 9, 25, 11, 4))]  # most prompts longer than the window
+    expected = []
+    for ids, adapter in work:
+        model = base if adapter is None else load_adapter(copy.deepcopy(base), tmp_path / adapter)
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+        expected.append(out[0, len(ids):].tolist())
+
+    class Tokenizer:
+        eos_token_id, pad_token_id = None, 0
+
+        def decode(self, ids: list[int], **_: object) -> str:
+            return " ".join(map(str, ids))
+
+    engine = Engine(base, Tokenizer(), pool, max_batch=4)  # 6 requests: some wait, then join
+    engine.eos = set()
+    done = threading.Semaphore(0)
+    events: list[tuple] = []
+    requests = [Request(ids, adapter, SamplingOptions(max_new_tokens=8),
+                        lambda e: (events.append(e), e[0] in ("done", "error") and done.release()))
+                for ids, adapter in work]
+    engine.start()
+    for r in requests:
+        engine.submit(r)
+    for _ in requests:
+        assert done.acquire(timeout=60)
+    engine.stop()
+    assert not [e for e in events if e[0] == "error"]
+    assert [r.generated for r in requests] == expected
+
+
+def test_serving_engine_refuses_a_model_with_recurrent_state():
+    from lorakit.engine import Engine, EngineError
+    from lorakit.pool import AdapterPool
+
+    base = T.AutoModelForCausalLM.from_config(ARCHITECTURES["falcon-h1"][0]())
+    with pytest.raises(EngineError, match="recurrent state.*mamba.*lorakit generate"):
+        Engine(base, None, AdapterPool(base))

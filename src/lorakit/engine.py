@@ -32,8 +32,10 @@ from torch import nn
 from transformers.cache_utils import DynamicLayer
 
 from lorakit.batch import adapter_batch
+from lorakit.errors import LorakitError
 from lorakit.generate import SamplingOptions, _Streamer
 from lorakit.memory import return_freed_memory
+from lorakit.models import recurrent_modules
 from lorakit.plain import inference_on_onednn
 from lorakit.pool import AdapterPool
 
@@ -60,10 +62,19 @@ class Request:
     generator: torch.Generator | None = None
 
 
+class EngineError(LorakitError, ValueError):
+    """A model the serving engine cannot run."""
+
+
 class Engine:
     """The worker: ``submit`` requests from any thread; ``call`` runs a function on the worker."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, pool: AdapterPool, max_batch: int = 64) -> None:
+        recurrent = recurrent_modules(model)
+        if recurrent:
+            raise EngineError(f"{type(model).__name__} keeps a recurrent state ({recurrent[0]}, {len(recurrent)} "
+                              f"layers), which the serving engine's attention-only KV cache cannot batch; "
+                              f"use `lorakit generate` for this model")
         self.model, self.tokenizer, self.pool, self.max_batch = model, tokenizer, pool, max_batch
         self.device = next(model.parameters()).device
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id

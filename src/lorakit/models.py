@@ -146,6 +146,13 @@ def _load_tokenizer(directory: Path, **kwargs: str) -> object:
     return tokenizer
 
 
+def recurrent_modules(model: nn.Module) -> list[str]:
+    """Names of the modules that carry a recurrent state from token to token instead of (or beside)
+    attention's keys and values: state-space mixers (Mamba, Mamba-2: Falcon-H1, Jamba, Bamba, …)
+    and gated delta nets (Qwen3-Next), recognised by the SSM's decay parameter ``A_log``."""
+    return [n for n, m in model.named_modules() if isinstance(m._parameters.get("A_log"), torch.Tensor)]
+
+
 def enable_checkpointing(model: nn.Module) -> None:
     """Turn on transformers' activation (gradient) checkpointing, non-reentrant. Recent transformers
     call it ``activation_checkpointing_enable`` and warn on the old name; older ones have only that."""
