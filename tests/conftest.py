@@ -132,3 +132,28 @@ def onednn_rows(monkeypatch):
 
     monkeypatch.setattr(gemm, "_linear_op", lambda: Counting())
     return seen
+
+
+def submit_and_wait(engine, work: list[tuple[list[int], str | None, int]]) -> list[list[int]]:
+    """Submit requests (prompt ids, adapter or None, max new tokens) to a started serving engine all
+    at once, wait for every one, and return their generated tokens; an error event fails the test."""
+    import threading
+
+    from lorakit.engine import Request, SamplingOptions
+
+    done = threading.Semaphore(0)
+    errors: list[str] = []
+
+    def emit(event: tuple) -> None:
+        if event[0] == "error":
+            errors.append(event[1])
+        if event[0] in ("done", "error"):
+            done.release()
+
+    requests = [Request(ids, adapter, SamplingOptions(max_new_tokens=n), emit) for ids, adapter, n in work]
+    for r in requests:
+        engine.submit(r)
+    for _ in requests:
+        assert done.acquire(timeout=60)
+    assert not errors, errors[0]
+    return [r.generated for r in requests]

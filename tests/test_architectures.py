@@ -241,12 +241,11 @@ def test_serving_engine_decodes_each_family_like_generate(name, tmp_path):
     it, its own growing KV cache) gives each request the greedy tokens transformers' ``generate``
     gives it alone with its adapter: sliding windows, soft-capping, sinks, Conv1D all included."""
     import copy
-    import threading
     import warnings
 
-    from conftest import randomize_adapters
+    from conftest import randomize_adapters, submit_and_wait
     from lorakit import load_adapter, save_adapter
-    from lorakit.engine import Engine, Request, SamplingOptions
+    from lorakit.engine import Engine
     from lorakit.pool import AdapterPool
 
     torch.manual_seed(0)
@@ -276,21 +275,12 @@ def test_serving_engine_decodes_each_family_like_generate(name, tmp_path):
         def decode(self, ids: list[int], **_: object) -> str:
             return " ".join(map(str, ids))
 
-    engine = Engine(base, Tokenizer(), pool, max_batch=4)  # 6 requests: some wait, then join
+    engine = Engine(base, Tokenizer(), pool, max_batch=4).start()  # 6 requests: some wait, then join
     engine.eos = set()
-    done = threading.Semaphore(0)
-    events: list[tuple] = []
-    requests = [Request(ids, adapter, SamplingOptions(max_new_tokens=8),
-                        lambda e: (events.append(e), e[0] in ("done", "error") and done.release()))
-                for ids, adapter in work]
-    engine.start()
-    for r in requests:
-        engine.submit(r)
-    for _ in requests:
-        assert done.acquire(timeout=60)
-    engine.stop()
-    assert not [e for e in events if e[0] == "error"]
-    assert [r.generated for r in requests] == expected
+    try:
+        assert submit_and_wait(engine, [(ids, adapter, 8) for ids, adapter in work]) == expected
+    finally:
+        engine.stop()
 
 
 def test_serving_engine_refuses_a_model_with_recurrent_state():

@@ -13,7 +13,7 @@ import httpx
 import pytest
 import torch
 
-from conftest import randomize_adapters
+from conftest import randomize_adapters, submit_and_wait
 from lorakit import LoraConfig, get_lora_model, load_adapter, save_adapter
 from lorakit.engine import Engine, Request
 from lorakit.generate import SamplingOptions, generate
@@ -329,18 +329,12 @@ def test_engine_on_onednn_with_bucketed_rows_gives_the_blas_tokens(tiny_model_di
             for i, n in enumerate(lengths)]
 
     def run() -> list[list[int]]:
-        engine = Engine(base, tok, pool, max_batch=5)
+        engine = Engine(base, tok, pool, max_batch=5).start()
         engine.eos = set()  # every request makes exactly its max_new_tokens
-        done = threading.Semaphore(0)
-        requests = [Request(ids, adapter, SamplingOptions(max_new_tokens=n), lambda e: e[0] == "done" and done.release())
-                    for ids, adapter, n in work]
-        engine.start()
-        for r in requests:
-            engine.submit(r)
-        for _ in requests:
-            assert done.acquire(timeout=60)
-        engine.stop()
-        return [r.generated for r in requests]
+        try:
+            return submit_and_wait(engine, work)
+        finally:
+            engine.stop()
 
     monkeypatch.setattr(gemm, "CPU_GEMM", "blas")
     blas = run()
@@ -385,12 +379,7 @@ def test_idle_engine_gives_freed_memory_back_once_per_burst(tiny_model_dir, monk
     engine.start()
 
     def burst(n: int) -> None:
-        done = threading.Semaphore(0)
-        for i in range(n):
-            engine.submit(Request([5 + i, 6, 7], None, SamplingOptions(max_new_tokens=4),
-                                  lambda e: e[0] == "done" and done.release()))
-        for _ in range(n):
-            assert done.acquire(timeout=60)
+        submit_and_wait(engine, [([5 + i, 6, 7], None, 4) for i in range(n)])
 
     def trims_reach(n: int) -> bool:
         deadline = time.time() + 10
