@@ -65,6 +65,7 @@ ARCHITECTURES = {
     "falcon-h1": (lambda: T.FalconH1Config(**LLAMA_LIKE, mamba_d_ssm=32, mamba_n_heads=4, mamba_d_head=8,
                                            mamba_d_state=8, mamba_chunk_size=8, mlp_multipliers=[0.5, 2.0]),
                   False, True),
+    "lfm2": (lambda: T.Lfm2Config(**LLAMA_LIKE, layer_types=["conv", "full_attention"]), False, True),
     "phi": (lambda: T.PhiConfig(**PLAIN), True, True),
     "gpt-neox": (lambda: T.GPTNeoXConfig(**PLAIN), True, True),
     "starcoder2": (lambda: T.Starcoder2Config(**LLAMA_LIKE), True, True),
@@ -75,6 +76,7 @@ ARCHITECTURES = {
 
 MOE = ("mixtral", "gpt-oss")
 MAMBA = ("falcon-h1",)
+MIXERS = (*MAMBA, "lfm2")  # token mixing outside attention: no shared rows, no serving engine
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -235,7 +237,7 @@ def test_default_targets_are_peffts_defaults(name):
             get_lora_model(base, LoraConfig(r=2))
 
 
-@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n not in MAMBA])
+@pytest.mark.parametrize("name", [n for n in ARCHITECTURES if n not in MIXERS])
 def test_serving_engine_decodes_each_family_like_generate(name, tmp_path):
     """The engine (rows joining and leaving a left-padded batch, two adapters and the base mixed in
     it, its own growing KV cache) gives each request the greedy tokens transformers' ``generate``
@@ -283,10 +285,26 @@ def test_serving_engine_decodes_each_family_like_generate(name, tmp_path):
         engine.stop()
 
 
-def test_serving_engine_refuses_a_model_with_recurrent_state():
+@pytest.mark.parametrize("name", MIXERS)
+def test_models_mixing_tokens_outside_attention_never_share_a_row_and_are_not_served(name, tokenizer, tmp_path):
+    """Mamba mixers and LFM2's short convolutions carry tokens past any attention mask: such a model
+    trains on padded batches, packing is refused with the fix, and the engine refuses it."""
+    from conftest import write_jsonl
     from lorakit.engine import Engine, EngineError
     from lorakit.pool import AdapterPool
+    from lorakit.train import Trainer
+    from lorakit.train_config import ConfigError, build_config
 
-    base = T.AutoModelForCausalLM.from_config(ARCHITECTURES["falcon-h1"][0]())
-    with pytest.raises(EngineError, match="recurrent state.*mamba.*lorakit generate"):
+    base = T.AutoModelForCausalLM.from_config(ARCHITECTURES[name][0]())
+    assert "mixes tokens outside attention" in padding_free_obstacle(base)
+    with pytest.raises(EngineError, match="outside attention.*lorakit generate"):
         Engine(base, None, AdapterPool(base))
+    config = ARCHITECTURES[name][0]()
+    config.vocab_size = len(tokenizer)
+    T.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    write_jsonl(tmp_path / "train.jsonl", [{"prompt": "1+1=", "completion": "2"}] * 4)
+    with pytest.raises(ConfigError, match="data.packing: .*outside attention.*data.packing=false"):
+        Trainer(build_config({"model": {"name": str(tmp_path / "model")},
+                              "data": {"train": str(tmp_path / "train.jsonl"), "packing": True},
+                              "output_dir": str(tmp_path / "out")}), progress=False)

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.models import sequence_mixers
 
 NAME = "lorakit_varlen"
 # CPU kernel for per-segment attention: "auto" (16-bit compute with one layer's fp32 scores within
@@ -411,6 +412,10 @@ def supports_padding_free(model: nn.Module) -> bool:
 
 def padding_free_obstacle(model: nn.Module) -> str | None:
     """Why ``model`` cannot run padding-free batches, as a phrase for an error message, or None."""
+    mixers = sequence_mixers(model)
+    if mixers:
+        return (f"mixes tokens outside attention ({mixers[0]}: convolution or state-space layers), so examples "
+                f"sharing a row would see each other")
     config = getattr(model, "config", None)
     if config is None or not getattr(type(model), "_supports_attention_backend", False) \
             or getattr(config, "_attn_implementation", None) not in ("sdpa", "eager", NAME):

@@ -35,7 +35,7 @@ from lorakit.batch import adapter_batch
 from lorakit.errors import LorakitError
 from lorakit.generate import SamplingOptions, _Streamer
 from lorakit.memory import return_freed_memory
-from lorakit.models import recurrent_modules
+from lorakit.models import sequence_mixers
 from lorakit.plain import inference_on_onednn
 from lorakit.pool import AdapterPool
 
@@ -70,11 +70,11 @@ class Engine:
     """The worker: ``submit`` requests from any thread; ``call`` runs a function on the worker."""
 
     def __init__(self, model: nn.Module, tokenizer: Any, pool: AdapterPool, max_batch: int = 64) -> None:
-        recurrent = recurrent_modules(model)
-        if recurrent:
-            raise EngineError(f"{type(model).__name__} keeps a recurrent state ({recurrent[0]}, {len(recurrent)} "
-                              f"layers), which the serving engine's attention-only KV cache cannot batch; "
-                              f"use `lorakit generate` for this model")
+        mixers = sequence_mixers(model)
+        if mixers:
+            raise EngineError(f"{type(model).__name__} carries state from token to token outside attention "
+                              f"({mixers[0]}, {len(mixers)} modules), which the serving engine's attention-only "
+                              f"KV cache cannot batch; use `lorakit generate` for this model")
         self.model, self.tokenizer, self.pool, self.max_batch = model, tokenizer, pool, max_batch
         self.device = next(model.parameters()).device
         eos = getattr(model.generation_config, "eos_token_id", None) or tokenizer.eos_token_id

@@ -146,11 +146,17 @@ def _load_tokenizer(directory: Path, **kwargs: str) -> object:
     return tokenizer
 
 
-def recurrent_modules(model: nn.Module) -> list[str]:
-    """Names of the modules that carry a recurrent state from token to token instead of (or beside)
-    attention's keys and values: state-space mixers (Mamba, Mamba-2: Falcon-H1, Jamba, Bamba, …)
-    and gated delta nets (Qwen3-Next), recognised by the SSM's decay parameter ``A_log``."""
-    return [n for n, m in model.named_modules() if isinstance(m._parameters.get("A_log"), torch.Tensor)]
+def sequence_mixers(model: nn.Module) -> list[str]:
+    """Names of the decoder's modules that carry information from token to token outside attention,
+    where no attention mask reaches: state-space and gated-delta mixers (Mamba, Mamba-2: Falcon-H1,
+    Jamba, Bamba; Qwen3-Next), recognised by the SSM's decay parameter ``A_log``, and causal
+    convolutions over the sequence (``nn.Conv1d``: Mamba's, LFM2's short convolutions). Such a
+    model's examples cannot share a row (packing, padding-free batches), and its state is not a KV
+    cache (serving engine)."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    decoder = decoder if isinstance(decoder, nn.Module) else model
+    return [n for n, m in decoder.named_modules()
+            if isinstance(m._parameters.get("A_log"), torch.Tensor) or isinstance(m, nn.Conv1d)]
 
 
 def enable_checkpointing(model: nn.Module) -> None:

@@ -60,7 +60,7 @@ from lorakit.kernels.gemm import TOKEN_MULTIPLE, cpu_flags, onednn_scope, uses_o
 from lorakit.loss import causal_lm_loss
 from lorakit.memory import HeapGuard, keep_freed_memory, peak_memory_bytes, stop_keeping_freed_memory
 from lorakit.mlp import fused_mlp
-from lorakit.models import empty_model, enable_checkpointing, load_model
+from lorakit.models import empty_model, enable_checkpointing, load_model, sequence_mixers
 from lorakit.norm import fused_norms
 from lorakit.optim import build_optimizer, lr_lambda
 from lorakit.plain import plain_linears
@@ -226,6 +226,10 @@ class Trainer:
             verb = "truncated" if d.overlong == "truncate" else "dropped"
             self.log(f"data: {stats['truncated'] + stats['dropped']} training examples over max_seq_len="
                      f"{d.max_seq_len} or with nothing to train were {verb}")
+        if d.packing and sequence_mixers(self.model):
+            raise ConfigError(f"data.packing: {type(self.model).__name__} mixes tokens outside attention "
+                              f"({sequence_mixers(self.model)[0]}), which the packed rows' attention mask cannot "
+                              f"stop, so packed examples would see each other; set data.packing=false")
         self.rows = pack(self.train_examples, d.max_seq_len) if d.packing else [[e] for e in self.train_examples]
 
     def _padding_free(self, setting: bool | str) -> bool:
