@@ -66,6 +66,12 @@ ARCHITECTURES = {
                                            mamba_d_state=8, mamba_chunk_size=8, mlp_multipliers=[0.5, 2.0]),
                   False, True),
     "lfm2": (lambda: T.Lfm2Config(**LLAMA_LIKE, layer_types=["conv", "full_attention"]), False, True),
+    # a decoder layer that drops the attention kwargs (the segment bounds): found by the probe
+    "nemotron": (lambda: T.NemotronConfig(**LLAMA_LIKE, head_dim=16), False, True),
+    # lightning (linear) attention layers beside softmax attention (config.layer_types; the probe too)
+    "minimax": (lambda: T.MiniMaxConfig(**LLAMA_LIKE, head_dim=16, num_local_experts=2, num_experts_per_tok=1,
+                                        layer_types=["linear_attention", "full_attention"], block_size=4),
+                False, True),
     "phi": (lambda: T.PhiConfig(**PLAIN), True, True),
     "gpt-neox": (lambda: T.GPTNeoXConfig(**PLAIN), True, True),
     "starcoder2": (lambda: T.Starcoder2Config(**LLAMA_LIKE), True, True),
@@ -74,9 +80,10 @@ ARCHITECTURES = {
 }
 
 
-MOE = ("mixtral", "gpt-oss")
+MOE = ("mixtral", "gpt-oss", "minimax")
 MAMBA = ("falcon-h1",)
-MIXERS = (*MAMBA, "lfm2")  # token mixing outside attention: no shared rows, no serving engine
+MIXERS = (*MAMBA, "lfm2", "minimax")  # token mixing outside attention: no shared rows, no serving engine
+PROBED = ("nemotron", "minimax")  # padding-free batches refused by the probe (Nemotron by nothing else)
 
 
 def _model(name: str) -> torch.nn.Module:
@@ -153,6 +160,19 @@ def test_an_unknown_logit_post_processing_is_found_by_the_probe(monkeypatch):
         model.train()
         assert (split_head(model) is not None) == split
         assert all(m.training for m in model.modules())  # the probe ran in eval mode and put it back
+
+
+@pytest.mark.parametrize("name", [*PROBED, "lfm2"])
+def test_the_padding_free_probe_finds_what_static_checks_miss(name, monkeypatch):
+    """Nemotron's decoder layer drops the attention kwargs (the segment bounds), MiniMax's lightning
+    attention and (with its static check switched off) LFM2's convolution mix packed examples: the
+    one-time probe (a packed example against the same example alone) sees it."""
+    import lorakit.attention
+
+    monkeypatch.setattr(lorakit.attention, "sequence_mixers", lambda model: [])
+    model = _model(name).train()
+    assert "packed example other outputs" in padding_free_obstacle(model)
+    assert all(m.training for m in model.modules())  # the probe ran in eval mode and put training back
 
 
 def test_models_with_attention_features_padding_free_lacks_say_why():

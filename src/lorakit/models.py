@@ -150,13 +150,25 @@ def sequence_mixers(model: nn.Module) -> list[str]:
     """Names of the decoder's modules that carry information from token to token outside attention,
     where no attention mask reaches: state-space and gated-delta mixers (Mamba, Mamba-2: Falcon-H1,
     Jamba, Bamba; Qwen3-Next), recognised by the SSM's decay parameter ``A_log``, and causal
-    convolutions over the sequence (``nn.Conv1d``: Mamba's, LFM2's short convolutions). Such a
+    convolutions over the sequence (``nn.Conv1d``: Mamba's, LFM2's short convolutions), and layers
+    the config lists as another kind than attention (MiniMax's lightning attention). Such a
     model's examples cannot share a row (packing, padding-free batches), and its state is not a KV
     cache (serving engine)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     decoder = decoder if isinstance(decoder, nn.Module) else model
-    return [n for n, m in decoder.named_modules()
-            if isinstance(m._parameters.get("A_log"), torch.Tensor) or isinstance(m, nn.Conv1d)]
+    found = [n for n, m in decoder.named_modules()
+             if isinstance(m._parameters.get("A_log"), torch.Tensor) or isinstance(m, nn.Conv1d)]
+    config = getattr(model, "config", None)
+    for cfg in (config, getattr(config, "text_config", None)):
+        for key in ("layer_types", "layers_block_type"):  # e.g. MiniMax's "linear_attention", LFM2's "conv"
+            kinds = getattr(cfg, key, None) if cfg is not None else None
+            if isinstance(kinds, (list, tuple)):
+                found += [f"layer {i} ({kind})" for i, kind in enumerate(kinds) if kind not in ATTENTION_LAYERS]
+    return found
+
+
+# layer kinds (transformers' config.layer_types) that are softmax attention over a KV cache
+ATTENTION_LAYERS = ("full_attention", "sliding_attention", "chunked_attention", "attention")
 
 
 def enable_checkpointing(model: nn.Module) -> None:
