@@ -685,7 +685,8 @@ def test_linear_equals_f_linear_with_its_gradients(backend, bias, trainable, mon
     inputs = [t for t in (x, w, b) if t is not None and t.requires_grad]
     with gemm.onednn_scope():
         y = gemm.linear(x, w, b)
-        assert (y.grad_fn.saved_tensors[0] is None) is not trainable  # x kept only to form W's gradient
+        node = y.grad_fn.next_functions[0][0]  # under the (…, out) view of its (N, out) result
+        assert (node.saved_tensors[0] is None) is not trainable  # x kept only to form W's gradient
         got = torch.autograd.grad(y, inputs, up)
     xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_(trainable)
     bd = b.detach().double().requires_grad_(trainable) if bias else None
@@ -697,3 +698,26 @@ def test_linear_equals_f_linear_with_its_gradients(backend, bias, trainable, mon
         torch.testing.assert_close(u.double(), v, atol=1e-4, rtol=1e-5)
     with torch.no_grad():
         assert gemm.linear(x, w, b).grad_fn is None
+
+
+@pytest.mark.parametrize("node", ["lora_linear", "lora_swiglu", "linear"])
+def test_fused_nodes_outputs_can_be_modified_in_place(node):
+    """Some models modify a layer's output in place (Llama 4's MoE adds into its shared expert's
+    output): each node returns a tensor of its own, reshaped outside it, so that works, and the
+    gradients are those of the modified output (here y · 3: three times the plain ones). (The
+    attention nodes keep their output for backward, as SDPA's own autograd does, so there an
+    in-place change is autograd's usual error.)"""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w, w2 = (torch.randn(8, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    a = torch.randn(2, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(8, 2, generator=g, dtype=torch.float64, requires_grad=True)
+    run = {
+        "lora_linear": lambda: fused_lora_linear(x, w, None, a, b, 2.0),
+        "lora_swiglu": lambda: mlp_kernel.lora_swiglu(x, (w, a, b, 2.0), (w2, a, b, 0.5), (w, a, b, 1.0)),
+        "linear": lambda: gemm.linear(x, w.requires_grad_()),
+    }[node]
+    plain = torch.autograd.grad(run().sum(), x)[0]
+    y = run()
+    y.mul_(3)
+    torch.testing.assert_close(torch.autograd.grad(y.sum(), x)[0], 3 * plain, rtol=1e-12, atol=0)

@@ -116,8 +116,9 @@ def test_4bit_base_dequantized_onto_gemm_equals_float64_math(monkeypatch):
     want, want_grads = run(ref)
     monkeypatch.setattr(gemm, "CPU_GEMM", "onednn")
     out = model.model.layers[0].self_attn.q_proj(torch.randn(3, 5, 32).requires_grad_())
-    assert type(out.grad_fn).__name__ == "_FusedLoraLinearBackward"  # base and LoRA in one node
-    saved = [t for t in out.grad_fn.saved_tensors if t is not None]
+    node = out.grad_fn.next_functions[0][0]  # under the (…, out) view of its (N, out) result
+    assert type(node).__name__ == "_FusedLoraLinearBackward"  # base and LoRA in one node
+    saved = [t for t in node.saved_tensors if t is not None]
     assert sum(type(t).__name__ == "Params4bit" for t in saved) == 1
     assert not any(t.shape == (32, 32) and t.is_floating_point() for t in saved)  # no float copy of W
     with gemm.onednn_scope():

@@ -133,8 +133,10 @@ def _unpad_grad(g: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
 
 
 def _rows(out: torch.Tensor, plan: SegmentPlan) -> torch.Tensor:
-    """(S, H, L, D) → (1, N, H, D): the real queries' outputs in token order, contiguous."""
-    return out[plan.rows, :, plan.cols][None]
+    """(S, H, L, D) → (N, H, D): the real queries' outputs in token order, a tensor of its own (the
+    nodes below return it so; callers add the leading batch dimension outside them, so that a
+    model may modify the result in place)."""
+    return out[plan.rows, :, plan.cols]
 
 
 def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -144,13 +146,13 @@ def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | N
 
 class _FlashSegments(torch.autograd.Function):
     """Per-segment attention on CPU through ATen's flash kernel, keeping only q, k, v (unpadded,
-    (1, h, N, D)), the output (1, N, H, D), the log-sum-exp (S, H, L) and the integer/bool
+    (1, h, N, D)), the output (N, H, D), the log-sum-exp (S, H, L) and the integer/bool
     ``SegmentPlan`` for the backward pass.
 
     Autograd around ``F.scaled_dot_product_attention`` on gathered inputs keeps the padded copies
     of q, k and v (k and v widened to all H heads) and a padded output besides the one the output
     projection keeps: about three times the memory. Here the padded tensors are gathered again in
-    backward, and the output is returned in the (1, N, H, D) layout the output projection reads,
+    backward, and the output is returned in the (N, H, D) layout the output projection reads,
     so saving it costs nothing. Padded query rows get a zero output gradient, so (with the flash
     backward's Dᵢ = rowsum(dOᵢ ⊙ Oᵢ) = 0 and dS = P ⊙ (dP − D) = 0 there) they add nothing to
     any gradient.
@@ -175,9 +177,9 @@ class _FlashSegments(torch.autograd.Function):
         mask = _additive(plan.mask, q.dtype)  # rebuilt: the float mask is 4× the plan's bool one
         s, length = plan.queries.shape
 
-        def padded(t: torch.Tensor) -> torch.Tensor:  # (1, N, H, D) → (S, H, L, D), zeros in padding
-            full = t.new_zeros(s, length, *t.shape[2:])
-            full[plan.rows, plan.cols] = t[0]
+        def padded(t: torch.Tensor) -> torch.Tensor:  # (N, H, D) → (S, H, L, D), zeros in padding
+            full = t.new_zeros(s, length, *t.shape[1:])
+            full[plan.rows, plan.cols] = t
             return full.transpose(1, 2)
 
         dq, dk, dv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
@@ -248,9 +250,9 @@ class _MathSegments(torch.autograd.Function):
         segs, length = plan.queries.shape
         groups = h // hkv
 
-        def grouped(t: torch.Tensor) -> torch.Tensor:  # (1, N, H, D) → (S, Hkv, g·L, D), zeros in padding
+        def grouped(t: torch.Tensor) -> torch.Tensor:  # (N, H, D) → (S, Hkv, g·L, D), zeros in padding
             full = t.new_zeros(segs, length, h, d)
-            full[plan.rows, plan.cols] = t[0]
+            full[plan.rows, plan.cols] = t
             return full.transpose(1, 2).reshape(segs, hkv, groups * length, d)
 
         qg = _pad(q, plan.queries).reshape(segs, hkv, groups * length, d)
@@ -312,15 +314,15 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         if CPU_ATTENTION == "math" or (CPU_ATTENTION == "auto" and out.itemsize == 2 and _math_fits(plan, q.shape[1])):
             # bf16 products at the bf16 matmul rate (SmolLM2 segments, AVX512-BF16: 1.10× a bf16 step;
             # in fp32 it only ties with the flash kernel)
-            return _MathSegments.apply(q.to(out), k.to(out), v.to(out), plan, scale)
+            return _MathSegments.apply(q.to(out), k.to(out), v.to(out), plan, scale)[None]
         # ATen's CPU flash backward runs bf16 inputs ~3× slower than fp32 ones: compute in fp32
         work = torch.promote_types(out, torch.float32)
-        return _FlashSegments.apply(q.to(work), k.to(work), v.to(work), plan, scale).to(out)
+        return _FlashSegments.apply(q.to(work), k.to(work), v.to(work), plan, scale).to(out)[None]
     gqa = {"enable_gqa": True} if q.shape[1] != k.shape[1] else {}
     out = F.scaled_dot_product_attention(_pad(q, plan.queries), _pad(k, plan.keys), _pad(v, plan.keys),
                                          attn_mask=plan.mask, is_causal=plan.mask is None, scale=scale,
                                          dropout_p=dropout_p, **gqa)
-    return _rows(out, plan)
+    return _rows(out, plan)[None]
 
 
 def varlen_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,

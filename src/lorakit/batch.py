@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import torch
 from torch import nn
 
 from lorakit.inject import adapter_configs
@@ -45,14 +46,28 @@ def adapter_batch(model: nn.Module, adapter_ids: Sequence[str | None]) -> Iterat
     slots = {name: i for i, name in enumerate(order, 1)}
     device = next(model.parameters()).device
     plan = RowPlan.build(order, [slots[r] if r is not None else 0 for r in rows], device)
+    # each forward's tokens per row, for layers that see the batch flattened to (B·T, …) tokens
+    # (Llama 4's shared expert): read from the model's input as each forward starts
+    width: dict[str, int] = {}
+
+    def capture(_: nn.Module, args: tuple, kwargs: dict) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        ids = kwargs.get("inputs_embeds") if ids is None else ids
+        if isinstance(ids, torch.Tensor) and ids.dim() >= 2:
+            width["tokens"] = ids.shape[1]
+
+    hook = model.register_forward_pre_hook(capture, with_kwargs=True)
     for layer in layers:
         layer.__dict__["row_adapters"] = rows
         layer.__dict__["row_index"] = plan
+        layer.__dict__["row_width"] = width
     for module in saved:
         module.__dict__["row_adapters"] = rows
     try:
         yield model
     finally:
+        hook.remove()
         for module in [*layers, *saved]:
             module.__dict__.pop("row_adapters", None)
             module.__dict__.pop("row_index", None)
+            module.__dict__.pop("row_width", None)

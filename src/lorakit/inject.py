@@ -20,7 +20,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
-from lorakit.layers import SUPPORTED_TYPES, LoraLayer, lora_class_for, lora_layers
+from lorakit.layers import SUPPORTED_TYPES, LoraLayer, computes_linear, lora_class_for, lora_layers
 from lorakit.saved import ModulesToSave, saved_modules
 
 DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
@@ -123,7 +123,12 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     kernel_read = _kernel_read_projections(model)
     if spec == "all-linear":
         head = output_head_name(model, config.task_type)
-        names = [n for n, m in candidates if isinstance(m, (nn.Linear, Conv1D)) and n != head and n not in kernel_read]
+        linear = [(n, m) for n, m in candidates if isinstance(m, (nn.Linear, Conv1D)) and n != head and n not in kernel_read]
+        names = [n for n, m in linear if not isinstance(m, nn.Linear) or computes_linear(m)]
+        skipped = [f"{n} ({type(m).__name__})" for n, m in linear if n not in names]
+        if skipped:
+            warnings.warn(f"all-linear skips {len(skipped)} nn.Linear subclasses whose forward computes more than "
+                          f"x Wᵀ + b: {', '.join(skipped[:3])}{', …' if len(skipped) > 3 else ''}", stacklevel=3)
         experts = [f"{n}.{p}" for n, m in candidates for p, w in m.named_parameters(recurse=False) if w.ndim == 3]
         if experts:  # transformers' fused MoE experts: (E, out, in) weights, no nn.Linear
             warnings.warn(f"all-linear adapts linear layers only: {len(experts)} fused expert weights ({experts[0]}, …) "
@@ -184,6 +189,10 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             cls = lora_class_for(type(module))
+            if isinstance(module, nn.Linear) and not computes_linear(module):
+                raise ValueError(f"module {name!r} is a {type(module).__name__}, an nn.Linear whose forward computes "
+                                 f"more than x Wᵀ + b (a router's scores, say), so LoRA cannot add to it; leave it "
+                                 f"out of target_modules")
             if cls is None:
                 kinds = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
                 raise ValueError(f"module {name!r} is a {type(module).__name__}; LoRA supports {kinds}")

@@ -191,10 +191,14 @@ class LoraLayer:
         return super().forward(x, *args, **kwargs)  # type: ignore[misc]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        rows = self.__dict__.get("row_adapters")
+        if rows is not None and x.dim() == 2 and x.shape[0] != len(rows):
+            tokens = self.__dict__.get("row_width", {}).get("tokens", 0)
+            if x.shape[0] == len(rows) * tokens:  # the batch flattened to (B·T, in) tokens, row after row
+                return self.forward(x.view(len(rows), tokens, -1), *args, **kwargs).flatten(0, 1)
         result = self._base_forward(x, *args, **kwargs)
         if self.adapters_disabled:
             return result
-        rows = self.__dict__.get("row_adapters")
         if rows is not None:  # a mixed batch: each row has its own adapter (see lorakit.batch)
             if len(rows) != x.shape[0]:
                 raise ValueError(f"adapter_batch got {len(rows)} adapter ids for a batch of {x.shape[0]} rows")
@@ -486,6 +490,30 @@ def lora_class_for(base_cls: type[nn.Module]) -> type[LoraLayer] | None:
         LORA_CLASSES[base_cls] = cls
         return cls
     return None
+
+
+def computes_linear(module: nn.Module) -> bool:
+    """Whether an ``nn.Linear`` (or subclass) computes x Wᵀ + b, the map a LoRA layer adds its
+    update to: nn.Linear's own forward, a bitsandbytes quantized layer (its forward dequantizes
+    W), or a subclass whose forward gives ``F.linear`` on a 2-row probe input (Falcon's); not a
+    subclass whose forward computes more, such as a router returning top-k scores (Llama 4,
+    PhiMoE) or a grouped product (DeepSeek-V4). The probe draws from its own generator."""
+    if isinstance(module, LoraLayer) or type(module).forward is nn.Linear.forward:
+        return True
+    weight = module.weight
+    if type(weight).__name__ in ("Params4bit", "Int8Params"):
+        return True
+    if weight.is_meta:
+        return False
+    x = torch.randn(2, module.in_features, generator=torch.Generator().manual_seed(0)).to(weight.device, weight.dtype)
+    try:
+        with torch.no_grad():
+            out = module(x)
+            ref = F.linear(x, weight, module.bias)
+    except Exception:  # a forward that cannot take a plain (2, in) input is not a plain linear map
+        return False
+    return (isinstance(out, torch.Tensor) and out.shape == ref.shape
+            and torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2 * float(ref.abs().max().clamp_min(1e-6))))
 
 
 def find_modules(model: nn.Module, cls: type | tuple[type, ...]) -> list[tuple[str, Any]]:

@@ -162,7 +162,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) ->
     """x (…, in) Wᵀ + b through ``mm`` → (…, out)."""
     x2 = x.reshape(-1, x.shape[-1])
     add = None if bias is None else bias.expand(x2.shape[0], weight.shape[0]).contiguous()
-    return mm(x2, weight.T, add).reshape(*x.shape[:-1], weight.shape[0])
+    y = mm(x2, weight.T, add)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 class _Linear(torch.autograd.Function):
@@ -172,19 +173,20 @@ class _Linear(torch.autograd.Function):
     for ∂L/∂x."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, weight)
+    def forward(ctx: Any, x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """x2 (N, in) → (N, out), a tensor of its own (``linear`` reshapes it outside the node)."""
+        ctx.save_for_backward(x2 if ctx.needs_input_grad[1] else None, weight)
         ctx.has_bias = bias is not None
-        return _linear(x, float_weight(weight, x.dtype), bias)
+        return _linear(x2, float_weight(weight, x2.dtype), bias)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        g = grad.reshape(-1, grad.shape[-1])  # (N, out)
+        g = grad  # (N, out)
         w = float_weight(weight, g.dtype) if need_x else weight
-        grad_x = mm(g, w).reshape(*grad.shape[:-1], w.shape[1]) if need_x else None
-        grad_w = mm(g.T, x.reshape(-1, x.shape[-1])).to(weight.dtype) if need_w else None
+        grad_x = mm(g, w) if need_x else None
+        grad_w = mm(g.T, x).to(weight.dtype) if need_w else None
         grad_b = g.sum(0) if need_b and ctx.has_bias else None
         return grad_x, grad_w, grad_b
 
@@ -197,4 +199,5 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if not torch.is_grad_enabled() or not (x.requires_grad or weight.requires_grad
                                            or (bias is not None and bias.requires_grad)):
         return _linear(x, float_weight(weight, x.dtype), bias)  # no autograd node (~14 µs a call) to build
-    return _Linear.apply(x, weight, bias)
+    y = _Linear.apply(x.reshape(-1, x.shape[-1]), weight, bias)
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -52,15 +52,15 @@ class _FusedLoraLinear(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, x_lora: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+    def forward(ctx: Any, x2: torch.Tensor, xl2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-        shape = x.shape
-        x2, xl2 = x.reshape(-1, shape[-1]), x_lora.reshape(-1, shape[-1])
-        w = float_weight(weight, x.dtype)
+        """x2, xl2 (N, in) → y (N, out), a tensor of its own (the caller reshapes it: a view made
+        inside the node could not be modified in place, as some models do with a layer's output)."""
+        w = float_weight(weight, x2.dtype)
         y, h = _forward(x2, xl2, w, bias, a, b, scale)
-        ctx.scale, ctx.shape, ctx.same = scale, shape, x_lora is x
+        ctx.scale, ctx.same = scale, xl2 is x2
         ctx.save_for_backward(x2 if weight.requires_grad else None, xl2, h, weight, a, b)
-        return y.reshape(*shape[:-1], w.shape[0])
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -81,9 +81,6 @@ class _FusedLoraLinear(torch.autograd.Function):
             grad_xl = mm(gh, a) if needs[1] else None
         grad_w = g.T @ x2 if needs[2] else None
         grad_bias = g.sum(0) if needs[3] else None
-        lead = ctx.shape[:-1]
-        grad_x = grad_x.reshape(*lead, -1) if grad_x is not None else None
-        grad_xl = grad_xl.reshape(*lead, -1) if grad_xl is not None else None
         return grad_x, grad_xl, grad_w, grad_bias, grad_a, grad_b, None
 
 
@@ -103,7 +100,10 @@ def fused_lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
         w = float_weight(weight, x.dtype)
         y, _ = _forward(x2, x_lora.reshape(-1, x.shape[-1]) if x_lora is not x else x2, w, bias, a, b, scale)
         return y.reshape(*x.shape[:-1], w.shape[0])
-    return _FusedLoraLinear.apply(x, x_lora, weight, bias, a, b, scale)
+    x2 = x.reshape(-1, x.shape[-1])
+    xl2 = x2 if x_lora is x else x_lora.reshape(-1, x.shape[-1])
+    y = _FusedLoraLinear.apply(x2, xl2, weight, bias, a, b, scale)
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def gathered_lora(x: torch.Tensor, a_stack: torch.Tensor, b_stack: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -34,12 +34,12 @@ Proj = tuple[torch.Tensor, torch.Tensor, torch.Tensor, float]  # W, A, B, scale
 
 class _LoraSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, wg: torch.Tensor, ag: torch.Tensor, bg: torch.Tensor,
+    def forward(ctx: Any, x2: torch.Tensor, wg: torch.Tensor, ag: torch.Tensor, bg: torch.Tensor,
                 wu: torch.Tensor, au: torch.Tensor, bu: torch.Tensor, wd: torch.Tensor, ad: torch.Tensor,
                 bd: torch.Tensor, scales: tuple[float, float, float]) -> torch.Tensor:
+        """x2 (N, H) → y (N, H), a tensor of its own (the caller reshapes it, so that the model may
+        modify the result in place)."""
         sg, su, sd = scales
-        shape = x.shape
-        x2 = x.reshape(-1, shape[-1])
         hg, hu = mm(x2, ag.T).mul_(sg), mm(x2, au.T).mul_(su)  # (N, r), scaled
         g = mm(x2, wg.T, mm(hg, bg.T))  # (N, I): the rank-r update summed into the frozen product
         u = mm(x2, wu.T, mm(hu, bu.T))
@@ -47,15 +47,15 @@ class _LoraSwiGLU(torch.autograd.Function):
         hd = mm(a, ad.T).mul_(sd)
         y = mm(a, wd.T, mm(hd, bd.T))  # (N, H)
         ctx.save_for_backward(x2, g, u, hg, hu, hd, wg, ag, bg, wu, au, bu, wd, ad, bd)
-        ctx.scales, ctx.shape = scales, shape
-        return y.reshape(*shape[:-1], wd.shape[0])
+        ctx.scales = scales
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x2, g, u, hg, hu, hd, wg, ag, bg, wu, au, bu, wd, ad, bd = ctx.saved_tensors
         sg, su, sd = ctx.scales
         need = ctx.needs_input_grad
-        gy = grad.reshape(-1, grad.shape[-1])  # (N, H)
+        gy = grad  # (N, H)
         # elementwise passes in the activations' dtype, each rounded once (bf16 ops compute in fp32):
         # five passes over (N, I), a recomputed exactly as forward made it
         silu = F.silu(g)
@@ -77,7 +77,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         grad_x = None
         if need[0]:
             low = mm(ghg, ag, mm(ghu, au))  # (N, H): the rank-r terms
-            grad_x = mm(dg, wg, mm(du, wu, low)).reshape(ctx.shape)
+            grad_x = mm(dg, wg, mm(du, wu, low))
         return grad_x, None, grad_ag, grad_bg, None, grad_au, grad_bu, None, grad_ad, grad_bd, None
 
 
@@ -87,7 +87,8 @@ def lora_swiglu(x: torch.Tensor, gate: Proj, up: Proj, down: Proj) -> torch.Tens
     (wg, ag, bg, sg), (wu, au, bu, su), (wd, ad, bd, sd) = gate, up, down
     if wg.requires_grad or wu.requires_grad or wd.requires_grad:
         raise ValueError("lora_swiglu: the base weights must be frozen (no gradient is computed for them)")
-    return _LoraSwiGLU.apply(x, wg, ag, bg, wu, au, bu, wd, ad, bd, (sg, su, sd))
+    y = _LoraSwiGLU.apply(x.reshape(-1, x.shape[-1]), wg, ag, bg, wu, au, bu, wd, ad, bd, (sg, su, sd))
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 def lora_swiglu_reference(x: torch.Tensor, gate: Proj, up: Proj, down: Proj) -> torch.Tensor:
