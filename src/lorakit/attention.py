@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.models import sequence_mixers
+from lorakit.models import evaluating, sequence_mixers
 
 NAME = "lorakit_varlen"
 # CPU kernel for per-segment attention: "auto" (16-bit compute with one layer's fp32 scores within
@@ -459,18 +459,13 @@ def _segments_stay_apart(model: nn.Module) -> bool:
     cu = torch.tensor([0, 3, 7, 12], dtype=torch.int32, device=device)
     flat = {"position_ids": torch.tensor([[0, 1, 2, 3, 4, 5, 6, 3, 4, 5, 6, 7]], device=device),
             "cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 5, "max_length_k": 5, "shared_prefix": 3}
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        with torch.no_grad(), padding_free(model):
+        with evaluating(model), padding_free(model):
             b = [model(input_ids=x, **flat, use_cache=False).logits[0, 7:].double() for x in (ids, other_a, other_p)]
         scale = float(b[0].abs().max())
         return bool((b[1] - b[0]).abs().max() <= 1e-5 * scale < (b[2] - b[0]).abs().max())
     except Exception:  # a model the probe cannot run trains on padded batches, which is always right
         return False
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def _config_value(config: Any, name: str) -> Any:

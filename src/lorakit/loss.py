@@ -19,6 +19,7 @@ from torch import nn
 from lorakit.data import IGNORE
 from lorakit.kernels.cross_entropy import linear_cross_entropy
 from lorakit.mlp import mlp_rows
+from lorakit.models import evaluating
 
 # what a batch may hand the model: padded batches carry a mask, padding-free ones segment bounds
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
@@ -57,22 +58,17 @@ def _same_logits(model: nn.Module, body: nn.Module, head: nn.Module) -> bool:
     """Whether head(body(x)) equals model(x).logits on 8 tokens (in eval mode: no dropout draws, so
     the random stream is untouched). Exact in practice (the same operations); the tolerance only
     allows for another kernel order on another device."""
-    modes = {m: m.training for m in model.modules()}
     param = next(model.parameters(), None)
     if param is None:
         return False
     ids = torch.arange(8, device=param.device)[None] % max(1, head.weight.shape[0])
-    model.eval()
     try:
-        with torch.no_grad():
+        with evaluating(model):
             own = model(input_ids=ids, use_cache=False).logits.float()
             split = head(body(input_ids=ids, use_cache=False).last_hidden_state).float()
         return own.shape == split.shape and torch.allclose(own, split, rtol=1e-3, atol=1e-3 * float(own.abs().max()))
     except Exception:  # a model the probe cannot run is run whole, which is always right
         return False
-    finally:
-        for m, training in modes.items():
-            m.training = training
 
 
 def _keeps_logits(model: nn.Module) -> bool:

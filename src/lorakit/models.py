@@ -146,6 +146,20 @@ def _load_tokenizer(directory: Path, **kwargs: str) -> object:
     return tokenizer
 
 
+@contextmanager
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside the block the model is in eval mode (no dropout draws: the random stream stays as it
+    was), gradients off; afterwards every module's own training flag is back."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield model
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
 def sequence_mixers(model: nn.Module) -> list[str]:
     """Names of the decoder's modules that carry information from token to token outside attention,
     where no attention mask reaches: state-space and gated-delta mixers (Mamba, Mamba-2: Falcon-H1,
