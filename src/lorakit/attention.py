@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.errors import LorakitError
-from lorakit.models import evaluating, sequence_mixers
+from lorakit.models import config_value, evaluating, sequence_mixers
 
 NAME = "lorakit_varlen"
 # CPU kernel for per-segment attention: "auto" (16-bit compute with one layer's fp32 scores within
@@ -368,11 +368,11 @@ def _interface_forward(module: nn.Module, query: torch.Tensor, key: torch.Tensor
     for name in UNSUPPORTED_KWARGS:
         if kwargs.get(name) is not None:
             raise AttentionError(f"{type(module).__name__} passes {name}= to attention, which lorakit's "
-                                      f"attention does not implement; set data.padding_free=false")
+                                 f"attention does not implement; set data.padding_free=false")
     cu = kwargs.get("cu_seq_lens_q")
     if cu is not None and getattr(module, "is_causal", True) is False:
         raise AttentionError(f"{type(module).__name__} attends both ways; padding-free batches attend causally "
-                                  f"within each example: set data.padding_free=false")
+                             f"within each example: set data.padding_free=false")
     if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -425,7 +425,7 @@ def padding_free_obstacle(model: nn.Module) -> str | None:
     if any(getattr(m, "is_causal", True) is False for m in model.modules()):
         return "has bidirectional attention (padding-free batches attend causally within each example)"
     for name in UNSUPPORTED_CONFIG:  # Gemma 2's soft-capped scores, Llama 4's chunked attention
-        if _config_value(config, name) is not None:
+        if config_value(config, name) is not None:
             return f"sets {name} (an attention feature padding-free batches do not implement)"
     if any(isinstance(getattr(m, "sinks", None), torch.Tensor) for m in model.modules()):  # gpt-oss
         return "has attention sinks (an attention feature padding-free batches do not implement)"
@@ -466,15 +466,6 @@ def _segments_stay_apart(model: nn.Module) -> bool:
         return bool((b[1] - b[0]).abs().max() <= 1e-5 * scale < (b[2] - b[0]).abs().max())
     except Exception:  # a model the probe cannot run trains on padded batches, which is always right
         return False
-
-
-def _config_value(config: Any, name: str) -> Any:
-    """``config.name``, or that of its text sub-config (multimodal models), or None."""
-    for cfg in (config, getattr(config, "text_config", None)):
-        value = getattr(cfg, name, None) if cfg is not None else None
-        if value:
-            return value
-    return None
 
 
 @contextmanager

@@ -15,12 +15,12 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 
-import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
 from lorakit.layers import SUPPORTED_TYPES, LoraLayer, computes_linear, lora_class_for, lora_layers
+from lorakit.models import is_state_space
 from lorakit.saved import ModulesToSave, saved_modules
 
 DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
@@ -103,8 +103,8 @@ def _kernel_read_projections(model: nn.Module) -> set[str]:
     the SSM's ``A_log``; mamba-ssm's scan takes ``out_proj.weight`` as an argument). PEFT refuses
     these too."""
     return {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
-            if isinstance(getattr(m, "out_proj", None), nn.Module) and hasattr(m, "in_proj") and hasattr(m, "conv1d")
-            and isinstance(getattr(m, "A_log", None), torch.Tensor)}
+            if is_state_space(m) and isinstance(getattr(m, "out_proj", None), nn.Module) and hasattr(m, "in_proj")
+            and hasattr(m, "conv1d")}
 
 
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:

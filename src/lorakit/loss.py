@@ -19,7 +19,7 @@ from torch import nn
 from lorakit.data import IGNORE
 from lorakit.kernels.cross_entropy import linear_cross_entropy
 from lorakit.mlp import mlp_rows
-from lorakit.models import evaluating
+from lorakit.models import config_value, evaluating
 
 # what a batch may hand the model: padded batches carry a mask, padding-free ones segment bounds
 _MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
@@ -44,8 +44,7 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
 
 def _find_split(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
     cfg = getattr(model, "config", None)
-    if cfg is None or any(getattr(c, name, None) for c in (cfg, getattr(cfg, "text_config", None))
-                          for name in LOGIT_POSTPROCESSING):
+    if cfg is None or any(config_value(cfg, name) for name in LOGIT_POSTPROCESSING):
         return None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     body = getattr(model, "base_model", None)

@@ -16,6 +16,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -160,6 +161,21 @@ def evaluating(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+def config_value(config: Any, name: str) -> Any:
+    """``config.name`` if set (truthy), else that of its text sub-config (multimodal models), else None."""
+    for cfg in (config, getattr(config, "text_config", None)):
+        value = getattr(cfg, name, None) if cfg is not None else None
+        if value:
+            return value
+    return None
+
+
+def is_state_space(module: nn.Module) -> bool:
+    """A state-space or gated-delta mixer (Mamba, Mamba-2, Qwen3-Next's), recognised by the decay
+    parameter ``A_log`` its recurrence holds."""
+    return isinstance(module._parameters.get("A_log"), torch.Tensor)
+
+
 def sequence_mixers(model: nn.Module) -> list[str]:
     """Names of the decoder's modules that carry information from token to token outside attention,
     where no attention mask reaches: state-space and gated-delta mixers (Mamba, Mamba-2: Falcon-H1,
@@ -170,14 +186,11 @@ def sequence_mixers(model: nn.Module) -> list[str]:
     cache (serving engine)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     decoder = decoder if isinstance(decoder, nn.Module) else model
-    found = [n for n, m in decoder.named_modules()
-             if isinstance(m._parameters.get("A_log"), torch.Tensor) or isinstance(m, nn.Conv1d)]
-    config = getattr(model, "config", None)
-    for cfg in (config, getattr(config, "text_config", None)):
-        for key in ("layer_types", "layers_block_type"):  # e.g. MiniMax's "linear_attention", LFM2's "conv"
-            kinds = getattr(cfg, key, None) if cfg is not None else None
-            if isinstance(kinds, (list, tuple)):
-                found += [f"layer {i} ({kind})" for i, kind in enumerate(kinds) if kind not in ATTENTION_LAYERS]
+    found = [n for n, m in decoder.named_modules() if is_state_space(m) or isinstance(m, nn.Conv1d)]
+    for key in ("layer_types", "layers_block_type"):  # e.g. MiniMax's "linear_attention", LFM2's "conv"
+        kinds = config_value(getattr(model, "config", None), key)
+        if isinstance(kinds, (list, tuple)):
+            found += [f"layer {i} ({kind})" for i, kind in enumerate(kinds) if kind not in ATTENTION_LAYERS]
     return found
 
 

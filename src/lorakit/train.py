@@ -226,10 +226,11 @@ class Trainer:
             verb = "truncated" if d.overlong == "truncate" else "dropped"
             self.log(f"data: {stats['truncated'] + stats['dropped']} training examples over max_seq_len="
                      f"{d.max_seq_len} or with nothing to train were {verb}")
-        if d.packing and sequence_mixers(self.model):
+        mixers = sequence_mixers(self.model) if d.packing else []
+        if mixers:
             raise ConfigError(f"data.packing: {type(self.model).__name__} mixes tokens outside attention "
-                              f"({sequence_mixers(self.model)[0]}), which the packed rows' attention mask cannot "
-                              f"stop, so packed examples would see each other; set data.packing=false")
+                              f"({mixers[0]}), which the packed rows' attention mask cannot stop, so packed "
+                              f"examples would see each other; set data.packing=false")
         self.rows = pack(self.train_examples, d.max_seq_len) if d.packing else [[e] for e in self.train_examples]
 
     def _padding_free(self, setting: bool | str) -> bool:
