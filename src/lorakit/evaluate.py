@@ -20,6 +20,7 @@ from lorakit.collate import collate, collate_flat
 from lorakit.data import Example
 from lorakit.kernels.gemm import TOKEN_MULTIPLE, onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss
+from lorakit.models import evaluating
 from lorakit.plain import inference_on_onednn
 
 
@@ -35,12 +36,10 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_
     ``flat`` (default: where the model supports it) runs each batch as training does, as one
     padding-free row with the shared prefix stored once (``collate.collate_flat``, its length rounded
     up to a multiple of ``multiple``): the same loss as right-padded batches, in fewer FLOPs."""
-    was_training = model.training
-    model.eval()
     device = device_of(model)
     flat = supports_padding_free(model) if flat is None else flat
     total, count = 0.0, 0
-    with padding_free(model) if flat else contextlib.nullcontext():
+    with evaluating(model), padding_free(model) if flat else contextlib.nullcontext():  # no autograd graph
         for k in range(0, len(examples), batch_size):
             rows = [[e] for e in examples[k:k + batch_size]]
             raw = collate_flat(rows, multiple=multiple, pad_id=pad_id) if flat else collate(rows, pad_id, multiple=multiple)
@@ -48,7 +47,6 @@ def eval_loss(model: nn.Module, examples: Sequence[Example], pad_id: int, batch_
             with autocast() if autocast else contextlib.nullcontext():
                 loss_sum, n = causal_lm_loss(model, batch)
             total, count = total + float(loss_sum), count + n
-    model.train(was_training)
     loss = total / max(count, 1)
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
@@ -63,14 +61,12 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *
     """Greedy answers for rendered ``prompts`` (left-padded batches, stopping at EOS/end of turn).
     The fp32 CPU products run on oneDNN where ``gemm.uses_onednn`` says so, their rows padded up
     to ``gemm.row_bucket`` sizes (``plain.inference_on_onednn``)."""
-    was_training = model.training
-    model.eval()
     device = device_of(model)
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     answers = []
     try:
-        with inference_on_onednn(model):
+        with evaluating(model), inference_on_onednn(model):
             for k in range(0, len(prompts), batch_size):
                 enc = tokenizer(list(prompts[k:k + batch_size]), return_tensors="pt", padding=True,
                                 add_special_tokens=not chat).to(device)
@@ -79,7 +75,6 @@ def generate_answers(model: nn.Module, tokenizer: Any, prompts: Sequence[str], *
                 answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = side
-        model.train(was_training)
     return answers
 
 
