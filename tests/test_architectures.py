@@ -342,3 +342,20 @@ def test_models_mixing_tokens_outside_attention_never_share_a_row_and_are_not_se
         Trainer(build_config({"model": {"name": str(tmp_path / "model")},
                               "data": {"train": str(tmp_path / "train.jsonl"), "packing": True},
                               "output_dir": str(tmp_path / "out")}), progress=False)
+
+
+def test_linear_subclasses_that_compute_more_are_left_alone():
+    """Llama 4's router subclasses nn.Linear but returns top-k scores: all-linear skips it with a
+    warning naming it (Falcon's FalconLinear, a plain x Wᵀ + b, is wrapped), and naming it is refused."""
+    base = T.AutoModelForCausalLM.from_config(ARCHITECTURES["llama4"][0](), experts_implementation="eager")
+    with pytest.warns(UserWarning, match=r"skips 2 nn.Linear subclasses.*feed_forward.router \(Llama4Router\)"):
+        wrapped = [n for n, _ in lora_layers(get_lora_model(base, LoraConfig(r=2, target_modules="all-linear")))]
+    assert wrapped and not any("router" in n for n in wrapped)
+    base = T.AutoModelForCausalLM.from_config(ARCHITECTURES["llama4"][0](), experts_implementation="eager")
+    with pytest.raises(ValueError, match="Llama4Router, an nn.Linear whose forward computes more than"):
+        get_lora_model(base, LoraConfig(r=2, target_modules=["q_proj", "router"]))
+    falcon = T.AutoModelForCausalLM.from_config(T.FalconConfig(vocab_size=V, hidden_size=64, num_hidden_layers=1,
+                                                               num_attention_heads=4, new_decoder_architecture=True,
+                                                               num_kv_heads=2))
+    wrapped = dict(lora_layers(get_lora_model(falcon, LoraConfig(r=2, target_modules=["query_key_value"]))))
+    assert type(wrapped["transformer.h.0.self_attention.query_key_value"]).__name__ == "LoraFalconLinear"

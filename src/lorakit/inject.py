@@ -143,6 +143,14 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         raise ValueError(f"target_modules picks {bypassed[0]}, the output projection of a Mamba mixer, whose fused "
                          f"GPU kernel reads the weight directly, so an adapter there would be ignored; leave out "
                          f"'out_proj' (exclude_modules) or use 'all-linear', which skips these")
+    if spec != "all-linear":  # (all-linear left these out above)
+        modules = dict(candidates)
+        for n in names:
+            m = modules[n]
+            if isinstance(m, nn.Linear) and not computes_linear(m):
+                raise ValueError(f"module {n!r} is a {type(m).__name__}, an nn.Linear whose forward computes more "
+                                 f"than x Wᵀ + b (a router's scores, say), so LoRA cannot add to it; leave it out of "
+                                 f"target_modules")
     if config.layers_to_transform is not None:
         names = [n for n in names if layer_index(n, config.layers_pattern) in config.layers_to_transform]
     if not names:
@@ -189,10 +197,6 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             cls = lora_class_for(type(module))
-            if isinstance(module, nn.Linear) and not computes_linear(module):
-                raise ValueError(f"module {name!r} is a {type(module).__name__}, an nn.Linear whose forward computes "
-                                 f"more than x Wᵀ + b (a router's scores, say), so LoRA cannot add to it; leave it "
-                                 f"out of target_modules")
             if cls is None:
                 kinds = ", ".join(t.__name__ for t in SUPPORTED_TYPES)
                 raise ValueError(f"module {name!r} is a {type(module).__name__}; LoRA supports {kinds}")
