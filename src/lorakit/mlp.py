@@ -11,7 +11,6 @@ Under autocast the node runs on operands cast to the autocast dtype, as each unf
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -25,7 +24,7 @@ from lorakit.kernels.dequant import is_4bit
 from lorakit.kernels.mlp import lora_swiglu
 from lorakit.layers import _LinearLora, autocast_dtype
 from lorakit.models import is_checkpointing
-from lorakit.patch import patched_forward, same_code, unfused
+from lorakit.patch import forward_like, patched_forward, unfused
 
 _LAST = "_lorakit_last_mlp"  # on the model, inside fused_mlp: its last gated MLP
 _ROWS = "_lorakit_rows"  # on that MLP, inside mlp_rows: the token rows to compute
@@ -36,9 +35,7 @@ def is_gated_mlp(module: nn.Module) -> bool:
     (recognised by code, not name: look-alikes with multipliers, clamps, an inner norm or dropout
     keep their own), its ``act_fn`` is a SiLU, and its three projections are LoRA-wrapped."""
     act = getattr(module, "act_fn", None)
-    forward = getattr(type(module), "forward", None)
-    return (isinstance(forward, types.FunctionType) and same_code(forward, LlamaMLP.forward)
-            and type(act).__name__ in ("SiLU", "SiLUActivation")
+    return (forward_like(module, LlamaMLP) and type(act).__name__ in ("SiLU", "SiLUActivation")
             and all(isinstance(getattr(module, n, None), _LinearLora) for n in ("gate_proj", "up_proj", "down_proj")))
 
 

@@ -11,7 +11,6 @@ autograd's "copy" is x itself, so there the module's own forward runs (it is ~2%
 
 from __future__ import annotations
 
-import types
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -20,16 +19,14 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from lorakit.kernels.norm import rms_norm
-from lorakit.patch import patched_forward, same_code, unfused
+from lorakit.patch import forward_like, patched_forward, unfused
 
 
 def is_llama_rms_norm(module: nn.Module) -> bool:
     """A module computing Llama's RMSNorm: its class's forward has the same code, and it holds a
     (H,) ``weight`` and a float ``variance_epsilon``."""
-    forward = getattr(type(module), "forward", None)
     weight = getattr(module, "weight", None)
-    return (isinstance(forward, types.FunctionType) and same_code(forward, LlamaRMSNorm.forward)
-            and isinstance(weight, torch.Tensor) and weight.dim() == 1
+    return (forward_like(module, LlamaRMSNorm) and isinstance(weight, torch.Tensor) and weight.dim() == 1
             and isinstance(getattr(module, "variance_epsilon", None), float))
 
 

@@ -12,10 +12,14 @@ from torch import nn
 _SAVED = "_lorakit_unfused"  # the forward a patched module had before (its fused forward may call it)
 
 
-def same_code(f: types.FunctionType, g: types.FunctionType) -> bool:
-    """Whether two functions compile to the same bytecode, constants and names: a model's module
-    that computes what a known transformers module computes (modular transformers copies code)."""
-    a, b = f.__code__, g.__code__
+def forward_like(module: nn.Module, reference: type[nn.Module]) -> bool:
+    """Whether ``module``'s class has a forward compiled to the same bytecode, constants and names
+    as ``reference.forward``: a model's module that computes what a known transformers module
+    computes (modular transformers copies code), whatever its name."""
+    forward = getattr(type(module), "forward", None)
+    if not isinstance(forward, types.FunctionType):
+        return False
+    a, b = forward.__code__, reference.forward.__code__
     return (a.co_code, a.co_consts, a.co_names, a.co_varnames) == (b.co_code, b.co_consts, b.co_names, b.co_varnames)
 
 
