@@ -157,3 +157,28 @@ def submit_and_wait(engine, work: list[tuple[list[int], str | None, int]]) -> li
         assert done.acquire(timeout=60)
     assert not errors, errors[0]
     return [r.generated for r in requests]
+
+
+class NumberTokenizer:
+    """What the serving engine needs of a tokenizer, for greedy runs of random models: no EOS (every
+    request runs to its length), ids decoded as numbers."""
+
+    eos_token_id, pad_token_id = None, 0
+
+    def decode(self, ids: list[int], **_: object) -> str:
+        return " ".join(map(str, ids))
+
+
+def serve_greedy(base, pool, work: list[tuple[list[int], str | None]], new_tokens: int = 8,
+                 max_batch: int = 4) -> list[list[int]]:
+    """Run ``work`` (prompt ids, adapter or None) through a serving engine on ``base`` with ``pool``,
+    all submitted at once (with max_batch < len(work) some wait, then join the running batch), and
+    return each request's greedy tokens."""
+    from lorakit.engine import Engine
+
+    engine = Engine(base, NumberTokenizer(), pool, max_batch=max_batch).start()
+    engine.eos = set()
+    try:
+        return submit_and_wait(engine, [(ids, adapter, new_tokens) for ids, adapter in work])
+    finally:
+        engine.stop()

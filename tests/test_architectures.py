@@ -279,9 +279,8 @@ def test_serving_engine_decodes_each_family_like_generate(name, tmp_path):
     import copy
     import warnings
 
-    from conftest import randomize_adapters, submit_and_wait
+    from conftest import randomize_adapters, serve_greedy
     from lorakit import load_adapter, save_adapter
-    from lorakit.engine import Engine
     from lorakit.pool import AdapterPool
 
     torch.manual_seed(0)
@@ -305,18 +304,7 @@ def test_serving_engine_decodes_each_family_like_generate(name, tmp_path):
         out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
         expected.append(out[0, len(ids):].tolist())
 
-    class Tokenizer:
-        eos_token_id, pad_token_id = None, 0
-
-        def decode(self, ids: list[int], **_: object) -> str:
-            return " ".join(map(str, ids))
-
-    engine = Engine(base, Tokenizer(), pool, max_batch=4).start()  # 6 requests: some wait, then join
-    engine.eos = set()
-    try:
-        assert submit_and_wait(engine, [(ids, adapter, 8) for ids, adapter in work]) == expected
-    finally:
-        engine.stop()
+    assert serve_greedy(base, pool, work) == expected
 
 
 @pytest.mark.parametrize("name", MIXERS)

@@ -27,7 +27,7 @@ def test_defaults_are_peft_defaults():
 
     ours, theirs = LoraConfig(), peft.LoraConfig()
     for name in ("r", "lora_alpha", "lora_dropout", "bias", "fan_in_fan_out", "init_lora_weights",
-                 "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
+                 "use_rslora", "use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform", "modules_to_save"):
         assert getattr(ours, name) == getattr(theirs, name), name
 
 
@@ -41,8 +41,9 @@ def test_scaling_and_patterns():
 
 
 def test_from_dict_refuses_unsupported_peft_features():
-    with pytest.raises(ValueError, match="use_dora"):
-        LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "use_dora": True})
+    with pytest.raises(ValueError, match="use_qalora"):
+        LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "use_qalora": True})
+    assert LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "use_dora": True}).use_dora
     with pytest.raises(ValueError, match="peft_type"):
         LoraConfig.from_dict({"peft_type": "IA3"})
     cfg = LoraConfig.from_dict({"peft_type": "LORA", "r": 4, "megatron_core": "x", "rank_pattern": None})

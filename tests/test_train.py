@@ -19,6 +19,7 @@ import lorakit
 import lorakit.optim
 from conftest import write_jsonl
 from lorakit.checkpoint import complete_checkpoints
+from lorakit.io import adapter_state_dict
 from lorakit.kernels import gemm
 from lorakit.train import Trainer, TrainingError, train
 from lorakit.train_config import ConfigError, build_config, load_config
@@ -138,6 +139,35 @@ def test_padding_free_with_a_shared_prefix_trains_like_padded_batches(run_config
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=0)
     with pytest.raises(ConfigError, match="padding_free must be auto, true or false"):
         build_config(run_config(data={"padding_free": "sometimes"}))
+
+
+def test_dora_run_resumes_exactly_and_its_adapter_loads_in_peft(run_config, tiny_model_dir):
+    """``lora.use_dora``: the magnitudes train, go into the checkpoints (a run resumed from one ends
+    with the same adapter, bit for bit) and into the adapter file, which PEFT loads to our outputs."""
+    import shutil
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    cfg = run_config(lora={"use_dora": True, "lora_dropout": 0.0}, train={"epochs": 1, "save_steps": 2},
+                     eval={"steps": 0})
+    whole = train(cfg, progress=False)
+    final = adapter_tensors(whole.output_dir)
+    magnitudes = [k for k in final if k.endswith(".lora_magnitude_vector")]
+    assert len(magnitudes) == sum(k.endswith(".lora_A.weight") for k in final) > 0
+    shutil.rmtree(complete_checkpoints(whole.output_dir / "checkpoints")[-1])
+    resumed = train(cfg, progress=False)
+    assert resumed.steps == whole.steps == 6 and resumed.resumed_from == 4
+    assert_identical(adapter_tensors(resumed.output_dir), final)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    fresh = lorakit.get_lora_model(copy.deepcopy(base), lorakit.LoraConfig(r=4, target_modules="all-linear", use_dora=True))
+    assert any(not torch.equal(final[k], v) for k, v in adapter_state_dict(fresh)[0].items() if k in magnitudes)
+    ids = torch.randint(0, 1000, (2, 12))
+    ours = lorakit.load_adapter(copy.deepcopy(base), whole.output_dir)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), whole.output_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)
 
 
 def _run_cli(config_path, *extra):

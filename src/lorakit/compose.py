@@ -47,6 +47,10 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], method: str
     if new_name in configs:
         raise ValueError(f"adapter {new_name!r} already exists; pick another new_name")
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.r for a in weights)]
+    dora = sorted({a for _, layer in layers for a in weights if layer.is_dora(a)})
+    if dora:
+        raise ValueError(f"adapter {dora[0]!r} is a DoRA adapter: its magnitudes do not add up like B A does, so "
+                         f"combine_adapters takes LoRA adapters only")
     odd = [n for n, layer in layers if not isinstance(layer, _LinearLora)]
     if odd:
         kind = type(dict(layers)[odd[0]]).__name__

@@ -35,7 +35,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 # Fields of PEFT's LoraConfig that select features lorakit does not implement: loading a config
 # that turns one on must fail loudly, not silently train or serve something else.
 UNSUPPORTED_WHEN_SET: dict[str, Any] = {
-    "use_dora": False,
     "lora_bias": False,
     "layer_replication": None,
     "target_parameters": None,
@@ -64,6 +63,9 @@ class LoraConfig:
         init_lora_weights: ``True`` (A kaiming-uniform, B zero: the adapter starts as a no-op),
             ``"gaussian"`` (A ~ N(0, 1/r²), B zero) or ``False`` (both random: for tests only).
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
+        use_dora: weight-decomposed LoRA (DoRA) on linear layers: the adapted weight's rows are
+            rescaled to a trained magnitude, ``W' = m ⊙ (W + s B A) / ‖W + s B A‖_row`` with ``m``
+            (out,) starting at ``‖W‖_row`` (see ``lorakit.dora``).
         layers_to_transform: only wrap modules inside these layer indices.
         layers_pattern: name of the layer list (``"layers"``, ``"h"``...) used with ``layers_to_transform``.
         rank_pattern: ``{regex: rank}`` overriding ``r`` for modules whose name matches.
@@ -81,6 +83,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     init_lora_weights: bool | Literal["gaussian"] = True
     use_rslora: bool = False
+    use_dora: bool = False
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
     rank_pattern: dict[str, int] = field(default_factory=dict)
@@ -116,6 +119,8 @@ class LoraConfig:
             raise ValueError(
                 f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
             )
+        if not isinstance(self.use_dora, bool):
+            raise ValueError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError("LoraConfig.layers_pattern is only used together with layers_to_transform")
         for name, rank in self.rank_pattern.items():

@@ -19,7 +19,14 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
-from lorakit.layers import SUPPORTED_TYPES, LoraLayer, computes_linear, lora_class_for, lora_layers
+from lorakit.layers import (
+    SUPPORTED_TYPES,
+    LoraLayer,
+    _LinearLora,
+    computes_linear,
+    lora_class_for,
+    lora_layers,
+)
 from lorakit.models import is_state_space
 from lorakit.saved import ModulesToSave, saved_modules
 
@@ -190,6 +197,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
     targets = resolve_targets(model, config)
+    if config.use_dora:
+        _check_dora_targets(model, targets)
     if not configs:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -204,7 +213,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
             replace_module(model, name, module)
         rank, alpha = config.rank_for(name), config.alpha_for(name)
         module.update_layer(adapter_name, rank, alpha, config.scaling(rank, alpha),
-                            config.lora_dropout, config.init_lora_weights)
+                            config.lora_dropout, config.init_lora_weights, config.use_dora)
         for p in module.adapter_parameters(adapter_name):
             p.requires_grad_(trainable)
     for name, module in list(base_modules(model)):
@@ -224,6 +233,21 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
                 bias.requires_grad_(True)
     configs[adapter_name] = config
     return targets
+
+
+def _check_dora_targets(model: nn.Module, targets: list[str]) -> None:
+    """DoRA runs on linear layers (``nn.Linear``, GPT-2 ``Conv1D``, a 4-bit base): refuse any other
+    target before anything is wrapped."""
+    for name in targets:
+        module = model.get_submodule(name)
+        cls = type(module) if isinstance(module, LoraLayer) else lora_class_for(type(module))
+        if cls is None or not issubclass(cls, _LinearLora):
+            raise ValueError(f"use_dora: module {name!r} is a {type(module).__name__}, and DoRA is implemented for "
+                             f"linear layers only; leave it out of target_modules (or exclude_modules) or set "
+                             f"use_dora false")
+        if type(module.weight).__name__ == "Int8Params":
+            raise ValueError(f"use_dora: module {name!r} is 8-bit quantized, and DoRA is not supported on an 8-bit "
+                             f"base; quantize to 4-bit (NF4) or set use_dora false")
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:

@@ -1,7 +1,8 @@
 """Adapters on disk in PEFT's format: ``adapter_config.json`` + ``adapter_model.safetensors``.
 
 Keys are PEFT's: ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (adapter name
-stripped), ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings, ``<module>.base_layer.bias`` for
+stripped), ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings, ``lora_magnitude_vector`` for
+DoRA's magnitudes, ``<module>.base_layer.bias`` for
 trained biases of wrapped layers, and ``<module>.<param>`` for ``modules_to_save`` copies. So an
 adapter saved here loads with ``peft.PeftModel.from_pretrained`` (and vLLM), and PEFT's load here.
 Only safetensors are read: pickle files can run code and are refused.
@@ -68,6 +69,8 @@ def adapter_state_dict(
             else:
                 keys[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
                 keys[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
+                if module.is_dora(adapter_name):
+                    keys[f"{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
         if isinstance(module, ModulesToSave):
             if adapter_name in module.modules_to_save:
                 for pname, p in module.modules_to_save[adapter_name].named_parameters():

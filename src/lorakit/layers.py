@@ -15,6 +15,8 @@ object of the original class: merged export leaves no wrapper behind.
 
 Adapters live in ``nn.ModuleDict``s keyed by adapter name, with PEFT's in-memory names
 (``lora_A.<name>.weight``, ``lora_B.<name>.weight``; ``lora_embedding_A.<name>`` for embeddings).
+A DoRA adapter on a linear layer adds its magnitude ``lora_magnitude_vector.<name>`` (out,) and
+rescales the layer's rows (``lorakit.dora``).
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit import rows
+from lorakit import dora, rows
 from lorakit.kernels.cast import cast_frozen
-from lorakit.kernels.dequant import is_4bit, runs_dequantized
+from lorakit.kernels.dequant import float_weight, is_4bit, runs_dequantized
 from lorakit.kernels.gemm import linear, uses_onednn
 from lorakit.kernels.lora import fused_lora_linear, lora_linear
 
@@ -37,8 +39,10 @@ from lorakit.kernels.lora import fused_lora_linear, lora_linear
 # False runs the plain composition of base forward + LoRA term (the reference path).
 FUSED_LINEAR = True
 # Attributes a LoRA layer adds to its base; removed again by `to_base`.
-_LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_router")
-_LORA_ATTRS = ("r", "lora_alpha", "scaling", "active_adapters", "merged_adapters", "adapters_disabled")
+_LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_router",
+                 "lora_magnitude_vector")
+_LORA_ATTRS = ("r", "lora_alpha", "scaling", "active_adapters", "merged_adapters", "adapters_disabled",
+               "dora_norms")
 
 
 def adopt(cls: type, base: nn.Module) -> Any:
@@ -100,9 +104,11 @@ class LoraLayer:
         return plain
 
     def update_layer(
-        self, name: str, r: int, alpha: float, scaling: float, dropout: float, init: bool | str
+        self, name: str, r: int, alpha: float, scaling: float, dropout: float, init: bool | str,
+        use_dora: bool = False,
     ) -> None:
-        """Add (or replace) adapter ``name`` of rank ``r``, on the base weight's device."""
+        """Add (or replace) adapter ``name`` of rank ``r``, on the base weight's device; with
+        ``use_dora``, a DoRA adapter (linear layers only)."""
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._make_adapter(name, r)
@@ -112,7 +118,21 @@ class LoraLayer:
         device = weight.device if weight.device.type != "meta" else None
         for container in self._adapter_containers():
             if name in container:
-                container[name].to(device=device, dtype=_adapter_dtype(weight))
+                item = container[name]
+                if isinstance(item, nn.Parameter):  # Parameter.to returns a copy: put the moved one in its place
+                    container[name] = nn.Parameter(item.detach().to(device=device, dtype=_adapter_dtype(weight)))
+                else:
+                    item.to(device=device, dtype=_adapter_dtype(weight))
+        if use_dora:
+            self._make_magnitude(name)
+
+    def _make_magnitude(self, name: str) -> None:
+        raise ValueError(f"DoRA is implemented for linear layers only, not {type(self).__name__}")
+
+    def is_dora(self, name: str) -> bool:
+        """Whether adapter ``name`` of this layer is a DoRA adapter."""
+        magnitudes = self._modules.get("lora_magnitude_vector")
+        return magnitudes is not None and name in magnitudes
 
     def remove_adapter(self, name: str) -> None:
         for container in (*self._adapter_containers(), self.lora_dropout):
@@ -157,13 +177,18 @@ class LoraLayer:
         """``s · B A`` shaped like the base weight, in the adapter's dtype."""
         raise NotImplementedError
 
-    def _rows_term(self, x: torch.Tensor, rows: list[str | None]) -> torch.Tensor:
-        """LoRA term for a batch whose row b uses adapter ``rows[b]`` (None: none), grouping rows by
-        adapter; linear layers override this with a gathered kernel."""
+    def _adapter_term(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to ``result``, the layer's output so far for ``x``: the LoRA
+        term (a DoRA adapter's also reads ``result``, see ``_LinearLora``)."""
+        return self._lora_term(name, x)
+
+    def _rows_term(self, x: torch.Tensor, rows: list[str | None], result: torch.Tensor) -> torch.Tensor:
+        """The update for a batch whose row b uses adapter ``rows[b]`` (None: none), grouping rows by
+        adapter (``result``: the base output); linear layers override this with a gathered kernel."""
         out = None
         for name in {r for r in rows if r is not None and r in self.r}:
             idx = torch.tensor([i for i, r in enumerate(rows) if r == name], device=x.device)
-            term = self._lora_term(name, x.index_select(0, idx))
+            term = self._adapter_term(name, x.index_select(0, idx), result.index_select(0, idx))
             out = torch.zeros(x.shape[0], *term.shape[1:], dtype=term.dtype, device=x.device) if out is None else out
             out.index_add_(0, idx, term)
         return out if out is not None else torch.zeros((), dtype=x.dtype, device=x.device)
@@ -172,6 +197,10 @@ class LoraLayer:
         """A mixed batch's updates added into ``result`` in place by a fused kernel, or None where
         none applies (then ``_rows_term`` runs)."""
         return None
+
+    def merge_preview(self, name: str) -> torch.Tensor:
+        """The base weight with adapter ``name`` merged, computed out of place in fp32 (for checks)."""
+        return self.base_weight.float() + self.delta_weight(name).float()
 
     def merge_adapter(self, name: str) -> None:
         """W ← W + s · B A (quantized layers override this)."""
@@ -203,12 +232,12 @@ class LoraLayer:
             if len(rows) != x.shape[0]:
                 raise ValueError(f"adapter_batch got {len(rows)} adapter ids for a batch of {x.shape[0]} rows")
             added = self._rows_add_(result, x)
-            return added if added is not None else _add(result, self._rows_term(x, rows))
+            return added if added is not None else _add(result, self._rows_term(x, rows, result))
         if "router_adapters" in self.__dict__:  # a learned router weighs the adapters per token
             return result + self._routed_term(x).to(result.dtype)
         for name in self.active_adapters:
             if name in self.r and name not in self.merged_adapters:
-                result = _add(result, self._lora_term(name, x))
+                result = _add(result, self._adapter_term(name, x, result))
         return result
 
     def _routed_term(self, x: torch.Tensor) -> torch.Tensor:
@@ -296,7 +325,7 @@ class _LinearLora(LoraLayer):
                 return None
         else:
             live = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
-        if len(live) != 1 or not x.is_floating_point():
+        if len(live) != 1 or not x.is_floating_point() or self.is_dora(live[0]):
             return None
         if cast is not None:
             return live[0]
@@ -344,12 +373,108 @@ class _LinearLora(LoraLayer):
 
     def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        return lora_linear(x.to(a.dtype), a, b, self.scaling[name], self._dropout_p(name))
+
+    def _dropout_p(self, name: str) -> float:
         dropout = self.lora_dropout[name]
-        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-        return lora_linear(x.to(a.dtype), a, b, self.scaling[name], p)
+        return dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
 
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
+
+    # -- DoRA (lorakit.dora) ----------------------------------------------------------------------------
+
+    def _adapter_containers(self) -> tuple[nn.Module, ...]:
+        magnitudes = self._modules.get("lora_magnitude_vector")
+        return (self.lora_A, self.lora_B) if magnitudes is None else (self.lora_A, self.lora_B, magnitudes)
+
+    def _out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """A weight in this layer's storage layout, viewed as (out, in)."""
+        return weight if issubclass(self.base_class, nn.Linear) else weight.T
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight W as it computes, (out, in) in ``dtype`` (a 4-bit one dequantized)."""
+        return self._out_in(float_weight(self.weight, dtype)).to(dtype)  # type: ignore[attr-defined]
+
+    def _make_magnitude(self, name: str) -> None:
+        """m = ‖W + s B A‖_row (out,): the adapted weight starts as the base's (W' = W for B = 0)."""
+        if type(self.weight).__name__ == "Int8Params":  # type: ignore[attr-defined]
+            raise ValueError("DoRA on an 8-bit base is not supported; use a 4-bit (NF4) or unquantized base")
+        if "lora_magnitude_vector" not in self._modules:
+            self.lora_magnitude_vector = nn.ParameterDict()
+        a = self.lora_A[name].weight
+        if self.weight.is_meta:  # type: ignore[attr-defined]  # filled in when the adapter is loaded
+            magnitude = torch.ones(self.out_features, dtype=a.dtype, device=a.device)
+        else:
+            delta = self._out_in(self.delta_weight(name))
+            magnitude = dora.weight_norm(self.dense_weight(delta.dtype), delta)
+        self.lora_magnitude_vector[name] = nn.Parameter(magnitude)
+
+    def _adapter_term(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """A DoRA adapter's term (g − 1) ⊙ x Wᵀ + g ⊙ s x Aᵀ Bᵀ with g = m / ‖W + s B A‖_row, its
+        x Wᵀ read from ``result`` less the bias (PEFT's convention: with several active adapters,
+        the earlier ones' terms included); under dropout from dropout(x) Wᵀ. A LoRA adapter's term
+        otherwise."""
+        if not self.is_dora(name):
+            return self._lora_term(name, x)
+        a, b = self.lora_A[name].weight, self.lora_B[name].weight
+        magnitude = self.lora_magnitude_vector[name]
+        weight = self.dense_weight(a.dtype)
+        scale = magnitude / dora.weight_norm(weight, self._out_in(self.delta_weight(name)).detach())
+        x, p = x.to(a.dtype), self._dropout_p(name)
+        if p > 0:
+            x = F.dropout(x, p, training=True)
+            base = F.linear(x, weight)
+        else:
+            bias = self.bias  # type: ignore[attr-defined]
+            base = (result if bias is None else result - bias).to(a.dtype)
+        return dora.term(base, lora_linear(x, a, b, self.scaling[name], 0.0), scale)
+
+    def _unmerged_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight (out, in) with the merged adapters taken out again, last merged first."""
+        weight = self.dense_weight(dtype).clone()
+        for name in reversed(self.merged_adapters):
+            delta = self._out_in(self.delta_weight(name)).to(dtype)
+            weight = (dora.unmerge(weight, delta, self.lora_magnitude_vector[name], self.dora_norms[name])
+                      if self.is_dora(name) else weight - delta)
+        return weight
+
+    def merged_weight(self, weight: torch.Tensor, name: str, unmerged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``weight`` (out, in) with adapter ``name`` merged: W + ΔW, or for DoRA (m / n) ⊙ (W + ΔW)
+        with n = ‖unmerged + ΔW‖_row of the base weight without merged adapters; and that n (None
+        for LoRA)."""
+        delta = self._out_in(self.delta_weight(name)).to(weight.dtype)
+        if not self.is_dora(name):
+            return weight + delta, None
+        norm = dora.weight_norm(unmerged, delta)
+        return dora.merge(weight, delta, self.lora_magnitude_vector[name].to(weight.dtype), norm), norm
+
+    def merge_preview(self, name: str) -> torch.Tensor:
+        if not self.is_dora(name):
+            return LoraLayer.merge_preview(self, name)
+        unmerged = self._unmerged_weight(torch.float32)
+        return self.merged_weight(self.dense_weight(torch.float32), name, unmerged)[0]
+
+    def merge_adapter(self, name: str) -> None:
+        if not self.is_dora(name):
+            return LoraLayer.merge_adapter(self, name)
+        with torch.no_grad():
+            dtype = self.lora_A[name].weight.dtype
+            merged, norm = self.merged_weight(self.dense_weight(dtype), name, self._unmerged_weight(dtype))
+            self._out_in(self.weight).copy_(merged)  # type: ignore[attr-defined]
+        self.__dict__.setdefault("dora_norms", {})[name] = norm
+        self.merged_adapters.append(name)
+
+    def unmerge_adapter(self, name: str) -> None:
+        if not self.is_dora(name):
+            return LoraLayer.unmerge_adapter(self, name)
+        with torch.no_grad():
+            dtype = self.lora_A[name].weight.dtype
+            delta = self._out_in(self.delta_weight(name)).to(dtype)
+            norm = self.__dict__["dora_norms"].pop(name)
+            weight = dora.unmerge(self.dense_weight(dtype), delta, self.lora_magnitude_vector[name], norm)
+            self._out_in(self.weight).copy_(weight)  # type: ignore[attr-defined]
+        self.merged_adapters.remove(name)
 
     # -- mixed batches (lorakit.rows) ----------------------------------------------------------------
 
@@ -362,10 +487,17 @@ class _LinearLora(LoraLayer):
         return rows.group_stacks(self, plan, a, b)
 
     def _rows_add_(self, result: torch.Tensor, x: torch.Tensor) -> torch.Tensor | None:
+        if self._has_dora(self.__dict__["row_adapters"]):
+            return None
         return rows.linear_rows_add_(self, result, x)
 
-    def _rows_term(self, x: torch.Tensor, names: list[str | None]) -> torch.Tensor:
+    def _rows_term(self, x: torch.Tensor, names: list[str | None], result: torch.Tensor) -> torch.Tensor:
+        if self._has_dora(names):  # DoRA rows read the base output: each adapter's rows on their own
+            return LoraLayer._rows_term(self, x, names, result)
         return rows.linear_rows_term(self, x)
+
+    def _has_dora(self, names: list[str | None]) -> bool:
+        return "lora_magnitude_vector" in self._modules and any(self.is_dora(n) for n in set(names) if n)
 
 
 class LoraLinear(_LinearLora, nn.Linear):

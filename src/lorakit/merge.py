@@ -47,7 +47,7 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None, *, safe_
         for module_name, layer in layers:
             for name in names:
                 if name in layer.r and name not in layer.merged_adapters:
-                    merged = layer.base_weight.float() + layer.delta_weight(name).float()
+                    merged = layer.merge_preview(name)
                     if not torch.isfinite(merged).all():
                         raise ValueError(
                             f"merging adapter {name!r} into {module_name} gives NaN/Inf weights; the adapter "

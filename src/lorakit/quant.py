@@ -133,11 +133,13 @@ def _state_bytes(state: Any) -> int:
 
 
 def unload_quantized(layer: LoraLayer, adapter_names: list[str]) -> nn.Linear:
-    """A plain ``nn.Linear`` with dequantize(W) + Σ s·BA: how a QLoRA layer is merged."""
+    """A plain ``nn.Linear`` with the adapters merged into dequantize(W) (W + Σ s·BA, DoRA's
+    rows rescaled): how a QLoRA layer is merged."""
     weight = dequantized_weight(layer)
+    unmerged = weight.clone()
     for name in adapter_names:
         if name in layer.r:
-            weight = weight + layer.delta_weight(name).float()
+            weight = layer.merged_weight(weight, name, unmerged)[0]
     out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=weight.device)
     with torch.no_grad():
         out.weight.copy_(weight)

@@ -42,6 +42,10 @@ def add_router(model: nn.Module, adapters: list[str]) -> list[str]:
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.r for a in adapters)]
     if not layers:
         raise RouterError(f"no LoRA layer holds any of {adapters}; load the adapters first")
+    dora = sorted({a for _, layer in layers for a in adapters if layer.is_dora(a)})
+    if dora:
+        raise RouterError(f"adapter {dora[0]!r} is a DoRA adapter; the router mixes LoRA adapters only "
+                          f"(merge it into the base first, or route plain LoRA adapters)")
     for p in model.parameters():
         p.requires_grad_(False)
     for _, layer in layers:

@@ -1,0 +1,265 @@
+"""DoRA (``use_dora``): the layer against float64 maths and PEFT, training, files both ways,
+merging, QLoRA and mixed-adapter batches."""
+
+from __future__ import annotations
+
+import copy
+
+import peft
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers.pytorch_utils import Conv1D
+
+import lorakit
+import lorakit.layers
+from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
+from lorakit import LoraConfig, get_lora_model
+from lorakit.batch import adapter_batch
+from lorakit.inject import add_adapter, set_adapter
+from lorakit.io import adapter_state_dict, load_adapter, save_adapter
+from lorakit.layers import LoraLinear, lora_layers
+from lorakit.merge import merge, merge_and_unload, unmerge
+
+TOKENS = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(7))
+MODELS = {"llama": (tiny_llama, dict(target_modules="all-linear")),
+          "gpt2": (tiny_gpt2, dict(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True))}
+
+
+def _dora(model, name="default", seed=1, **kwargs):
+    """Add DoRA adapter ``name`` and make it the active one: random A, B and magnitudes 0.8-1.2× the
+    rows' norms (so every part acts)."""
+    config = LoraConfig(r=4, lora_alpha=8, use_dora=True, init_lora_weights=False, **kwargs)
+    add_adapter(model, config, name)
+    set_adapter(model, name)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lora_layers(model):
+            if layer.is_dora(name):
+                for p in (layer.lora_A[name].weight, layer.lora_B[name].weight):
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
+                m = layer.lora_magnitude_vector[name]
+                m.mul_(0.8 + 0.4 * torch.rand(m.shape, generator=g, dtype=m.dtype))
+    return model
+
+
+def _reference(layer, name, x):
+    """y = x W'ᵀ + b with W' = m ⊙ (W + s B A) / ‖W + s B A‖_row, in float64 from the definition."""
+    w = layer.weight.double() if isinstance(layer, torch.nn.Linear) else layer.weight.double().T
+    v = w + layer.scaling[name] * layer.lora_B[name].weight.double() @ layer.lora_A[name].weight.double()
+    w_adapted = layer.lora_magnitude_vector[name].double()[:, None] * v / v.norm(dim=1, keepdim=True)
+    bias = layer.bias.double() if layer.bias is not None else None
+    return F.linear(x.double(), w_adapted, bias)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def test_layer_equals_the_definition(kind):
+    torch.manual_seed(0)
+    base = torch.nn.Linear(12, 10) if kind == "linear" else Conv1D(10, 12)
+    model = _dora(torch.nn.Sequential(base.double()), target_modules=["0"], fan_in_fan_out=kind == "conv1d")
+    layer = model[0]
+    x = torch.randn(3, 5, 12, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), _reference(layer, "default", x), rtol=1e-12, atol=1e-12)
+    # the magnitude starts at the adapted rows' norms: a fresh adapter (B = 0) leaves the layer as it was
+    fresh = get_lora_model(copy.deepcopy(torch.nn.Sequential(base.double())),
+                           LoraConfig(r=4, target_modules=["0"], use_dora=True))
+    torch.testing.assert_close(fresh(x), base.double()(x), rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_is_applied_to_the_adapters_input_only():
+    """Under dropout d(x): y = x Wᵀ + b + (g − 1) ⊙ d(x) Wᵀ + g ⊙ s d(x) Aᵀ Bᵀ (PEFT's convention)."""
+    torch.manual_seed(0)
+    model = _dora(torch.nn.Sequential(torch.nn.Linear(12, 10).double()), target_modules=["0"], lora_dropout=0.3)
+    layer = model.train()[0]
+    x = torch.randn(4, 12, dtype=torch.float64)
+    torch.manual_seed(5)
+    out = layer(x)
+    torch.manual_seed(5)
+    dx = F.dropout(x, 0.3, training=True)
+    a, b, m, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"], 2.0
+    g = m / (layer.weight + s * b @ a).norm(dim=1)
+    expected = F.linear(x, layer.weight, layer.bias) + (g - 1) * (dx @ layer.weight.T) + g * s * (dx @ a.T @ b.T)
+    torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
+
+
+def _peft_pair(model_name):
+    builder, kwargs = MODELS[model_name]
+    base = builder().double()
+    ours = _dora(copy.deepcopy(base), **kwargs)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, **kwargs))
+    params, _ = adapter_state_dict(ours)
+    result = peft.set_peft_model_state_dict(theirs, {k: v.detach() for k, v in params.items()})
+    assert not result.unexpected_keys
+    return base, ours, theirs
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_outputs_and_gradients_equal_peft(model_name):
+    _, ours, theirs = _peft_pair(model_name)
+    ours.eval(), theirs.eval()  # (GPT-2's own dropout off; gradients flow all the same)
+    loss_ours, loss_theirs = ours(TOKENS, labels=TOKENS).loss, theirs(TOKENS, labels=TOKENS).loss
+    torch.testing.assert_close(loss_ours, loss_theirs, rtol=1e-12, atol=0)
+    loss_ours.backward(), loss_theirs.backward()
+    mine = {k: p.grad for k, p in ours.named_parameters() if p.requires_grad}
+    peft_grads = {k.removeprefix("base_model.model.").replace("lora_magnitude_vector.default.weight",
+                                                              "lora_magnitude_vector.default"): p.grad
+                  for k, p in theirs.named_parameters() if p.requires_grad}
+    assert mine.keys() == peft_grads.keys() and any("magnitude" in k for k in mine)
+    for key, grad in mine.items():
+        torch.testing.assert_close(grad, peft_grads[key], rtol=1e-10, atol=1e-12, msg=key)
+
+
+def test_files_load_both_ways_with_peft(tmp_path):
+    base, ours, theirs = _peft_pair("llama")
+    with torch.no_grad():
+        expected = ours(TOKENS).logits
+    save_adapter(ours, tmp_path / "ours")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "ours")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(TOKENS).logits, expected, rtol=1e-12, atol=1e-12)
+    theirs.save_pretrained(tmp_path / "theirs")
+    back = load_adapter(copy.deepcopy(base), tmp_path / "theirs")
+    set_adapter(back, "default")
+    assert all(layer.is_dora("default") for _, layer in lora_layers(back))
+    with torch.no_grad():
+        torch.testing.assert_close(back(TOKENS).logits, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_merge_unmerge_and_export_keep_the_outputs(model_name):
+    _, ours, theirs = _peft_pair(model_name)
+    _dora(ours, "second", seed=2, **MODELS[model_name][1])
+    add_adapter(ours, LoraConfig(r=2, target_modules=MODELS[model_name][1]["target_modules"], init_lora_weights=False,
+                                 fan_in_fan_out=model_name == "gpt2"), "plain")
+    weights = {k: v.clone() for k, v in ours.state_dict().items() if "lora" not in k}
+    with torch.no_grad():
+        for names in (["default"], ["plain", "default"], ["default", "second"]):
+            set_adapter(ours, names)
+            expected = ours(TOKENS).logits
+            merge(ours, names, safe_merge=True)
+            assert all(layer.merged_adapters == names for _, layer in lora_layers(ours))
+            torch.testing.assert_close(ours(TOKENS).logits, expected, rtol=1e-10, atol=1e-10)
+            unmerge(ours)
+            for k, v in ours.state_dict().items():
+                if "lora" not in k:
+                    torch.testing.assert_close(v, weights[k], rtol=0, atol=1e-12, msg=k)
+        set_adapter(ours, "default")
+        expected = ours(TOKENS).logits
+        merged = merge_and_unload(ours)
+        assert not any(isinstance(m, lorakit.layers.LoraLayer) for m in merged.modules())
+        torch.testing.assert_close(merged(TOKENS).logits, expected, rtol=1e-10, atol=1e-10)
+        peft_merged = theirs.merge_and_unload()
+        for k, v in merged.state_dict().items():
+            torch.testing.assert_close(v, peft_merged.state_dict()[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_fast_training_paths_step_aside_for_dora(monkeypatch):
+    """The trainer's fused LoRA-linear and SwiGLU nodes do not apply to DoRA layers: with them on,
+    the loss and gradients are the unfused composition's."""
+    from lorakit.train import fast_paths
+
+    model = _dora(tiny_llama().double(), target_modules="all-linear").train()
+    grads = []
+    for fused in (False, True):
+        monkeypatch.setattr(lorakit.layers, "FUSED_LINEAR", fused)
+        with fast_paths(model, padding_free=False, bf16=False, device=torch.device("cpu")):
+            model(TOKENS, labels=TOKENS).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+        model.zero_grad(set_to_none=True)
+    for key, grad in grads[1].items():
+        torch.testing.assert_close(grad, grads[0][key], rtol=1e-12, atol=1e-14, msg=key)
+
+
+def test_mixed_batch_rows_get_their_own_adapter():
+    """A batch whose rows use a DoRA adapter, a LoRA adapter and none: each row's logits are those
+    of the model with that adapter alone."""
+    model = _dora(tiny_llama().double(), "d", target_modules="all-linear")
+    add_adapter(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), "l")
+    ids = ["d", "l", None, "d"]
+    tokens = torch.randint(0, 128, (4, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad(), adapter_batch(model, ids):
+        mixed = model(tokens).logits
+    for row, name in enumerate(ids):
+        with torch.no_grad():
+            if name is None:
+                with lorakit.disable_adapter(model):
+                    alone = model(tokens[row:row + 1]).logits
+            else:
+                set_adapter(model, name)
+                alone = model(tokens[row:row + 1]).logits
+        torch.testing.assert_close(mixed[row:row + 1], alone, rtol=1e-10, atol=1e-10)
+
+
+def test_qlora_dora_merges_into_the_dequantized_weights():
+    pytest.importorskip("bitsandbytes")
+    from lorakit.quant import dequantized_weight, quantize_model
+
+    model = tiny_llama()
+    quantize_model(model, "nf4")
+    _dora(model, target_modules=["q_proj", "down_proj"])
+    layers = dict(lora_layers(model))
+    x = torch.randn(2, 5, 32)
+    layer = layers["model.layers.0.self_attn.q_proj"]
+    dense = dequantized_weight(layer)
+    # the magnitude started at the dequantized rows' norms (A and B were random then, so reset them here)
+    w = layer.lora_A["default"].weight
+    v = dense + layer.scaling["default"] * layer.lora_B["default"].weight @ w
+    with torch.no_grad():
+        expected = F.linear(x, layer.lora_magnitude_vector["default"][:, None] * v / v.norm(dim=1, keepdim=True))
+        torch.testing.assert_close(layer(x), expected, rtol=1e-4, atol=1e-5)
+        before = model(TOKENS).logits
+        merged = merge_and_unload(model)
+        torch.testing.assert_close(merged(TOKENS).logits, before, rtol=1e-4, atol=1e-4)
+    assert type(merged.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_what_dora_does_not_cover_is_refused_clearly():
+    with pytest.raises(ValueError, match="'model.embed_tokens' is a Embedding.*linear layers only"):
+        get_lora_model(tiny_llama(), LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True))
+    model = tiny_llama()
+    get_lora_model(model, LoraConfig(target_modules=["q_proj"], use_dora=True))
+    assert all(isinstance(m, LoraLinear) and not m.is_dora("x") for _, m in lora_layers(model))
+    add_adapter(model, LoraConfig(target_modules=["q_proj"]), "b")
+    with pytest.raises(ValueError, match="'default' is a DoRA adapter"):
+        lorakit.combine_adapters(model, {"default": 1.0, "b": 1.0})
+    from lorakit.router import RouterError, add_router
+
+    with pytest.raises(RouterError, match="'default' is a DoRA adapter"):
+        add_router(model, ["default", "b"])
+    with pytest.raises(ValueError, match="'bert.embeddings.word_embeddings' is a Embedding"):
+        get_lora_model(tiny_bert_classifier(), LoraConfig(target_modules=["word_embeddings"], use_dora=True))
+
+
+def test_serving_engine_serves_dora_and_lora_adapters_in_one_batch(tmp_path):
+    """The engine's mixed batches (a DoRA adapter, a LoRA adapter and the base in one running batch)
+    give each request the greedy tokens ``generate`` gives it alone with its adapter."""
+    from conftest import serve_greedy
+    from lorakit.pool import AdapterPool
+
+    base = tiny_llama().requires_grad_(False)
+    pool = AdapterPool(base, max_loaded=2)
+    for seed, (adapter, use_dora) in enumerate([("d", True), ("l", False)], 1):
+        model = get_lora_model(copy.deepcopy(base), LoraConfig(r=4, target_modules="all-linear", use_dora=use_dora))
+        _dora(model, "tmp", seed=seed, target_modules="all-linear")  # random values to copy from
+        with torch.no_grad():
+            for _, layer in lora_layers(model):
+                for mine, other in zip(layer.adapter_parameters("default"), layer.adapter_parameters("tmp")):
+                    mine.copy_(other * (3 if mine.ndim == 2 else 1))
+        lorakit.delete_adapter(model, "tmp")
+        save_adapter(model, tmp_path / adapter)
+        pool.register(adapter, tmp_path / adapter)
+    g = torch.Generator().manual_seed(0)
+    work = [(torch.randint(3, 128, (n,), generator=g).tolist(), [None, "d", "l"][k % 3])
+            for k, n in enumerate((3, 17, 9, 25, 11, 4))]
+    expected = []
+    for ids, adapter in work:
+        model = base if adapter is None else load_adapter(copy.deepcopy(base), tmp_path / adapter)
+        if adapter is not None:
+            set_adapter(model, "default")
+        out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+        expected.append(out[0, len(ids):].tolist())
+
+    assert serve_greedy(base, pool, work) == expected
+    ids = work[1][0]  # an "d" request: the DoRA adapter changes its tokens
+    plain = base.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+    assert plain[0, len(ids):].tolist() != expected[1]
