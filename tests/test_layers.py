@@ -126,3 +126,13 @@ def test_inference_on_a_bf16_base_rounds_once():
     assert (got != want).float().mean() < 1e-3
     trained = layer(x)  # with gradients on: a new tensor, the term rounded first (autograd-safe)
     assert trained.requires_grad and (trained.detach() != want).float().mean() > 0.1
+
+
+def test_embedding_adapters_take_a_float64_bases_dtype():
+    """Embedding adapters are bare parameters: they are replaced by moved copies (``Parameter.to``
+    returns a new tensor), so on a float64 base they are float64 like Linear adapters."""
+    model = lorakit.get_lora_model(tiny_llama().double(), lorakit.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    layer = model.model.embed_tokens
+    assert isinstance(layer, LoraEmbedding)
+    assert layer.lora_embedding_A["default"].dtype == layer.lora_embedding_B["default"].dtype == torch.float64
+    assert model.model.layers[0].self_attn.q_proj.lora_A["default"].weight.dtype == torch.float64
