@@ -9,13 +9,13 @@ mapped files such as the checkpoint's weights), sampled every 5 ms. Wall time is
 ``on_train_begin`` to ``on_train_end``): model loading, tokenization and lorakit's closing save,
 loss plot and model card are outside it on both sides. ``--padded`` instead feeds both sides
 identical pre-padded batches in a plain loop (forward, backward, AdamW) so that only the per-token
-kernels are compared. On the CPU both sides run fp32 unless ``--bf16`` puts both under bf16
+kernels are compared. ``--dora`` trains DoRA adapters on both sides. On the CPU both sides run fp32 unless ``--bf16`` puts both under bf16
 autocast (lorakit's ``train.bf16: true``; worth it on CPUs with native bf16, see the README).
 On a CPU, lorakit's fused nodes run their fp32 products on oneDNN where it beats torch's BLAS
 (``kernels.gemm``; the table's header says which); PEFT's go through torch's BLAS, as for any user
 of it. ``LORAKIT_CPU_GEMM=blas`` puts lorakit on the BLAS too, to separate the two gains.
 
-    python benchmarks/train_vs_peft.py [--steps 20] [--padded] [--repeats 2] [--bf16]
+    python benchmarks/train_vs_peft.py [--steps 20] [--padded] [--repeats 2] [--bf16] [--dora]
     python benchmarks/train_vs_peft.py --model random-1b --tokenizer DIR     # on a GPU
 
 Prints a table of supervised tokens/s, wall time, peak memory, final loss and ratios, and appends
@@ -263,10 +263,13 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--padded", action="store_true")
     ap.add_argument("--bf16", action="store_true", help="CPU: both sides under bf16 autocast (a GPU always is)")
+    ap.add_argument("--dora", action="store_true", help="both sides train DoRA adapters (use_dora) instead of LoRA")
     ap.add_argument("--side", choices=["lorakit", "peft"])
     ap.add_argument("--repeats", type=int, default=1, help="runs per side, alternating which goes first")
     ap.add_argument("--no-save", action="store_true")
     args = ap.parse_args()
+    if args.dora:
+        LORA["use_dora"] = True
     if args.side:
         return child(args)
     model_dir(args.model, args.tokenizer)  # build once, before either side is timed
@@ -290,6 +293,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     mem = "max_memory_allocated" if cuda else "peak RSS"
     variant = "identical padded batches, plain loop" if args.padded else "each side's own trainer, dynamic padding"
+    variant += ", DoRA" if args.dora else ""
     import peft
     import transformers
 
@@ -300,8 +304,8 @@ def main() -> None:
     lines = [f"## {time.strftime('%Y-%m-%d')} — training, lorakit vs PEFT + Trainer ({variant}), {args.model} on {machine()}",
              "", f"`python benchmarks/train_vs_peft.py --model {args.model} --steps {args.steps}"
              f"{f' --batch {args.batch}' if args.batch != 8 else ''}{f' --repeats {args.repeats}' if args.repeats > 1 else ''}"
-             f"{' --padded' if args.padded else ''}{' --bf16' if args.bf16 else ''}`: batch {args.batch}, r=16, "
-             f"alpha=32, all linear layers, lr {args.lr}, {'bf16 autocast' if bf16(args) else 'fp32'}{gemm_note()}; "
+             f"{' --padded' if args.padded else ''}{' --bf16' if args.bf16 else ''}{' --dora' if args.dora else ''}`: "
+             f"batch {args.batch}, {'DoRA' if args.dora else 'LoRA'} r=16, alpha=32, all linear layers, lr {args.lr}, {'bf16 autocast' if bf16(args) else 'fp32'}{gemm_note()}; "
              f"torch {torch.__version__}, transformers "
              f"{transformers.__version__}, peft {peft.__version__}.", "",
              f"| side | supervised tokens/s | wall s | {mem} |{' of it anonymous (peak) |' if anon else ''} "

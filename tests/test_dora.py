@@ -153,21 +153,60 @@ def test_merge_unmerge_and_export_keep_the_outputs(model_name):
             torch.testing.assert_close(v, peft_merged.state_dict()[k], rtol=1e-12, atol=1e-12, msg=k)
 
 
-def test_fast_training_paths_step_aside_for_dora(monkeypatch):
-    """The trainer's fused LoRA-linear and SwiGLU nodes do not apply to DoRA layers: with them on,
-    the loss and gradients are the unfused composition's."""
+@pytest.mark.parametrize("model_name", MODELS)
+def test_the_fused_dora_node_trains_like_the_plain_composition(model_name, monkeypatch):
+    """Inside the trainer's fast paths every DoRA layer runs as one fused node (the SwiGLU node steps
+    aside for DoRA projections): loss and gradients equal the plain composition's, float64."""
     from lorakit.train import fast_paths
 
-    model = _dora(tiny_llama().double(), target_modules="all-linear").train()
-    grads = []
+    builder, kwargs = MODELS[model_name]
+    model = _dora(builder().double(), **kwargs).train()
+    for module in model.modules():  # GPT-2's own dropout off, training mode kept
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    calls = []
+    real = lorakit.layers.fused_dora_linear
+    monkeypatch.setattr(lorakit.layers, "fused_dora_linear", lambda *a: calls.append(1) or real(*a))
+    results = []
     for fused in (False, True):
         monkeypatch.setattr(lorakit.layers, "FUSED_LINEAR", fused)
         with fast_paths(model, padding_free=False, bf16=False, device=torch.device("cpu")):
-            model(TOKENS, labels=TOKENS).loss.backward()
-        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad})
+            loss = model(TOKENS, labels=TOKENS).loss
+            loss.backward()
+        results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
         model.zero_grad(set_to_none=True)
-    for key, grad in grads[1].items():
-        torch.testing.assert_close(grad, grads[0][key], rtol=1e-12, atol=1e-14, msg=key)
+    assert len(calls) == len(lora_layers(model))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-13, atol=0)
+    for key, grad in results[1][1].items():
+        torch.testing.assert_close(grad, results[0][1][key], rtol=1e-10, atol=1e-13, msg=key)
+
+
+def test_dora_under_bf16_autocast_is_as_close_to_fp32_as_plain_autocast(monkeypatch):
+    """What a GPU run does (bf16 autocast, fp32 adapters and magnitudes; here CPU autocast): the
+    fused DoRA node's loss and gradients are about as close to the fp32 result as the unfused
+    composition under autocast."""
+    model = _dora(tiny_llama(), target_modules="all-linear").train()
+
+    def run(fused: bool, autocast: bool):
+        monkeypatch.setattr(lorakit.layers, "FUSED_LINEAR", fused)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = model(TOKENS, labels=TOKENS).loss
+        loss.backward()
+        grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
+        model.zero_grad(set_to_none=True)
+        return float(loss.detach()), grads
+
+    exact_loss, exact = run(False, False)
+    plain_loss, plain = run(False, True)
+    fused_loss, fused = run(True, True)
+    assert abs(plain_loss - exact_loss) > 0 and abs(fused_loss - exact_loss) <= 2 * abs(plain_loss - exact_loss) + 1e-4
+
+    def rel(u, v):
+        return float((u - v).norm() / v.norm().clamp_min(1e-12))
+
+    assert all(g.dtype == torch.float32 for g in fused.values())
+    assert max(rel(fused[k], exact[k]) for k in exact) < 0.15
+    assert sum(rel(fused[k], exact[k]) for k in exact) <= 2 * sum(rel(plain[k], exact[k]) for k in exact)
 
 
 def test_mixed_batch_rows_get_their_own_adapter():

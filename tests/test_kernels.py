@@ -16,6 +16,7 @@ from lorakit import LoraConfig, get_lora_model
 from lorakit.kernels import cross_entropy, gemm
 from lorakit.kernels import mlp as mlp_kernel
 from lorakit.kernels.cast import cached_casts, cast_frozen
+from lorakit.kernels.dora import dora_linear_reference, fused_dora_linear
 from lorakit.kernels.lora import fused_lora_linear, lora_linear_reference
 from lorakit.layers import lora_layers
 from lorakit.loss import causal_lm_loss
@@ -44,6 +45,30 @@ def test_fused_lora_linear_matches_the_reference(bias, dropout, train_weight):
     torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
     for u, v in zip(got, want):
         torch.testing.assert_close(u, v, atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("bias", [None, "frozen", "trained"])
+def test_fused_dora_linear_matches_the_reference(bias):
+    """Values and the gradients of x, A, B, the magnitude and a trained bias, float64; without
+    gradients the same values and no graph."""
+    g = torch.Generator().manual_seed(0)
+
+    def t(*shape, grad=True):
+        return torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_(grad)
+
+    x, w, a, b, m = t(3, 5, 7), t(6, 7, grad=False), t(2, 7), t(6, 2), t(6)
+    bb = None if bias is None else t(6, grad=bias == "trained")
+    norm = (w + 0.5 * b @ a).norm(dim=1).detach()
+    y = fused_dora_linear(x, w, bb, a, b, 0.5, m, norm)
+    ref = dora_linear_reference(x, w, bb, a, b, 0.5, m, norm)
+    torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
+    inputs = [p for p in (x, bb, a, b, m) if p is not None and p.requires_grad]
+    up = torch.randn(y.shape, generator=g, dtype=torch.float64)
+    for u, v in zip(torch.autograd.grad(y, inputs, up), torch.autograd.grad(ref, inputs, up), strict=True):
+        torch.testing.assert_close(u, v, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        plain = fused_dora_linear(x, w, bb, a, b, 0.5, m, norm)
+    assert plain.grad_fn is None and torch.equal(plain, y.detach())
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2])
@@ -651,6 +676,9 @@ def test_fused_nodes_in_fp32_equal_float64_math_on_either_gemm(backend, monkeypa
 
     x, w, bias, a, b = t(4, 9, 48), t(40, 48, grad=False), t(40, grad=False), t(8, 48), t(40, 8)
     check(lambda *p: fused_lora_linear(*p, 0.5), lambda *p: lora_linear_reference(*p, 0.5), (x, w, bias, a, b))
+    norm = (w + 0.5 * b @ a).norm(dim=1).detach()
+    check(lambda *p: fused_dora_linear(*p[:5], 0.5, p[5], norm.float()),
+          lambda *p: dora_linear_reference(*p[:5], 0.5, p[5], norm), (x, w, bias, a, b, 1 + t(40) / 10))
     gate, up, down = _proj(g, 64, 48, 8, 0.5), _proj(g, 64, 48, 8, 2.0), _proj(g, 48, 64, 8, 0.25)
     flat = [x, *gate[:3], *up[:3], *down[:3]]
     scales = (gate[3], up[3], down[3])
@@ -700,7 +728,7 @@ def test_linear_equals_f_linear_with_its_gradients(backend, bias, trainable, mon
         assert gemm.linear(x, w, b).grad_fn is None
 
 
-@pytest.mark.parametrize("node", ["lora_linear", "lora_swiglu", "linear"])
+@pytest.mark.parametrize("node", ["lora_linear", "dora_linear", "lora_swiglu", "linear"])
 def test_fused_nodes_outputs_can_be_modified_in_place(node):
     """Some models modify a layer's output in place (Llama 4's MoE adds into its shared expert's
     output): each node returns a tensor of its own, reshaped outside it, so that works, and the
@@ -714,6 +742,7 @@ def test_fused_nodes_outputs_can_be_modified_in_place(node):
     b = torch.randn(8, 2, generator=g, dtype=torch.float64, requires_grad=True)
     run = {
         "lora_linear": lambda: fused_lora_linear(x, w, None, a, b, 2.0),
+        "dora_linear": lambda: fused_dora_linear(x, w, None, a, b, 2.0, torch.ones(8, dtype=torch.float64), 2 + w[0]),
         "lora_swiglu": lambda: mlp_kernel.lora_swiglu(x, (w, a, b, 2.0), (w2, a, b, 0.5), (w, a, b, 1.0)),
         "linear": lambda: gemm.linear(x, w.requires_grad_()),
     }[node]

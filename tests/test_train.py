@@ -375,21 +375,24 @@ def test_qlora_run_reports_base_memory_and_saves_a_peft_adapter(run_config, tiny
 
 
 @pytest.mark.skipif(gemm._linear_op() is None, reason="this torch build has no oneDNN linear")
-def test_qlora_on_onednn_trains_the_adapter_the_bitsandbytes_path_trains(run_config, tmp_path, monkeypatch):
+@pytest.mark.parametrize("dora", [False, True])
+def test_qlora_on_onednn_trains_the_adapter_the_bitsandbytes_path_trains(run_config, tmp_path, monkeypatch, dora):
     """A QLoRA run (all linear layers, no dropout: the fused paths apply) with the 4-bit base
     dequantized into lorakit's fused nodes on oneDNN ends with the adapter of the same run on
-    bitsandbytes' own forward and torch's BLAS, to fp32 rounding carried through 6 AdamW steps."""
+    bitsandbytes' own forward and torch's BLAS, to fp32 rounding carried through 6 AdamW steps;
+    also with DoRA (QDoRA: the fused DoRA node against bitsandbytes' forward + the DoRA term)."""
     pytest.importorskip("bitsandbytes")
     import lorakit.kernels.dequant as dequant
 
     calls = []
     real = dequant.dequantize
     monkeypatch.setattr(dequant, "dequantize", lambda w, dtype: calls.append(1) or real(w, dtype))
-    common = {"model": {"quantize": "nf4"}, "lora": {"lora_dropout": 0.0}, "train": {"epochs": 1, "save_steps": 0},
-              "eval": {"steps": 0}}
+    common = {"model": {"quantize": "nf4"}, "lora": {"lora_dropout": 0.0, "use_dora": dora},
+              "train": {"epochs": 1, "save_steps": 0}, "eval": {"steps": 0}}
     monkeypatch.setattr(gemm, "CPU_GEMM", "blas")
     a = train(run_config(**common, output_dir=str(tmp_path / "blas")), progress=False)
-    assert not calls
+    assert dora or not calls  # (DoRA's row norms dequantize W on either path)
+    calls.clear()
     monkeypatch.setattr(gemm, "CPU_GEMM", "onednn")
     b = train(run_config(**common, output_dir=str(tmp_path / "onednn")), progress=False)
     assert len(calls) > 6 * 2 * 7  # each step: every projection's fused node forward, and backward

@@ -32,10 +32,11 @@ from transformers.pytorch_utils import Conv1D
 from lorakit import dora, rows
 from lorakit.kernels.cast import cast_frozen
 from lorakit.kernels.dequant import float_weight, is_4bit, runs_dequantized
+from lorakit.kernels.dora import fused_dora_linear
 from lorakit.kernels.gemm import linear, uses_onednn
 from lorakit.kernels.lora import fused_lora_linear, lora_linear
 
-# Use the fused LoRA-linear autograd node where it applies (see `_LinearLora._fused_adapter`);
+# Use the fused LoRA-linear (or DoRA-linear) autograd node where it applies (see `_LinearLora._fused_adapter`);
 # False runs the plain composition of base forward + LoRA term (the reference path).
 FUSED_LINEAR = True
 # Attributes a LoRA layer adds to its base; removed again by `to_base`.
@@ -325,7 +326,7 @@ class _LinearLora(LoraLayer):
                 return None
         else:
             live = [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
-        if len(live) != 1 or not x.is_floating_point() or self.is_dora(live[0]):
+        if len(live) != 1 or not x.is_floating_point():
             return None
         if cast is not None:
             return live[0]
@@ -353,19 +354,23 @@ class _LinearLora(LoraLayer):
         if name is None:
             return LoraLayer.forward(self, x, *args, **kwargs)
         weight = self.weight if issubclass(self.base_class, nn.Linear) else self.weight.T  # type: ignore[attr-defined]
-        dropout = self.lora_dropout[name]
         mixed = "row_adapters" in self.__dict__  # mixed batches apply no dropout
-        p = dropout.p if isinstance(dropout, nn.Dropout) and self.training and not mixed else 0.0
+        p = 0.0 if mixed else self._dropout_p(name)
+        dora_args = ()
+        if self.is_dora(name):
+            if p > 0:  # DoRA's dropout convention (lorakit.dora) has no fused node: the plain composition
+                return LoraLayer.forward(self, x, *args, **kwargs)
+            dora_args = (self.lora_magnitude_vector[name], self._dora_norm(name))
         tensors = (x, weight, self.bias, self.lora_A[name].weight, self.lora_B[name].weight)  # type: ignore[attr-defined]
         if cast is None:
-            return fused_lora_linear(*tensors, self.scaling[name], p)
+            return _fused(*tensors, self.scaling[name], p, dora_args)
         # what autocast does to each matmul, done once up front: every operand in its dtype (the
-        # frozen weight's copy made once per run inside ``cached_casts``)
+        # frozen weight's copy made once per run inside ``cached_casts``; DoRA's m and n stay wide)
         weight = cast_frozen(self.weight, cast)  # type: ignore[attr-defined]
         weight = weight if self.base_class is nn.Linear else weight.T
         x, bias, a, b = (t.to(cast) if t is not None else None for t in (x, *tensors[2:]))
         with torch.autocast(x.device.type, enabled=False):
-            return fused_lora_linear(x, weight, bias, a, b, self.scaling[name], p)
+            return _fused(x, weight, bias, a, b, self.scaling[name], p, dora_args)
 
     def _make_adapter(self, name: str, r: int) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
@@ -406,9 +411,14 @@ class _LinearLora(LoraLayer):
         if self.weight.is_meta:  # type: ignore[attr-defined]  # filled in when the adapter is loaded
             magnitude = torch.ones(self.out_features, dtype=a.dtype, device=a.device)
         else:
-            delta = self._out_in(self.delta_weight(name))
-            magnitude = dora.weight_norm(self.dense_weight(delta.dtype), delta)
+            magnitude = self._dora_norm(name)
         self.lora_magnitude_vector[name] = nn.Parameter(magnitude)
+
+    def _dora_norm(self, name: str) -> torch.Tensor:
+        """n = ‖W + s B A‖_row (out,) in the adapter's dtype, without gradient."""
+        with torch.no_grad():
+            delta = self._out_in(self.delta_weight(name))
+            return dora.weight_norm(self.dense_weight(delta.dtype), delta)
 
     def _adapter_term(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """A DoRA adapter's term (g − 1) ⊙ x Wᵀ + g ⊙ s x Aᵀ Bᵀ with g = m / ‖W + s B A‖_row, its
@@ -418,13 +428,11 @@ class _LinearLora(LoraLayer):
         if not self.is_dora(name):
             return self._lora_term(name, x)
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        magnitude = self.lora_magnitude_vector[name]
-        weight = self.dense_weight(a.dtype)
-        scale = magnitude / dora.weight_norm(weight, self._out_in(self.delta_weight(name)).detach())
+        scale = self.lora_magnitude_vector[name] / self._dora_norm(name)
         x, p = x.to(a.dtype), self._dropout_p(name)
         if p > 0:
             x = F.dropout(x, p, training=True)
-            base = F.linear(x, weight)
+            base = F.linear(x, self.dense_weight(a.dtype))
         else:
             bias = self.bias  # type: ignore[attr-defined]
             base = (result if bias is None else result - bias).to(a.dtype)
@@ -498,6 +506,14 @@ class _LinearLora(LoraLayer):
 
     def _has_dora(self, names: list[str | None]) -> bool:
         return "lora_magnitude_vector" in self._modules and any(self.is_dora(n) for n in set(names) if n)
+
+
+def _fused(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+           scale: float, p: float, dora_args: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The fused LoRA-linear node, or with DoRA's (magnitude, norm) the fused DoRA node (no dropout)."""
+    if dora_args:
+        return fused_dora_linear(x, weight, bias, a, b, scale, *dora_args)
+    return fused_lora_linear(x, weight, bias, a, b, scale, p)
 
 
 class LoraLinear(_LinearLora, nn.Linear):

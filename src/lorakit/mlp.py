@@ -44,7 +44,7 @@ def _projection(layer: _LinearLora, x: torch.Tensor,
     """(W, A, B, scale) when ``layer`` can join the fused node for input ``x`` (under autocast to
     ``cast``, or None), else None."""
     name = layer._fused_adapter(x, cast)
-    if name is None or layer.bias is not None or layer.weight.requires_grad \
+    if name is None or layer.is_dora(name) or layer.bias is not None or layer.weight.requires_grad \
             or is_4bit(layer.weight):  # type: ignore[attr-defined]  # a 4-bit base: the projections' own fused nodes
         return None
     dropout = layer.lora_dropout[name]
