@@ -43,7 +43,7 @@ FUSED_LINEAR = True
 _LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_router",
                  "lora_magnitude_vector")
 _LORA_ATTRS = ("r", "lora_alpha", "scaling", "active_adapters", "merged_adapters", "adapters_disabled",
-               "dora_norms")
+               "dora_norms", "dora_norm_cache")
 
 
 def adopt(cls: type, base: nn.Module) -> Any:
@@ -111,6 +111,7 @@ class LoraLayer:
         """Add (or replace) adapter ``name`` of rank ``r``, on the base weight's device; with
         ``use_dora``, a DoRA adapter (linear layers only)."""
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
+        self.__dict__.get("dora_norm_cache", {}).pop(name, None)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._make_adapter(name, r)
         if init is not False:
@@ -139,7 +140,7 @@ class LoraLayer:
         for container in (*self._adapter_containers(), self.lora_dropout):
             if name in container:
                 del container[name]
-        for table in (self.r, self.lora_alpha, self.scaling):
+        for table in (self.r, self.lora_alpha, self.scaling, self.__dict__.get("dora_norm_cache", {})):
             table.pop(name, None)
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
@@ -415,10 +416,21 @@ class _LinearLora(LoraLayer):
         self.lora_magnitude_vector[name] = nn.Parameter(magnitude)
 
     def _dora_norm(self, name: str) -> torch.Tensor:
-        """n = ‖W + s B A‖_row (out,) in the adapter's dtype, without gradient."""
-        with torch.no_grad():
+        """n = ‖W + s B A‖_row (out,) in the adapter's dtype, without gradient. Kept until W, A, B
+        or s change (tensor version counters: an optimizer step, a merge, a load; storage: a move), so a decode step,
+        the micro-batches of one optimizer step and a checkpointed layer's recomputation read W for
+        it once, not at every forward."""
+        a, b, w = self.lora_A[name].weight, self.lora_B[name].weight, self.weight  # type: ignore[attr-defined]
+        key = (*((id(t), t._version, t.data_ptr(), t.dtype) for t in (w, a, b)), self.scaling[name],
+               torch.is_inference_mode_enabled())
+        cache = self.__dict__.setdefault("dora_norm_cache", {})
+        if name in cache and cache[name][0] == key:
+            return cache[name][1]
+        with torch.no_grad(), torch.autocast(a.device.type, enabled=False):  # in the adapter's precision
             delta = self._out_in(self.delta_weight(name))
-            return dora.weight_norm(self.dense_weight(delta.dtype), delta)
+            norm = dora.weight_norm(self.dense_weight(delta.dtype), delta)
+        cache[name] = (key, norm)
+        return norm
 
     def _adapter_term(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """A DoRA adapter's term (g − 1) ⊙ x Wᵀ + g ⊙ s x Aᵀ Bᵀ with g = m / ‖W + s B A‖_row, its
