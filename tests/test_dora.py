@@ -308,8 +308,9 @@ def test_serving_engine_serves_dora_and_lora_adapters_in_one_batch(tmp_path):
 
 
 def test_the_row_norms_are_kept_until_a_weight_changes(monkeypatch):
-    """n = ‖W + s B A‖ is computed once per change of W, A, B (an optimizer step, a merge, a dtype
-    move), not at every forward (decode steps, micro-batches); after a change it is fresh."""
+    """n = ‖W + s B A‖ is computed once per change of W, A, B (an optimizer step, also a fused one,
+    a merge, a dtype move), not at every forward (decode steps, micro-batches); after a change it is
+    fresh."""
     import lorakit.dora
 
     model = _dora(tiny_llama(), target_modules=["q_proj", "v_proj"]).train()
@@ -320,7 +321,8 @@ def test_the_row_norms_are_kept_until_a_weight_changes(monkeypatch):
     model(TOKENS, labels=TOKENS).loss.backward()
     model(TOKENS, labels=TOKENS).loss.backward()
     assert len(calls) == layers
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    # fused AdamW updates A, B and m without bumping their version counters
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, fused=True)
     optimizer.step()
     with torch.no_grad():
         after_step = model(TOKENS).logits
