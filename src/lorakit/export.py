@@ -1,6 +1,7 @@
 """Merged export: base + weighted adapters → a plain model directory that transformers loads.
 
-For adapters a with weights w_a the exported weight is W + Σ_a w_a · s_a · B_a A_a. An adapter
+For adapters a with weights w_a the exported weight is W + Σ_a w_a · s_a · B_a A_a (a DoRA
+adapter, weight 1 only, rescales the rows as well: ``lorakit.dora``). An adapter
 trained on a quantized base (recorded in its file) is merged into the *dequantized* weights of
 that same quantization, never into 4-bit storage; the deviation between the unmerged (QLoRA)
 model and the merged one is measured on a probe batch and reported.
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.inject import adapter_configs
 from lorakit.io import adapter_quantization, load_adapters
 from lorakit.layers import lora_layers
 from lorakit.merge import merge_and_unload
@@ -59,6 +61,10 @@ def merge_to_directory(model_name: str, adapters: list[tuple[str, float]], out: 
 
         quantize_model(model, quant["method"], double_quant=quant["double_quant"], blocksize=quant["blocksize"])
     names = load_adapters(model, [path for path, _ in adapters])
+    for name, (path, weight) in zip(names, adapters):
+        if adapter_configs(model)[name].use_dora and weight != 1:
+            raise LorakitError(f"{path} is a DoRA adapter: its trained magnitudes set each row's length, which a "
+                               f"weight cannot scale like a LoRA delta; merge it with weight 1 (or give no :WEIGHT)")
     for name, (_, weight) in zip(names, adapters):
         for _, layer in lora_layers(model):
             if name in layer.scaling:
