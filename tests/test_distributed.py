@@ -175,3 +175,18 @@ def test_fsdp_full_fine_tuning_from_a_meta_built_base_matches_one_process(make_c
     assert ta.keys() == tb.keys()
     for k in ta:
         torch.testing.assert_close(tb[k], ta[k], atol=1e-4, rtol=0, msg=k)
+
+
+def test_dora_under_fsdp_trains_like_one_process(make_config):
+    """DoRA's magnitudes start at the base weights' row norms, so an FSDP run loads the base whole
+    (not built on meta) and then shards it: the same losses and adapter (magnitudes included) as
+    one process."""
+    one = single(make_config("one", batch_size=4), "train.distributed=none", "lora.use_dora=true")
+    assert one.returncode == 0, one.stderr
+    cfg = make_config("fsdp")
+    proc = torchrun(cfg, "train.distributed=fsdp", "lora.use_dora=true")
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    assert "built on the meta device" not in out
+    compare(cfg.parent / "one", cfg.parent / "fsdp", 1e-4)
+    assert any(k.endswith("lora_magnitude_vector") for k in adapter(cfg.parent / "fsdp"))

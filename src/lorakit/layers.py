@@ -408,12 +408,10 @@ class _LinearLora(LoraLayer):
             raise ValueError("DoRA on an 8-bit base is not supported; use a 4-bit (NF4) or unquantized base")
         if "lora_magnitude_vector" not in self._modules:
             self.lora_magnitude_vector = nn.ParameterDict()
-        a = self.lora_A[name].weight
-        if self.weight.is_meta:  # type: ignore[attr-defined]  # filled in when the adapter is loaded
-            magnitude = torch.ones(self.out_features, dtype=a.dtype, device=a.device)
-        else:
-            magnitude = self._dora_norm(name)
-        self.lora_magnitude_vector[name] = nn.Parameter(magnitude)
+        if self.weight.is_meta:  # type: ignore[attr-defined]
+            raise ValueError("use_dora: DoRA's magnitudes start at the base weights' row norms, and this model's "
+                             "weights are on the meta device; load the weights before adding the adapter")
+        self.lora_magnitude_vector[name] = nn.Parameter(self._dora_norm(name))
 
     def _dora_norm(self, name: str) -> torch.Tensor:
         """n = ‖W + s B A‖_row (out,) in the adapter's dtype, without gradient. Kept until W, A, B

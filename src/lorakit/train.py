@@ -149,9 +149,11 @@ class Trainer:
         if self.device.type == "cuda" and self.world.active:
             self.device = torch.device("cuda", self.world.local_rank)
         dtype = resolve_dtype(config.model.dtype, self.device)
-        # FSDP: build the base on the meta device; each rank later reads only its shards (load_shards)
+        # FSDP: build the base on the meta device; each rank later reads only its shards (load_shards).
+        # Not for DoRA, whose magnitudes start at the base weights' row norms, so need them at injection.
+        dora = config.method == "lora" and config.lora_config().use_dora
         empty = (empty_model(config.model.name, dtype=dtype) if self.world.mode == "fsdp"
-                 and config.method in ("lora", "full") and not config.model.quantize else None)
+                 and config.method in ("lora", "full") and not config.model.quantize and not dora else None)
         if empty is not None:
             self.model, self.tokenizer, weight_files = empty
         else:
