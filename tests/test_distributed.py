@@ -148,14 +148,21 @@ def _children_running_lorakit(parent: int) -> list[int]:
     return sorted(found)
 
 
-def test_qlora_with_ddp_trains_like_one_process(make_config):
-    one = single(make_config("one", batch_size=4), "train.distributed=none", "model.quantize=nf4")
+def one_and_two(make_config, name: str, mode: str, *overrides: str) -> tuple[Path, Path, str]:
+    """The run ``name`` with ``overrides`` in one process (4 rows a step) and in two (2 rows each,
+    ``mode``): the one's output directory, the two's config file, and what the two printed."""
+    one = single(make_config(f"{name}-one", batch_size=4), "train.distributed=none", *overrides)
     assert one.returncode == 0, one.stderr
-    cfg = make_config("ddp-nf4")
-    proc = torchrun(cfg, "train.distributed=ddp", "model.quantize=nf4")
+    cfg = make_config(name)
+    proc = torchrun(cfg, f"train.distributed={mode}", *overrides)
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out
-    compare(cfg.parent / "one", cfg.parent / "ddp-nf4", 1e-4)
+    return cfg.parent / f"{name}-one", cfg, out
+
+
+def test_qlora_with_ddp_trains_like_one_process(make_config):
+    one, cfg, _ = one_and_two(make_config, "ddp-nf4", "ddp", "model.quantize=nf4")
+    compare(one, cfg.parent / "ddp-nf4", 1e-4)
     fsdp = torchrun(cfg, "train.distributed=fsdp", "model.quantize=nf4", "output_dir=" + str(cfg.parent / "f"))
     out, _ = fsdp.communicate(timeout=600)
     assert fsdp.returncode != 0 and "does not shard a 4-bit / 8-bit base; use ddp for QLoRA" in out
@@ -163,13 +170,8 @@ def test_qlora_with_ddp_trains_like_one_process(make_config):
 
 def test_fsdp_full_fine_tuning_from_a_meta_built_base_matches_one_process(make_config):
     # every weight comes from each rank's own shards; the tied embedding / head is saved once, as one process does
-    one = single(make_config("full-one", batch_size=4), "train.distributed=none", "method=full", "train.lr=1e-3")
-    assert one.returncode == 0, one.stderr
-    cfg = make_config("full-fsdp")
-    proc = torchrun(cfg, "train.distributed=fsdp", "method=full", "train.lr=1e-3")
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    a, b = cfg.parent / "full-one", cfg.parent / "full-fsdp"
+    a, cfg, _ = one_and_two(make_config, "full-fsdp", "fsdp", "method=full", "train.lr=1e-3")
+    b = cfg.parent / "full-fsdp"
     assert max(abs(x - y) for x, y in zip(losses(a), losses(b))) <= 1e-4
     ta, tb = load_file(str(a / "model/model.safetensors")), load_file(str(b / "model/model.safetensors"))
     assert ta.keys() == tb.keys()
@@ -181,12 +183,7 @@ def test_dora_under_fsdp_trains_like_one_process(make_config):
     """DoRA's magnitudes start at the base weights' row norms, so an FSDP run loads the base whole
     (not built on meta) and then shards it: the same losses and adapter (magnitudes included) as
     one process."""
-    one = single(make_config("one", batch_size=4), "train.distributed=none", "lora.use_dora=true")
-    assert one.returncode == 0, one.stderr
-    cfg = make_config("fsdp")
-    proc = torchrun(cfg, "train.distributed=fsdp", "lora.use_dora=true")
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
+    one, cfg, out = one_and_two(make_config, "fsdp-dora", "fsdp", "lora.use_dora=true")
     assert "built on the meta device" not in out
-    compare(cfg.parent / "one", cfg.parent / "fsdp", 1e-4)
-    assert any(k.endswith("lora_magnitude_vector") for k in adapter(cfg.parent / "fsdp"))
+    compare(one, cfg.parent / "fsdp-dora", 1e-4)
+    assert any(k.endswith("lora_magnitude_vector") for k in adapter(cfg.parent / "fsdp-dora"))
