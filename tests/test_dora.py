@@ -16,7 +16,7 @@ import lorakit.layers
 from conftest import tiny_bert_classifier, tiny_gpt2, tiny_llama
 from lorakit import LoraConfig, get_lora_model
 from lorakit.batch import adapter_batch
-from lorakit.inject import add_adapter, set_adapter
+from lorakit.inject import add_adapter, count_parameters, set_adapter
 from lorakit.io import adapter_state_dict, load_adapter, save_adapter
 from lorakit.layers import LoraLinear, lora_layers
 from lorakit.merge import merge, merge_and_unload, unmerge
@@ -105,6 +105,7 @@ def test_outputs_and_gradients_equal_peft(model_name):
                                                               "lora_magnitude_vector.default"): p.grad
                   for k, p in theirs.named_parameters() if p.requires_grad}
     assert mine.keys() == peft_grads.keys() and any("magnitude" in k for k in mine)
+    assert count_parameters(ours) == theirs.get_nb_trainable_parameters()
     for key, grad in mine.items():
         torch.testing.assert_close(grad, peft_grads[key], rtol=1e-10, atol=1e-12, msg=key)
 
