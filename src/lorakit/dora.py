@@ -22,6 +22,20 @@ with its own x Wᵀ, PEFT's convention. Everything here works in the (out, in) l
 from __future__ import annotations
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+# Optimizer steps taken in this process, by any torch optimizer: a LoRA layer keeps n until W, A, B
+# or s change, and fused optimizers (AdamW's ``fused=True``) update parameters without moving their
+# version counters, so a step counts as a change of every adapter.
+optimizer_steps = 0
+
+
+def _count_step(*_: object) -> None:
+    global optimizer_steps
+    optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_step)
 
 
 def weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

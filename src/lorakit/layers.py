@@ -416,22 +416,20 @@ class _LinearLora(LoraLayer):
     def _dora_norm(self, name: str) -> torch.Tensor:
         """n = ‖W + s B A‖_row (out,) in the adapter's dtype, without gradient. Kept until W, A, B
         or s change, so that a decode step, the micro-batches of one optimizer step and a
-        checkpointed layer's recomputation read W for it once, not at every forward. A change of W
-        (frozen: a merge, a load, a move) shows in its version counter or storage; A and B are
-        compared with copies kept beside n (r·(in + out) values), since fused optimizers (AdamW's
-        ``fused=True``) update parameters without bumping their version counters."""
+        checkpointed layer's recomputation read W for it once, not at every forward. A change is an
+        in-place write (version counters), new storage (a move), a new dtype, or any optimizer step
+        (``dora.optimizer_steps``: fused optimizers leave version counters alone). No comparison of
+        values, which on a GPU would wait for the device at every layer."""
         a, b, w = self.lora_A[name].weight, self.lora_B[name].weight, self.weight  # type: ignore[attr-defined]
-        key = (id(w), w._version, w.data_ptr(), w.dtype, a.dtype, a.device, self.scaling[name],
-               torch.is_inference_mode_enabled())
+        key = (*((id(t), t._version, t.data_ptr(), t.dtype) for t in (w, a, b)), self.scaling[name],
+               dora.optimizer_steps, torch.is_inference_mode_enabled())
         cache = self.__dict__.setdefault("dora_norm_cache", {})
-        if name in cache:
-            old_key, old_a, old_b, norm = cache[name]
-            if old_key == key and torch.equal(old_a, a) and torch.equal(old_b, b):
-                return norm
+        if name in cache and cache[name][0] == key:
+            return cache[name][1]
         with torch.no_grad(), torch.autocast(a.device.type, enabled=False):  # in the adapter's precision
             delta = self._out_in(self.delta_weight(name))
             norm = dora.weight_norm(self.dense_weight(delta.dtype), delta)
-            cache[name] = (key, a.detach().clone(), b.detach().clone(), norm)
+        cache[name] = (key, norm)
         return norm
 
     def _adapter_term(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
