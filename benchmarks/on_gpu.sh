@@ -8,6 +8,8 @@
 #                                       # there, 0.74x at batch 8, where the 1.2 B model's weights dominate)
 #   bash benchmarks/on_gpu.sh serve     # multi_adapter.py: PyTorch and Triton mixed-batch kernels vs PEFT;
 #                                       # engine_cache.py: the serving engine's in-place KV cache
+#   bash benchmarks/on_gpu.sh dora      # (if device time is left) train_vs_peft.py --dora: the fused DoRA
+#                                       # node on CUDA against PEFT's DoRA
 #
 # `.gpu/tok` holds the SmolLM2 tokenizer (the bundled data's token counts); the 1.2 B Llama has
 # random weights built from config, nothing is downloaded. Tables go to $OUT (the device's
@@ -16,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH=src
 out=${OUT:-/tmp}
-case "${1:-}" in prepare|train|serve) ;; *) echo "usage: bash benchmarks/on_gpu.sh prepare|train|serve" >&2; exit 2 ;; esac
+case "${1:-}" in prepare|train|serve|dora) ;; *) echo "usage: bash benchmarks/on_gpu.sh prepare|train|serve|dora" >&2; exit 2 ;; esac
 if [ "$1" = prepare ]; then  # the embedded model's tokenizer, saved where the device calls carry it from
   "${PYTHON:-.venv/bin/python}" -c "
 from transformers import AutoTokenizer
@@ -34,6 +36,10 @@ case "$1" in
       --repeats 2 --no-save | tee "$out/train_vs_peft_b$batch.txt"
     python3 benchmarks/train_vs_peft.py --model random-1b --tokenizer .gpu/tok --steps 40 --batch "$batch" \
       --padded --no-save | tee "$out/train_vs_peft_padded_b$batch.txt"
+    ;;
+  dora)
+    python3 benchmarks/train_vs_peft.py --model random-1b --tokenizer .gpu/tok --steps 40 --dora --no-save \
+      | tee "$out/train_vs_peft_dora.txt"
     ;;
   serve)
     python3 benchmarks/multi_adapter.py --model random-1b --repeat 20 --no-save | tee "$out/multi_adapter.txt"
