@@ -344,3 +344,13 @@ def test_the_row_norms_are_kept_until_a_weight_changes(monkeypatch):
         model.double()
         model(TOKENS)
     assert len(calls) == 6 * layers
+
+
+def test_dora_on_meta_weights_is_refused_with_the_fix():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                             num_attention_heads=4, num_key_value_heads=2))
+    with pytest.raises(ValueError, match="meta device; load the weights before adding the adapter"):
+        get_lora_model(model, LoraConfig(target_modules=["q_proj"], use_dora=True))

@@ -406,11 +406,11 @@ class _LinearLora(LoraLayer):
         """m = ‖W + s B A‖_row (out,): the adapted weight starts as the base's (W' = W for B = 0)."""
         if type(self.weight).__name__ == "Int8Params":  # type: ignore[attr-defined]
             raise ValueError("DoRA on an 8-bit base is not supported; use a 4-bit (NF4) or unquantized base")
-        if "lora_magnitude_vector" not in self._modules:
-            self.lora_magnitude_vector = nn.ParameterDict()
         if self.weight.is_meta:  # type: ignore[attr-defined]
             raise ValueError("use_dora: DoRA's magnitudes start at the base weights' row norms, and this model's "
                              "weights are on the meta device; load the weights before adding the adapter")
+        if "lora_magnitude_vector" not in self._modules:
+            self.lora_magnitude_vector = nn.ParameterDict()
         self.lora_magnitude_vector[name] = nn.Parameter(self._dora_norm(name))
 
     def _dora_norm(self, name: str) -> torch.Tensor:
