@@ -317,6 +317,35 @@ def test_trainer_builds_warmup_and_schedules(run_config):
     assert lrs[2] == pytest.approx(peak) and lrs[5] == pytest.approx(peak * 1 / 4)
 
 
+def test_loraplus_gives_b_its_ratio_through_the_schedule(run_config, tmp_path):
+    """``train.loraplus_lr_ratio``: each B matrix (and 1-D parameter) at λ·lr and A at lr at every
+    step of the schedule; the run logs A's lr, the same as a run without LoRA+; the adapter it ends
+    with differs (B moved further). Refused for full fine-tuning."""
+    common = {"epochs": 1, "warmup_steps": 2, "save_steps": 0}
+    trainer = Trainer(build_config(run_config(train={**common, "loraplus_lr_ratio": 16}, eval={"steps": 0},
+                                              output_dir=str(tmp_path / "plus"))), progress=False)
+    for _ in range(4):
+        lr = {id(p): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+        base = trainer.scheduler.get_last_lr()[0]
+        for name, p in trainer.params:
+            assert lr[id(p)] == pytest.approx(base * (16 if "lora_B" in name or p.ndim == 1 else 1)), name
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    plus = train(run_config(train={**common, "loraplus_lr_ratio": 16}, eval={"steps": 0},
+                            output_dir=str(tmp_path / "plus-run")), progress=False)
+    plain = train(run_config(train=common, eval={"steps": 0}, output_dir=str(tmp_path / "plain")), progress=False)
+
+    def logged(result):
+        return [json.loads(line)["lr"] for line in (result.output_dir / "metrics.jsonl").read_text().splitlines()
+                if "lr" in line]
+
+    assert logged(plus) == logged(plain)
+    a, b = adapter_tensors(plus.output_dir), adapter_tensors(plain.output_dir)
+    assert all(not torch.equal(a[k], b[k]) for k in a if "lora_B" in k)
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio applies to method: lora"):
+        build_config(run_config(method="full", train={"loraplus_lr_ratio": 16}))
+
+
 def test_fused_adamw_steps_like_the_per_tensor_loop(run_config):
     trainer = Trainer(build_config(run_config(train={"weight_decay": 0.1})), progress=False)
     assert trainer.optimizer.defaults["fused"] is True  # plain CPU tensors: the fused kernel

@@ -3,6 +3,12 @@
 AdamW over the trainable parameters (the adapters; every parameter under ``method: full``),
 weight decay on matrices only, and a multiplier of the peak lr per step: a linear warm-up over
 ``warmup`` steps, then cosine or linear decay to 0 at ``total``, or constant.
+
+LoRA+ (Hayou et al., 2024) gives B a larger learning rate than A: η_B = λ · η_A with λ =
+``loraplus_lr_ratio`` (the paper finds λ ≈ 16 helps; A and B play different roles, B starts at zero).
+Grouped as PEFT's ``create_loraplus_optimizer`` does: the B matrices and every 1-D trainable parameter
+(biases, DoRA magnitudes) at λ·lr, both factors of an embedding's adapter at ``loraplus_lr_embedding``,
+everything else at lr. The schedule multiplies every group alike, so the ratios hold at each step.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from typing import Any
 
 import torch
 from torch import nn
+
+from lorakit.layers import LoraEmbedding, lora_layers
 
 
 def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
@@ -27,13 +35,38 @@ def lr_lambda(schedule: str, warmup: int, total: int) -> Callable[[int], float]:
     return f
 
 
-def build_optimizer(params: Sequence[tuple[str, nn.Parameter]], cfg: Any) -> torch.optim.AdamW:
-    """AdamW; weight decay applies to matrices only (not to biases or norm weights)."""
-    decay = [p for _, p in params if p.ndim >= 2]
-    no_decay = [p for _, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
+def build_optimizer(params: Sequence[tuple[str, nn.Parameter]], cfg: Any,
+                    lr_scales: dict[int, float] | None = None) -> torch.optim.AdamW:
+    """AdamW; weight decay applies to matrices only (not to biases or norm weights). ``lr_scales``
+    (``id(param)`` → multiplier of ``cfg.lr``, see ``loraplus_scales``) puts parameters in groups of
+    their own lr; the first group always holds the matrices at ``cfg.lr``, the lr a run logs."""
+    scales = lr_scales or {}
+    grouped: dict[tuple[float, bool], list[nn.Parameter]] = {(1.0, True): [], (1.0, False): []}
+    for _, p in params:
+        grouped.setdefault((scales.get(id(p), 1.0), p.ndim >= 2), []).append(p)
+    groups = [{"params": ps, "lr": cfg.lr * scale, "weight_decay": cfg.weight_decay if matrix else 0.0}
+              for (scale, matrix), ps in grouped.items() if ps]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps,
                              fused=_fusable([p for _, p in params]))
+
+
+def loraplus_scales(model: nn.Module, ratio: float, lr: float, lr_embedding: float) -> dict[int, float]:
+    """LoRA+'s lr multipliers by ``id(param)`` for ``build_optimizer``: ``ratio`` for the B matrices
+    of LoRA layers and every 1-D trainable parameter, ``lr_embedding / lr`` for both factors of an
+    embedding's adapter (PEFT's grouping); parameters not named keep lr."""
+    embedding = {id(p) for _, layer in lora_layers(model) if isinstance(layer, LoraEmbedding)
+                 for name in layer.adapter_names for p in layer.adapter_parameters(name)}
+    b_factors = {id(layer.lora_B[name].weight) for _, layer in lora_layers(model)
+                 if not isinstance(layer, LoraEmbedding) for name in layer.adapter_names}
+    scales: dict[int, float] = {}
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if id(p) in embedding:
+            scales[id(p)] = lr_embedding / lr
+        elif id(p) in b_factors or p.ndim == 1:
+            scales[id(p)] = ratio
+    return scales
 
 
 def _fusable(params: Sequence[torch.Tensor]) -> bool:

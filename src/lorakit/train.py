@@ -62,7 +62,7 @@ from lorakit.memory import HeapGuard, keep_freed_memory, peak_memory_bytes, stop
 from lorakit.mlp import fused_mlp
 from lorakit.models import empty_model, enable_checkpointing, load_model, sequence_mixers
 from lorakit.norm import fused_norms
-from lorakit.optim import build_optimizer, lr_lambda
+from lorakit.optim import build_optimizer, loraplus_scales, lr_lambda
 from lorakit.plain import plain_linears
 from lorakit.report import MetricsLog, plot_loss, write_model_card
 from lorakit.train_config import ConfigError, RunConfig, build_config, dump_config, load_config
@@ -202,7 +202,9 @@ class Trainer:
                      f"({read / 2**20:.1f} of {total / 2**20:.1f} MiB on rank 0)")
         self.params = [(n, p) for n, p in self.wrapped.named_parameters() if p.requires_grad]
         t = config.train
-        self.optimizer = build_optimizer(self.params, t)
+        scales = (loraplus_scales(self.model, t.loraplus_lr_ratio, t.lr, t.loraplus_lr_embedding)
+                  if t.loraplus_lr_ratio else None)
+        self.optimizer = build_optimizer(self.params, t, scales)
         self.rows_per_batch = t.batch_size * self.world.size  # a step's micro-batch across all ranks
         self.steps_per_epoch = math.ceil(math.ceil(len(self.rows) / self.rows_per_batch) / t.grad_accum)
         self.total_steps = t.max_steps if t.max_steps > 0 else t.epochs * self.steps_per_epoch

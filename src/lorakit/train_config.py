@@ -75,6 +75,9 @@ class TrainSection:
     warmup_ratio: float = 0.05
     warmup_steps: int = 0  # > 0 overrides warmup_ratio
     max_grad_norm: float = 1.0
+    # LoRA+: B matrices (and 1-D parameters) at this multiple of lr; 0 = off (plain LoRA). Paper: ~16
+    loraplus_lr_ratio: float = 0.0
+    loraplus_lr_embedding: float = 1e-6  # LoRA+: the lr of an embedding's adapter (PEFT's default)
     gradient_checkpointing: bool = False
     # auto | true | false: matmuls under bf16 autocast (weights and adapters stay in their dtype);
     # auto = on a GPU only (on CPUs with native bf16, true is ~1.4x faster; see lorakit.train)
@@ -161,6 +164,10 @@ class RunConfig:
             (0 <= self.data.eval_fraction < 1, "data.eval_fraction must be in [0, 1)"),
             (self.data.padding_free in (True, False, "auto"), "data.padding_free must be auto, true or false"),
             (t.bf16 in (True, False, "auto"), "train.bf16 must be auto, true or false"),
+            (t.loraplus_lr_ratio >= 0, "train.loraplus_lr_ratio must be >= 0 (0 turns LoRA+ off; the paper uses ~16)"),
+            (t.loraplus_lr_ratio == 0 or self.method == "lora",
+             "train.loraplus_lr_ratio applies to method: lora (LoRA+ gives the adapters' B matrices their own lr)"),
+            (t.loraplus_lr_embedding > 0, "train.loraplus_lr_embedding must be > 0"),
         ]
         for ok, message in checks:
             if not ok:
