@@ -3,6 +3,7 @@ merging, QLoRA and mixed-adapter batches."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import peft
@@ -20,6 +21,7 @@ from lorakit.inject import add_adapter, count_parameters, set_adapter
 from lorakit.io import adapter_state_dict, load_adapter, save_adapter
 from lorakit.layers import LoraLinear, lora_layers
 from lorakit.merge import merge, merge_and_unload, unmerge
+from lorakit.mlp import fused_mlp
 
 TOKENS = torch.randint(0, 128, (3, 11), generator=torch.Generator().manual_seed(7))
 MODELS = {"llama": (tiny_llama, dict(target_modules="all-linear")),
@@ -156,8 +158,9 @@ def test_merge_unmerge_and_export_keep_the_outputs(model_name):
 
 @pytest.mark.parametrize("model_name", MODELS)
 def test_the_fused_dora_node_trains_like_the_plain_composition(model_name, monkeypatch):
-    """Inside the trainer's fast paths every DoRA layer runs as one fused node (the SwiGLU node steps
-    aside for DoRA projections): loss and gradients equal the plain composition's, float64."""
+    """Inside the trainer's fast paths every DoRA layer runs in a fused node (Llama's MLP projections
+    in the fused SwiGLU node, the others in the DoRA-linear node): loss and gradients equal the plain
+    composition's, float64."""
     from lorakit.train import fast_paths
 
     builder, kwargs = MODELS[model_name]
@@ -165,9 +168,16 @@ def test_the_fused_dora_node_trains_like_the_plain_composition(model_name, monke
     for module in model.modules():  # GPT-2's own dropout off, training mode kept
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
-    calls = []
-    real = lorakit.layers.fused_dora_linear
-    monkeypatch.setattr(lorakit.layers, "fused_dora_linear", lambda *a: calls.append(1) or real(*a))
+    import lorakit.mlp
+
+    calls = {"linear": 0, "mlp": 0}
+    real, real_mlp = lorakit.layers.fused_dora_linear, lorakit.mlp.lora_swiglu
+
+    def count(kind, fn):
+        return lambda *a: calls.__setitem__(kind, calls[kind] + 1) or fn(*a)
+
+    monkeypatch.setattr(lorakit.layers, "fused_dora_linear", count("linear", real))
+    monkeypatch.setattr(lorakit.mlp, "lora_swiglu", count("mlp", real_mlp))
     results = []
     for fused in (False, True):
         monkeypatch.setattr(lorakit.layers, "FUSED_LINEAR", fused)
@@ -176,7 +186,8 @@ def test_the_fused_dora_node_trains_like_the_plain_composition(model_name, monke
             loss.backward()
         results.append((loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}))
         model.zero_grad(set_to_none=True)
-    assert len(calls) == len(lora_layers(model))
+    layers = model.config.num_hidden_layers if model_name == "llama" else 0  # GPT-2's MLP is not gated
+    assert calls == {"linear": len(lora_layers(model)) - 3 * layers, "mlp": layers}
     torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-13, atol=0)
     for key, grad in results[1][1].items():
         torch.testing.assert_close(grad, results[0][1][key], rtol=1e-10, atol=1e-13, msg=key)
@@ -184,7 +195,7 @@ def test_the_fused_dora_node_trains_like_the_plain_composition(model_name, monke
 
 def test_dora_under_bf16_autocast_is_as_close_to_fp32_as_plain_autocast(monkeypatch):
     """What a GPU run does (bf16 autocast, fp32 adapters and magnitudes; here CPU autocast): the
-    fused DoRA node's gradients are about as close to the fp32 result as the unfused composition's
+    fused DoRA nodes' (linear and SwiGLU) gradients are about as close to the fp32 result as the unfused composition's
     under autocast. bf16 noise moves single gradients by up to ~15% on this tiny model, either path
     ahead by seed (fused / plain summed error 0.9-1.6× over six seeds), so four seeds are pooled; a
     wrong term is off by ≫ 100%."""
@@ -199,7 +210,8 @@ def test_dora_under_bf16_autocast_is_as_close_to_fp32_as_plain_autocast(monkeypa
 
         def run(fused: bool, autocast: bool, model=model, tokens=tokens):
             monkeypatch.setattr(lorakit.layers, "FUSED_LINEAR", fused)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+                    fused_mlp(model) if fused else contextlib.nullcontext():
                 model(tokens, labels=tokens).loss.backward()
             grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.requires_grad}
             model.zero_grad(set_to_none=True)
@@ -316,8 +328,8 @@ def test_the_row_norms_are_kept_until_a_weight_changes(monkeypatch):
 
     model = _dora(tiny_llama(), target_modules=["q_proj", "v_proj"]).train()
     calls = []
-    real = lorakit.dora.weight_norm
-    monkeypatch.setattr(lorakit.dora, "weight_norm", lambda *a: calls.append(1) or real(*a))
+    real = lorakit.dora.factored_norm
+    monkeypatch.setattr(lorakit.dora, "factored_norm", lambda *a: calls.append(1) or real(*a))
     layers = len(lora_layers(model))
     model(TOKENS, labels=TOKENS).loss.backward()
     model(TOKENS, labels=TOKENS).loss.backward()
@@ -334,16 +346,16 @@ def test_the_row_norms_are_kept_until_a_weight_changes(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(after_step, fresh(TOKENS).logits, rtol=0, atol=0)
         assert len(calls) == 3 * layers  # the copy's own
-        merge(model)  # computes n for the merge; the merged forward needs none
+        merge(model)  # (the merge computes its n directly); the merged forward needs none
         model(TOKENS)
-        assert len(calls) == 4 * layers
+        assert len(calls) == 3 * layers
         unmerge(model)  # W is back, but written: n again at the next forward
         model(TOKENS)
         model(TOKENS)
-        assert len(calls) == 5 * layers
+        assert len(calls) == 4 * layers
         model.double()
         model(TOKENS)
-    assert len(calls) == 6 * layers
+    assert len(calls) == 5 * layers
 
 
 def test_dora_on_meta_weights_is_refused_with_the_fix():
@@ -354,3 +366,17 @@ def test_dora_on_meta_weights_is_refused_with_the_fix():
                                              num_attention_heads=4, num_key_value_heads=2))
     with pytest.raises(ValueError, match="meta device; load the weights before adding the adapter"):
         get_lora_model(model, LoraConfig(target_modules=["q_proj"], use_dora=True))
+
+
+def test_factored_norm_equals_the_norm_of_the_sum():
+    """n² = ‖W‖² + 2s⟨W, BA⟩ + s²‖BA‖² per row, without forming W + sBA: equal to the direct norm
+    (float64 to 1e-13; fp32 to its rounding)."""
+    from lorakit import dora
+
+    g = torch.Generator().manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-13), (torch.float32, 2e-6)):
+        w = torch.randn(40, 24, generator=g, dtype=dtype) * 0.05
+        a, b = torch.randn(4, 24, generator=g, dtype=dtype), torch.randn(40, 4, generator=g, dtype=dtype) * 0.01
+        direct = dora.weight_norm(w, 2.0 * b @ a)
+        factored = dora.factored_norm(w, a, b, 2.0, w.square().sum(1))
+        torch.testing.assert_close(factored, direct, rtol=tol, atol=0)

@@ -177,14 +177,27 @@ def _proj(g, out, inp, r, scale):
     return t(out, inp, grad=False), t(r, inp), t(out, r), scale
 
 
-def test_lora_swiglu_matches_the_reference():
+@pytest.mark.parametrize("dora", ["none", "gate+down", "all"])
+def test_lora_swiglu_matches_the_reference(dora):
+    """Values and gradients (x, every A and B, and a DoRA projection's magnitude) against plain
+    autograd ops, float64; DoRA projections carry (m, n)."""
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 5, 6, generator=g, dtype=torch.float64, requires_grad=True)
     gate, up, down = _proj(g, 10, 6, 3, 0.5), _proj(g, 10, 6, 3, 2.0), _proj(g, 6, 10, 3, 0.25)
+    dora_projections = {"none": (), "gate+down": ("gate", "down"), "all": ("gate", "up", "down")}[dora]
+
+    def with_magnitude(name, p):
+        if name not in dora_projections:
+            return p
+        m = (1 + 0.2 * torch.randn(p[0].shape[0], generator=g, dtype=torch.float64)).requires_grad_()
+        n = (p[0] + p[3] * p[2] @ p[1]).detach().norm(dim=1)
+        return (*p, m, n)
+
+    gate, up, down = (with_magnitude(n, p) for n, p in (("gate", gate), ("up", up), ("down", down)))
     y = mlp_kernel.lora_swiglu(x, gate, up, down)
     ref = mlp_kernel.lora_swiglu_reference(x, gate, up, down)
     torch.testing.assert_close(y, ref, atol=1e-12, rtol=0)
-    inputs = [x] + [t for p in (gate, up, down) for t in p[1:3]]
+    inputs = [x] + [t for p in (gate, up, down) for t in (*p[1:3], *p[4:5])]
     up_grad = torch.randn(y.shape, generator=g, dtype=torch.float64)
     for u, v in zip(torch.autograd.grad(y, inputs, up_grad), torch.autograd.grad(ref, inputs, up_grad)):
         torch.testing.assert_close(u, v, atol=1e-12, rtol=0)

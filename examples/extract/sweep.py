@@ -45,6 +45,10 @@ RUNS: dict[str, list[str]] = {
     "default-b8": ["train.batch_size=8"],
     "full-b8": ["method=full", "train.lr=2e-5", "train.batch_size=8"],
     "qlora-nf4-b8": ["model.quantize=nf4", "train.batch_size=8"],
+    # DoRA (use_dora) and LoRA+ (B at 16x the lr; the paper advises a lower lr with it)
+    "dora": ["lora.use_dora=true"],
+    "loraplus-16": ["train.loraplus_lr_ratio=16"],
+    "loraplus-16-lr-5e-4": ["train.loraplus_lr_ratio=16", "train.lr=5e-4"],
     # adapters on the top layers only: the backward pass stops below them (SmolLM2-135M has 30 layers)
     "top-15-layers": [f"lora.layers_to_transform=[{', '.join(map(str, range(15, 30)))}]"],
 }

@@ -45,6 +45,20 @@ def weight_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         return torch.linalg.vector_norm(weight.to(delta.dtype) + delta, dim=1)
 
 
+def factored_norm(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+                  weight_sq: torch.Tensor) -> torch.Tensor:
+    """n = ‖W + s B A‖_row (out,) without forming the (out, in) sum, no gradient:
+
+        n² = ‖W‖²_row + 2s Σ_k B[:, k] (W Aᵀ)[:, k] + s² Σ_k (B (A Aᵀ))[:, k] B[:, k]
+
+    one (out, in) × (in, r) product, which reads W once; ``weight_sq`` = ‖W‖²_row is W's alone
+    (the caller keeps it while W is unchanged). W (out, in) in A's dtype; the result in that dtype."""
+    with torch.no_grad():
+        cross = (b * (weight @ a.T)).sum(1)  # ⟨W, B A⟩ per row
+        low = (b * (b @ (a @ a.T))).sum(1)  # ‖B A‖² per row
+        return (weight_sq + 2 * scale * cross + scale * scale * low).clamp_min_(0).sqrt_()
+
+
 def term(base_out: torch.Tensor, lora_out: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The adapter's addition to the base output: (g − 1) ⊙ x Wᵀ + g ⊙ s x Aᵀ Bᵀ.
 

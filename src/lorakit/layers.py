@@ -43,7 +43,7 @@ FUSED_LINEAR = True
 _LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_router",
                  "lora_magnitude_vector")
 _LORA_ATTRS = ("r", "lora_alpha", "scaling", "active_adapters", "merged_adapters", "adapters_disabled",
-               "dora_norms", "dora_norm_cache")
+               "dora_norms", "dora_norm_cache", "dora_weight_sq")
 
 
 def adopt(cls: type, base: nn.Module) -> Any:
@@ -427,10 +427,19 @@ class _LinearLora(LoraLayer):
         if name in cache and cache[name][0] == key:
             return cache[name][1]
         with torch.no_grad(), torch.autocast(a.device.type, enabled=False):  # in the adapter's precision
-            delta = self._out_in(self.delta_weight(name))
-            norm = dora.weight_norm(self.dense_weight(delta.dtype), delta)
+            weight = self.dense_weight(a.dtype)
+            norm = dora.factored_norm(weight, a, b, self.scaling[name], self._weight_sq(weight, key[0]))
         cache[name] = (key, norm)
         return norm
+
+    def _weight_sq(self, weight: torch.Tensor, key: tuple) -> torch.Tensor:
+        """‖W‖²_row of the frozen base weight (``weight``: W dense, (out, in)), kept while W is
+        unchanged (``key``: W's identity, version, storage and dtype)."""
+        kept = self.__dict__.get("dora_weight_sq")
+        if kept is None or kept[0] != (key, weight.dtype):
+            kept = ((key, weight.dtype), weight.square().sum(1))
+            self.__dict__["dora_weight_sq"] = kept
+        return kept[1]
 
     def _adapter_term(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """A DoRA adapter's term (g − 1) ⊙ x Wᵀ + g ⊙ s x Aᵀ Bᵀ with g = m / ‖W + s B A‖_row, its

@@ -39,12 +39,11 @@ def is_gated_mlp(module: nn.Module) -> bool:
             and all(isinstance(getattr(module, n, None), _LinearLora) for n in ("gate_proj", "up_proj", "down_proj")))
 
 
-def _projection(layer: _LinearLora, x: torch.Tensor,
-                cast: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float] | None:
-    """(W, A, B, scale) when ``layer`` can join the fused node for input ``x`` (under autocast to
-    ``cast``, or None), else None."""
+def _projection(layer: _LinearLora, x: torch.Tensor, cast: torch.dtype | None) -> tuple | None:
+    """(W, A, B, scale), or for a DoRA adapter (W, A, B, scale, m, n), when ``layer`` can join the
+    fused node for input ``x`` (under autocast to ``cast``, or None), else None."""
     name = layer._fused_adapter(x, cast)
-    if name is None or layer.is_dora(name) or layer.bias is not None or layer.weight.requires_grad \
+    if name is None or layer.bias is not None or layer.weight.requires_grad \
             or is_4bit(layer.weight):  # type: ignore[attr-defined]  # a 4-bit base: the projections' own fused nodes
         return None
     dropout = layer.lora_dropout[name]
@@ -52,7 +51,10 @@ def _projection(layer: _LinearLora, x: torch.Tensor,
         return None
     weight = layer.weight if cast is None else cast_frozen(layer.weight, cast)  # type: ignore[attr-defined]
     weight = weight if layer.base_class is nn.Linear else weight.T
-    return weight, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name]
+    proj = (weight, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
+    if layer.is_dora(name):  # DoRA: its magnitude and row norms, kept in their precision under autocast
+        proj += (layer.lora_magnitude_vector[name], layer._dora_norm(name))
+    return proj
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -75,7 +77,7 @@ def _fused_forward_all(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: A
     if cast is None:
         return lora_swiglu(x, *parts)
     # autocast: every operand in its dtype once, then the node runs with autocast off
-    cast_parts = [(w.to(cast), a.to(cast), b.to(cast), s) for w, a, b, s in parts]  # type: ignore[misc]
+    cast_parts = [(w.to(cast), a.to(cast), b.to(cast), s, *dora) for w, a, b, s, *dora in parts]  # type: ignore[misc]
     with torch.autocast(x.device.type, enabled=False):
         return lora_swiglu(x.to(cast), *cast_parts)
 
