@@ -45,42 +45,61 @@ def _dora(model, name="default", seed=1, **kwargs):
     return model
 
 
-def _reference(layer, name, x):
-    """y = x W'ᵀ + b with W' = m ⊙ (W + s B A) / ‖W + s B A‖_row, in float64 from the definition."""
-    w = layer.weight.double() if isinstance(layer, torch.nn.Linear) else layer.weight.double().T
-    v = w + layer.scaling[name] * layer.lora_B[name].weight.double() @ layer.lora_A[name].weight.double()
-    w_adapted = layer.lora_magnitude_vector[name].double()[:, None] * v / v.norm(dim=1, keepdim=True)
-    bias = layer.bias.double() if layer.bias is not None else None
-    return F.linear(x.double(), w_adapted, bias)
+def _adapted_weight(layer, name):
+    """W' = m ⊙ (W + s B A) / ‖W + s B A‖ per output row (a kernel: per output channel), float64, in
+    the layer's storage layout, from the definition."""
+    w = layer.weight.double()
+    w = w.T if isinstance(layer, Conv1D) else w
+    a, b = layer.lora_A[name].weight.double(), layer.lora_B[name].weight.double()
+    v = w + layer.scaling[name] * (b.flatten(1) @ a.flatten(1)).view_as(w)
+    norm = v.flatten(1).norm(dim=1).view(-1, *(1,) * (v.dim() - 1))
+    adapted = layer.lora_magnitude_vector[name].double().reshape(norm.shape) * v / norm
+    return adapted.T if isinstance(layer, Conv1D) else adapted
 
 
-@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+def _plain_forward(layer, x, weight):
+    if isinstance(layer, torch.nn.Conv2d):
+        return F.conv2d(x, weight, layer.bias, layer.stride, layer.padding)
+    return F.linear(x, weight.T if isinstance(layer, Conv1D) else weight, layer.bias)
+
+
+LAYERS = {"linear": (lambda: torch.nn.Linear(12, 10), (3, 5, 12)),
+          "conv1d": (lambda: Conv1D(10, 12), (3, 5, 12)),
+          "conv2d": (lambda: torch.nn.Conv2d(3, 6, 3, padding=1), (2, 3, 7, 7))}
+
+
+@pytest.mark.parametrize("kind", LAYERS)
 def test_layer_equals_the_definition(kind):
     torch.manual_seed(0)
-    base = torch.nn.Linear(12, 10) if kind == "linear" else Conv1D(10, 12)
-    model = _dora(torch.nn.Sequential(base.double()), target_modules=["0"], fan_in_fan_out=kind == "conv1d")
+    base, shape = LAYERS[kind][0]().double(), LAYERS[kind][1]
+    model = _dora(torch.nn.Sequential(copy.deepcopy(base)), target_modules=["0"], fan_in_fan_out=kind == "conv1d")
     layer = model[0]
-    x = torch.randn(3, 5, 12, dtype=torch.float64)
-    torch.testing.assert_close(layer(x), _reference(layer, "default", x), rtol=1e-12, atol=1e-12)
+    x = torch.randn(*shape, dtype=torch.float64)
+    torch.testing.assert_close(layer(x), _plain_forward(layer, x, _adapted_weight(layer, "default")),
+                               rtol=1e-12, atol=1e-12)
     # the magnitude starts at the adapted rows' norms: a fresh adapter (B = 0) leaves the layer as it was
-    fresh = get_lora_model(copy.deepcopy(torch.nn.Sequential(base.double())),
-                           LoraConfig(r=4, target_modules=["0"], use_dora=True))
-    torch.testing.assert_close(fresh(x), base.double()(x), rtol=1e-12, atol=1e-12)
+    fresh = get_lora_model(torch.nn.Sequential(copy.deepcopy(base)), LoraConfig(r=4, target_modules=["0"], use_dora=True))
+    torch.testing.assert_close(fresh(x), base(x), rtol=1e-12, atol=1e-12)
 
 
-def test_dropout_is_applied_to_the_adapters_input_only():
-    """Under dropout d(x): y = x Wᵀ + b + (g − 1) ⊙ d(x) Wᵀ + g ⊙ s d(x) Aᵀ Bᵀ (PEFT's convention)."""
+@pytest.mark.parametrize("kind", ["linear", "conv2d"])
+def test_dropout_is_applied_to_the_adapters_input_only(kind):
+    """Under dropout d(x): y = x Wᵀ + b + (g − 1) ⊙ d(x) Wᵀ + g ⊙ s d(x) Aᵀ Bᵀ (PEFT's convention);
+    for a convolution the same with W and B A as kernels."""
     torch.manual_seed(0)
-    model = _dora(torch.nn.Sequential(torch.nn.Linear(12, 10).double()), target_modules=["0"], lora_dropout=0.3)
-    layer = model.train()[0]
-    x = torch.randn(4, 12, dtype=torch.float64)
+    base, shape = LAYERS[kind][0]().double(), LAYERS[kind][1]
+    layer = _dora(torch.nn.Sequential(base), target_modules=["0"], lora_dropout=0.3).train()[0]
+    x = torch.randn(*shape, dtype=torch.float64)
     torch.manual_seed(5)
     out = layer(x)
     torch.manual_seed(5)
     dx = F.dropout(x, 0.3, training=True)
-    a, b, m, s = layer.lora_A["default"].weight, layer.lora_B["default"].weight, layer.lora_magnitude_vector["default"], 2.0
-    g = m / (layer.weight + s * b @ a).norm(dim=1)
-    expected = F.linear(x, layer.weight, layer.bias) + (g - 1) * (dx @ layer.weight.T) + g * s * (dx @ a.T @ b.T)
+    w = layer.weight.detach()
+    delta = (layer.lora_B["default"].weight.flatten(1) @ layer.lora_A["default"].weight.flatten(1)).view_as(w) * 2.0
+    g = layer.lora_magnitude_vector["default"].reshape(-1) / (w + delta).flatten(1).norm(dim=1)
+    g = g.view(1, -1, 1, 1) if kind == "conv2d" else g
+    product = (lambda t, k: F.conv2d(t, k, None, 1, 1)) if kind == "conv2d" else F.linear  # without bias
+    expected = _plain_forward(layer, x, w) + (g - 1) * product(dx, w) + g * product(dx, delta)
     torch.testing.assert_close(out, expected, rtol=1e-12, atol=1e-12)
 
 
@@ -269,7 +288,7 @@ def test_qlora_dora_merges_into_the_dequantized_weights():
 
 
 def test_what_dora_does_not_cover_is_refused_clearly():
-    with pytest.raises(ValueError, match="'model.embed_tokens' is a Embedding.*linear layers only"):
+    with pytest.raises(ValueError, match="'model.embed_tokens' is a Embedding.*linear layers and convolutions only"):
         get_lora_model(tiny_llama(), LoraConfig(target_modules=["embed_tokens", "q_proj"], use_dora=True))
     model = tiny_llama()
     get_lora_model(model, LoraConfig(target_modules=["q_proj"], use_dora=True))
@@ -380,3 +399,37 @@ def test_factored_norm_equals_the_norm_of_the_sum():
         direct = dora.weight_norm(w, 2.0 * b @ a)
         factored = dora.factored_norm(w, a, b, 2.0, w.square().sum(1))
         torch.testing.assert_close(factored, direct, rtol=tol, atol=0)
+
+
+def test_convolutions_equal_peft_outputs_gradients_files_and_merge(tmp_path):
+    """DoRA on Conv2d and Conv1d (rows: output channels over in · kernel; PEFT stores m as
+    (1, out, 1…)) and on the Linear head of a small conv net: float64 outputs and every gradient
+    equal PEFT's, the file loads in PEFT, and merging gives PEFT's merged kernels."""
+    from conftest import tiny_convnet
+
+    images = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    kwargs = dict(target_modules=["conv1", "conv2", "conv1d", "head"])
+    base = tiny_convnet().double()
+    ours = _dora(copy.deepcopy(base), **kwargs)
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, use_dora=True, **kwargs))
+    params, _ = adapter_state_dict(ours)
+    assert params["base_model.model.conv2.lora_magnitude_vector"].shape == (1, 8, 1, 1)
+    assert not peft.set_peft_model_state_dict(theirs, {k: v.detach() for k, v in params.items()}).unexpected_keys
+    y_ours, y_theirs = ours(images), theirs(images)
+    torch.testing.assert_close(y_ours, y_theirs, rtol=1e-12, atol=1e-12)
+    y_ours.square().sum().backward()
+    y_theirs.square().sum().backward()
+    peft_grads = {k.removeprefix("base_model.model.").replace("lora_magnitude_vector.default.weight",
+                                                              "lora_magnitude_vector.default"): p.grad
+                  for k, p in theirs.named_parameters() if p.requires_grad}
+    for key, p in ours.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, peft_grads[key], rtol=1e-10, atol=1e-12, msg=key)
+    save_adapter(ours, tmp_path / "conv")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "conv")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), y_ours.detach(), rtol=1e-12, atol=1e-12)
+        merged, peft_merged = merge_and_unload(ours), theirs.merge_and_unload()
+        torch.testing.assert_close(merged(images), y_ours.detach(), rtol=1e-10, atol=1e-12)
+    for k, v in merged.state_dict().items():
+        torch.testing.assert_close(v, peft_merged.state_dict()[k], rtol=1e-12, atol=1e-12, msg=k)

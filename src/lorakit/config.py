@@ -63,9 +63,10 @@ class LoraConfig:
         init_lora_weights: ``True`` (A kaiming-uniform, B zero: the adapter starts as a no-op),
             ``"gaussian"`` (A ~ N(0, 1/r²), B zero) or ``False`` (both random: for tests only).
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
-        use_dora: weight-decomposed LoRA (DoRA) on linear layers: the adapted weight's rows are
-            rescaled to a trained magnitude, ``W' = m ⊙ (W + s B A) / ‖W + s B A‖_row`` with ``m``
-            (out,) starting at ``‖W‖_row`` (see ``lorakit.dora``).
+        use_dora: weight-decomposed LoRA (DoRA) on linear layers and convolutions: the adapted
+            weight's rows (a kernel's output channels) are rescaled to a trained magnitude,
+            ``W' = m ⊙ (W + s B A) / ‖W + s B A‖_row`` with ``m`` (out,) starting at ``‖W‖_row``
+            (see ``lorakit.dora``).
         layers_to_transform: only wrap modules inside these layer indices.
         layers_pattern: name of the layer list (``"layers"``, ``"h"``...) used with ``layers_to_transform``.
         rank_pattern: ``{regex: rank}`` overriding ``r`` for modules whose name matches.

@@ -16,7 +16,8 @@ With g = m / n (out,), the layer's output for x (…, in) is
 
 and the bracket, the adapter's term, reuses the base layer's output (less its bias): besides the
 rank-r products it costs one pass over W for n. Under dropout the term is computed on dropout(x)
-with its own x Wᵀ, PEFT's convention. Everything here works in the (out, in) layout.
+with its own x Wᵀ, PEFT's convention. Everything here works on rows, (out, in); a convolution's
+kernel (out, in, k…) is the rows (out, in · k…), its output channels rescaled alike.
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ from transformers.pytorch_utils import Conv1D
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
 from lorakit.layers import (
     SUPPORTED_TYPES,
+    LoraEmbedding,
     LoraLayer,
-    _LinearLora,
     computes_linear,
     lora_class_for,
     lora_layers,
@@ -236,15 +236,15 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
 
 
 def _check_dora_targets(model: nn.Module, targets: list[str]) -> None:
-    """DoRA runs on linear layers (``nn.Linear``, GPT-2 ``Conv1D``, a 4-bit base): refuse any other
-    target before anything is wrapped."""
+    """DoRA runs on linear layers (``nn.Linear``, GPT-2 ``Conv1D``, a 4-bit base) and convolutions:
+    refuse any other target (an embedding) before anything is wrapped."""
     for name in targets:
         module = model.get_submodule(name)
         cls = type(module) if isinstance(module, LoraLayer) else lora_class_for(type(module))
-        if cls is None or not issubclass(cls, _LinearLora):
+        if cls is None or issubclass(cls, LoraEmbedding):
             raise ValueError(f"use_dora: module {name!r} is a {type(module).__name__}, and DoRA is implemented for "
-                             f"linear layers only; leave it out of target_modules (or exclude_modules) or set "
-                             f"use_dora false")
+                             f"linear layers and convolutions only; leave it out of target_modules (or "
+                             f"exclude_modules) or set use_dora false")
         if type(module.weight).__name__ == "Int8Params":
             raise ValueError(f"use_dora: module {name!r} is 8-bit quantized, and DoRA is not supported on an 8-bit "
                              f"base; quantize to 4-bit (NF4) or set use_dora false")

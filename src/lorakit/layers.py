@@ -15,8 +15,9 @@ object of the original class: merged export leaves no wrapper behind.
 
 Adapters live in ``nn.ModuleDict``s keyed by adapter name, with PEFT's in-memory names
 (``lora_A.<name>.weight``, ``lora_B.<name>.weight``; ``lora_embedding_A.<name>`` for embeddings).
-A DoRA adapter on a linear layer adds its magnitude ``lora_magnitude_vector.<name>`` (out,) and
-rescales the layer's rows (``lorakit.dora``).
+A DoRA adapter on a linear layer or a convolution adds its magnitude ``lora_magnitude_vector.<name>``
+((out,); (1, out, 1…) for a convolution, PEFT's shapes) and rescales the layer's rows, or a kernel's
+output channels (``lorakit.dora``).
 """
 
 from __future__ import annotations
@@ -109,7 +110,7 @@ class LoraLayer:
         use_dora: bool = False,
     ) -> None:
         """Add (or replace) adapter ``name`` of rank ``r``, on the base weight's device; with
-        ``use_dora``, a DoRA adapter (linear layers only)."""
+        ``use_dora``, a DoRA adapter (linear layers and convolutions)."""
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, alpha, scaling
         self.__dict__.get("dora_norm_cache", {}).pop(name, None)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -127,9 +128,6 @@ class LoraLayer:
                     item.to(device=device, dtype=_adapter_dtype(weight))
         if use_dora:
             self._make_magnitude(name)
-
-    def _make_magnitude(self, name: str) -> None:
-        raise ValueError(f"DoRA is implemented for linear layers only, not {type(self).__name__}")
 
     def is_dora(self, name: str) -> bool:
         """Whether adapter ``name`` of this layer is a DoRA adapter."""
@@ -179,10 +177,6 @@ class LoraLayer:
         """``s · B A`` shaped like the base weight, in the adapter's dtype."""
         raise NotImplementedError
 
-    def _adapter_term(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """What adapter ``name`` adds to ``result``, the layer's output so far for ``x``: the LoRA
-        term (a DoRA adapter's also reads ``result``, see ``_LinearLora``)."""
-        return self._lora_term(name, x)
 
     def _rows_term(self, x: torch.Tensor, rows: list[str | None], result: torch.Tensor) -> torch.Tensor:
         """The update for a batch whose row b uses adapter ``rows[b]`` (None: none), grouping rows by
@@ -200,19 +194,149 @@ class LoraLayer:
         none applies (then ``_rows_term`` runs)."""
         return None
 
+    # -- DoRA (lorakit.dora): linear layers and convolutions ------------------------------------------
+    # A layer kind states its layout: ``_out_rows`` (a weight as (out, rest) rows), ``_update``
+    # (s · B(A(x)) without dropout), ``_base_product`` (x through W given as rows, no bias) and
+    # ``_channels`` (an (out,) vector shaped to scale its outputs); the rest is common.
+
+    def _out_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        raise ValueError(f"DoRA is implemented for linear layers and convolutions, not {type(self).__name__}")
+
+    def _update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _base_product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _channels(self, v: torch.Tensor) -> torch.Tensor:
+        """An (out,) vector shaped to scale this layer's outputs (…, out)."""
+        return v
+
+    def _dropout_p(self, name: str) -> float:
+        dropout = self.lora_dropout[name]
+        return dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+
+    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight W as it computes, as (out, rest) rows in ``dtype`` (a 4-bit one dequantized)."""
+        return self._out_rows(float_weight(self.weight, dtype)).to(dtype)  # type: ignore[attr-defined]
+
+    def _factor_rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """A as (r, rest) and B as (out, r) rows: B A = the delta's rows / s."""
+        return self.lora_A[name].weight.flatten(1), self.lora_B[name].weight.flatten(1)
+
+    def magnitude(self, name: str) -> torch.Tensor:
+        """DoRA's m as an (out,) vector (stored in PEFT's shape: (out,), or (1, out, 1…) for a convolution)."""
+        return self.lora_magnitude_vector[name].reshape(-1)
+
+    def _make_magnitude(self, name: str) -> None:
+        """m = ‖W + s B A‖_row (out,): the adapted weight starts as the base's (W' = W for B = 0)."""
+        self._out_rows(self.base_weight)  # refuses the layer kinds DoRA does not cover
+        if type(self.base_weight).__name__ == "Int8Params":
+            raise ValueError("DoRA on an 8-bit base is not supported; use a 4-bit (NF4) or unquantized base")
+        if self.base_weight.is_meta:
+            raise ValueError("use_dora: DoRA's magnitudes start at the base weights' row norms, and this model's "
+                             "weights are on the meta device; load the weights before adding the adapter")
+        if "lora_magnitude_vector" not in self._modules:
+            self.lora_magnitude_vector = nn.ParameterDict()
+        norm = self._dora_norm(name)
+        self.lora_magnitude_vector[name] = nn.Parameter(norm if self.base_weight.dim() == 2 else self._channels(norm))
+
+    def _dora_norm(self, name: str) -> torch.Tensor:
+        """n = ‖W + s B A‖_row (out,) in the adapter's dtype, without gradient. Kept until W, A, B
+        or s change, so that a decode step, the micro-batches of one optimizer step and a
+        checkpointed layer's recomputation read W for it once, not at every forward. A change is an
+        in-place write (version counters), new storage (a move), a new dtype, or any optimizer step
+        (``dora.optimizer_steps``: fused optimizers leave version counters alone). No comparison of
+        values, which on a GPU would wait for the device at every layer."""
+        a, b = self._factor_rows(name)
+        w = self.base_weight
+        key = (*((id(t), t._version, t.data_ptr(), t.dtype) for t in (w, a, b)), self.scaling[name],
+               dora.optimizer_steps, torch.is_inference_mode_enabled())
+        cache = self.__dict__.setdefault("dora_norm_cache", {})
+        if name in cache and cache[name][0] == key:
+            return cache[name][1]
+        with torch.no_grad(), torch.autocast(a.device.type, enabled=False):  # in the adapter's precision
+            weight = self.dense_weight(a.dtype)
+            norm = dora.factored_norm(weight, a, b, self.scaling[name], self._weight_sq(weight, key[0]))
+        cache[name] = (key, norm)
+        return norm
+
+    def _weight_sq(self, weight: torch.Tensor, key: tuple) -> torch.Tensor:
+        """‖W‖²_row of the frozen base weight (``weight``: W's dense rows), kept while W is unchanged
+        (``key``: W's identity, version, storage and dtype)."""
+        kept = self.__dict__.get("dora_weight_sq")
+        if kept is None or kept[0] != (key, weight.dtype):
+            kept = ((key, weight.dtype), weight.square().sum(1))
+            self.__dict__["dora_weight_sq"] = kept
+        return kept[1]
+
+    def _adapter_term(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """What adapter ``name`` adds to ``result``, the layer's output so far for ``x``: the LoRA
+        term, or DoRA's (g − 1) ⊙ x Wᵀ + g ⊙ s x Aᵀ Bᵀ with g = m / ‖W + s B A‖_row, its x Wᵀ read
+        from ``result`` less the bias (PEFT's convention: with several active adapters, the earlier
+        ones' terms included); under dropout from dropout(x) Wᵀ."""
+        if not self.is_dora(name):
+            return self._lora_term(name, x)
+        dtype = self.lora_A[name].weight.dtype
+        scale = self._channels(self.magnitude(name) / self._dora_norm(name))
+        x, p = x.to(dtype), self._dropout_p(name)
+        if p > 0:
+            x = F.dropout(x, p, training=True)
+            base = self._base_product(x, self.dense_weight(dtype))
+        else:
+            bias = self._parameters.get("bias")  # type: ignore[attr-defined]
+            base = (result if bias is None else result - self._channels(bias)).to(dtype)
+        return dora.term(base, self._update(name, x), scale)
+
+    def _unmerged_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The base weight's rows with the merged adapters taken out again, last merged first."""
+        weight = self.dense_weight(dtype).clone()
+        for name in reversed(self.merged_adapters):
+            delta = self._out_rows(self.delta_weight(name)).to(dtype)
+            weight = (dora.unmerge(weight, delta, self.magnitude(name), self.dora_norms[name])
+                      if self.is_dora(name) else weight - delta)
+        return weight
+
+    def merged_weight(self, weight: torch.Tensor, name: str, unmerged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``weight`` (out, rest rows) with adapter ``name`` merged: W + ΔW, or for DoRA
+        (m / n) ⊙ (W + ΔW) with n = ‖unmerged + ΔW‖_row of the base weight without merged
+        adapters; and that n (None for LoRA)."""
+        delta = self._out_rows(self.delta_weight(name)).to(weight.dtype)
+        if not self.is_dora(name):
+            return weight + delta, None
+        norm = dora.weight_norm(unmerged, delta)
+        return dora.merge(weight, delta, self.magnitude(name).to(weight.dtype), norm), norm
+
     def merge_preview(self, name: str) -> torch.Tensor:
         """The base weight with adapter ``name`` merged, computed out of place in fp32 (for checks)."""
-        return self.base_weight.float() + self.delta_weight(name).float()
+        if not self.is_dora(name):
+            return self.base_weight.float() + self.delta_weight(name).float()
+        unmerged = self._unmerged_weight(torch.float32)
+        return self.merged_weight(self.dense_weight(torch.float32), name, unmerged)[0]
 
     def merge_adapter(self, name: str) -> None:
-        """W ← W + s · B A (quantized layers override this)."""
+        """W ← W + s · B A, or DoRA's (m / n) ⊙ (W + s · B A) (quantized layers are merged by
+        ``quant.unload_quantized``)."""
         with torch.no_grad():
-            self.base_weight.add_(self.delta_weight(name).to(self.base_weight.dtype))
+            if not self.is_dora(name):
+                self.base_weight.add_(self.delta_weight(name).to(self.base_weight.dtype))
+            else:
+                dtype = self.lora_A[name].weight.dtype
+                merged, norm = self.merged_weight(self.dense_weight(dtype), name, self._unmerged_weight(dtype))
+                self._out_rows(self.base_weight).copy_(merged)
+                self.__dict__.setdefault("dora_norms", {})[name] = norm
         self.merged_adapters.append(name)
 
     def unmerge_adapter(self, name: str) -> None:
         with torch.no_grad():
-            self.base_weight.sub_(self.delta_weight(name).to(self.base_weight.dtype))
+            if not self.is_dora(name):
+                self.base_weight.sub_(self.delta_weight(name).to(self.base_weight.dtype))
+            else:
+                dtype = self.lora_A[name].weight.dtype
+                delta = self._out_rows(self.delta_weight(name)).to(dtype)
+                norm = self.__dict__["dora_norms"].pop(name)
+                weight = dora.unmerge(self.dense_weight(dtype), delta, self.magnitude(name), norm)
+                self._out_rows(self.base_weight).copy_(weight)
         self.merged_adapters.remove(name)
 
     # -- forward -----------------------------------------------------------------------------------
@@ -381,129 +505,25 @@ class _LinearLora(LoraLayer):
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
         return lora_linear(x.to(a.dtype), a, b, self.scaling[name], self._dropout_p(name))
 
-    def _dropout_p(self, name: str) -> float:
-        dropout = self.lora_dropout[name]
-        return dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
-
     def delta_weight(self, name: str) -> torch.Tensor:
         return (self.lora_B[name].weight @ self.lora_A[name].weight) * self.scaling[name]  # (out, in)
 
-    # -- DoRA (lorakit.dora) ----------------------------------------------------------------------------
+    # -- DoRA's layout (LoraLayer holds the rest) ----------------------------------------------------
 
     def _adapter_containers(self) -> tuple[nn.Module, ...]:
         magnitudes = self._modules.get("lora_magnitude_vector")
         return (self.lora_A, self.lora_B) if magnitudes is None else (self.lora_A, self.lora_B, magnitudes)
 
-    def _out_in(self, weight: torch.Tensor) -> torch.Tensor:
+    def _out_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """A weight in this layer's storage layout, viewed as (out, in)."""
         return weight if issubclass(self.base_class, nn.Linear) else weight.T
 
-    def dense_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The base weight W as it computes, (out, in) in ``dtype`` (a 4-bit one dequantized)."""
-        return self._out_in(float_weight(self.weight, dtype)).to(dtype)  # type: ignore[attr-defined]
-
-    def _make_magnitude(self, name: str) -> None:
-        """m = ‖W + s B A‖_row (out,): the adapted weight starts as the base's (W' = W for B = 0)."""
-        if type(self.weight).__name__ == "Int8Params":  # type: ignore[attr-defined]
-            raise ValueError("DoRA on an 8-bit base is not supported; use a 4-bit (NF4) or unquantized base")
-        if self.weight.is_meta:  # type: ignore[attr-defined]
-            raise ValueError("use_dora: DoRA's magnitudes start at the base weights' row norms, and this model's "
-                             "weights are on the meta device; load the weights before adding the adapter")
-        if "lora_magnitude_vector" not in self._modules:
-            self.lora_magnitude_vector = nn.ParameterDict()
-        self.lora_magnitude_vector[name] = nn.Parameter(self._dora_norm(name))
-
-    def _dora_norm(self, name: str) -> torch.Tensor:
-        """n = ‖W + s B A‖_row (out,) in the adapter's dtype, without gradient. Kept until W, A, B
-        or s change, so that a decode step, the micro-batches of one optimizer step and a
-        checkpointed layer's recomputation read W for it once, not at every forward. A change is an
-        in-place write (version counters), new storage (a move), a new dtype, or any optimizer step
-        (``dora.optimizer_steps``: fused optimizers leave version counters alone). No comparison of
-        values, which on a GPU would wait for the device at every layer."""
-        a, b, w = self.lora_A[name].weight, self.lora_B[name].weight, self.weight  # type: ignore[attr-defined]
-        key = (*((id(t), t._version, t.data_ptr(), t.dtype) for t in (w, a, b)), self.scaling[name],
-               dora.optimizer_steps, torch.is_inference_mode_enabled())
-        cache = self.__dict__.setdefault("dora_norm_cache", {})
-        if name in cache and cache[name][0] == key:
-            return cache[name][1]
-        with torch.no_grad(), torch.autocast(a.device.type, enabled=False):  # in the adapter's precision
-            weight = self.dense_weight(a.dtype)
-            norm = dora.factored_norm(weight, a, b, self.scaling[name], self._weight_sq(weight, key[0]))
-        cache[name] = (key, norm)
-        return norm
-
-    def _weight_sq(self, weight: torch.Tensor, key: tuple) -> torch.Tensor:
-        """‖W‖²_row of the frozen base weight (``weight``: W dense, (out, in)), kept while W is
-        unchanged (``key``: W's identity, version, storage and dtype)."""
-        kept = self.__dict__.get("dora_weight_sq")
-        if kept is None or kept[0] != (key, weight.dtype):
-            kept = ((key, weight.dtype), weight.square().sum(1))
-            self.__dict__["dora_weight_sq"] = kept
-        return kept[1]
-
-    def _adapter_term(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """A DoRA adapter's term (g − 1) ⊙ x Wᵀ + g ⊙ s x Aᵀ Bᵀ with g = m / ‖W + s B A‖_row, its
-        x Wᵀ read from ``result`` less the bias (PEFT's convention: with several active adapters,
-        the earlier ones' terms included); under dropout from dropout(x) Wᵀ. A LoRA adapter's term
-        otherwise."""
-        if not self.is_dora(name):
-            return self._lora_term(name, x)
+    def _update(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight
-        scale = self.lora_magnitude_vector[name] / self._dora_norm(name)
-        x, p = x.to(a.dtype), self._dropout_p(name)
-        if p > 0:
-            x = F.dropout(x, p, training=True)
-            base = F.linear(x, self.dense_weight(a.dtype))
-        else:
-            bias = self.bias  # type: ignore[attr-defined]
-            base = (result if bias is None else result - bias).to(a.dtype)
-        return dora.term(base, lora_linear(x, a, b, self.scaling[name], 0.0), scale)
+        return lora_linear(x, a, b, self.scaling[name], 0.0)
 
-    def _unmerged_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The base weight (out, in) with the merged adapters taken out again, last merged first."""
-        weight = self.dense_weight(dtype).clone()
-        for name in reversed(self.merged_adapters):
-            delta = self._out_in(self.delta_weight(name)).to(dtype)
-            weight = (dora.unmerge(weight, delta, self.lora_magnitude_vector[name], self.dora_norms[name])
-                      if self.is_dora(name) else weight - delta)
-        return weight
-
-    def merged_weight(self, weight: torch.Tensor, name: str, unmerged: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``weight`` (out, in) with adapter ``name`` merged: W + ΔW, or for DoRA (m / n) ⊙ (W + ΔW)
-        with n = ‖unmerged + ΔW‖_row of the base weight without merged adapters; and that n (None
-        for LoRA)."""
-        delta = self._out_in(self.delta_weight(name)).to(weight.dtype)
-        if not self.is_dora(name):
-            return weight + delta, None
-        norm = dora.weight_norm(unmerged, delta)
-        return dora.merge(weight, delta, self.lora_magnitude_vector[name].to(weight.dtype), norm), norm
-
-    def merge_preview(self, name: str) -> torch.Tensor:
-        if not self.is_dora(name):
-            return LoraLayer.merge_preview(self, name)
-        unmerged = self._unmerged_weight(torch.float32)
-        return self.merged_weight(self.dense_weight(torch.float32), name, unmerged)[0]
-
-    def merge_adapter(self, name: str) -> None:
-        if not self.is_dora(name):
-            return LoraLayer.merge_adapter(self, name)
-        with torch.no_grad():
-            dtype = self.lora_A[name].weight.dtype
-            merged, norm = self.merged_weight(self.dense_weight(dtype), name, self._unmerged_weight(dtype))
-            self._out_in(self.weight).copy_(merged)  # type: ignore[attr-defined]
-        self.__dict__.setdefault("dora_norms", {})[name] = norm
-        self.merged_adapters.append(name)
-
-    def unmerge_adapter(self, name: str) -> None:
-        if not self.is_dora(name):
-            return LoraLayer.unmerge_adapter(self, name)
-        with torch.no_grad():
-            dtype = self.lora_A[name].weight.dtype
-            delta = self._out_in(self.delta_weight(name)).to(dtype)
-            norm = self.__dict__["dora_norms"].pop(name)
-            weight = dora.unmerge(self.dense_weight(dtype), delta, self.lora_magnitude_vector[name], norm)
-            self._out_in(self.weight).copy_(weight)  # type: ignore[attr-defined]
-        self.merged_adapters.remove(name)
+    def _base_product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight)
 
     # -- mixed batches (lorakit.rows) ----------------------------------------------------------------
 
@@ -623,6 +643,24 @@ class _ConvLora(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in, k…), (out, r, 1…)
         return torch.einsum("or,r...->o...", b.flatten(1), a) * self.scaling[name]
+
+    # DoRA's layout: a kernel's rows are its output channels, each (in · k…) long
+
+    def _adapter_containers(self) -> tuple[nn.Module, ...]:
+        magnitudes = self._modules.get("lora_magnitude_vector")
+        return (self.lora_A, self.lora_B) if magnitudes is None else (self.lora_A, self.lora_B, magnitudes)
+
+    def _out_rows(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.flatten(1)
+
+    def _update(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        return self.lora_B[name](self.lora_A[name](x)) * self.scaling[name]
+
+    def _base_product(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, weight.view_as(self.weight), None)  # type: ignore[attr-defined]
+
+    def _channels(self, v: torch.Tensor) -> torch.Tensor:
+        return v.view(1, -1, *(1,) * len(self.kernel_size))
 
 
 class LoraConv1d(_ConvLora, nn.Conv1d):
