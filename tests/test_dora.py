@@ -346,10 +346,15 @@ def test_the_row_norms_are_kept_until_a_weight_changes(monkeypatch):
     import lorakit.dora
 
     model = _dora(tiny_llama(), target_modules=["q_proj", "v_proj"]).train()
+    conv = _dora(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3)), target_modules=["0"])
     calls = []
     real = lorakit.dora.factored_norm
     monkeypatch.setattr(lorakit.dora, "factored_norm", lambda *a: calls.append(1) or real(*a))
     layers = len(lora_layers(model))
+    images = torch.randn(1, 3, 6, 6)
+    conv(images), conv(images)  # a kernel's rows are views made per call: the key holds the parameters
+    assert len(calls) == 1
+    calls.clear()
     model(TOKENS, labels=TOKENS).loss.backward()
     model(TOKENS, labels=TOKENS).loss.backward()
     assert len(calls) == layers

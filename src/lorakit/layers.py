@@ -248,13 +248,13 @@ class LoraLayer:
         in-place write (version counters), new storage (a move), a new dtype, or any optimizer step
         (``dora.optimizer_steps``: fused optimizers leave version counters alone). No comparison of
         values, which on a GPU would wait for the device at every layer."""
-        a, b = self._factor_rows(name)
-        w = self.base_weight
-        key = (*((id(t), t._version, t.data_ptr(), t.dtype) for t in (w, a, b)), self.scaling[name],
+        params = (self.base_weight, self.lora_A[name].weight, self.lora_B[name].weight)  # (not views: new ids)
+        key = (*((id(t), t._version, t.data_ptr(), t.dtype) for t in params), self.scaling[name],
                dora.optimizer_steps, torch.is_inference_mode_enabled())
         cache = self.__dict__.setdefault("dora_norm_cache", {})
         if name in cache and cache[name][0] == key:
             return cache[name][1]
+        a, b = self._factor_rows(name)
         with torch.no_grad(), torch.autocast(a.device.type, enabled=False):  # in the adapter's precision
             weight = self.dense_weight(a.dtype)
             norm = dora.factored_norm(weight, a, b, self.scaling[name], self._weight_sq(weight, key[0]))
