@@ -438,3 +438,14 @@ def test_convolutions_equal_peft_outputs_gradients_files_and_merge(tmp_path):
         torch.testing.assert_close(merged(images), y_ours.detach(), rtol=1e-10, atol=1e-12)
     for k, v in merged.state_dict().items():
         torch.testing.assert_close(v, peft_merged.state_dict()[k], rtol=1e-12, atol=1e-12, msg=k)
+
+
+def test_dora_on_an_8bit_base_is_refused_with_the_fix():
+    pytest.importorskip("bitsandbytes")
+    from lorakit.quant import quantize_model
+
+    model = tiny_llama()
+    quantize_model(model, "int8")
+    with pytest.raises(ValueError, match=r"'model.layers.0.self_attn.q_proj' is 8-bit quantized.*quantize to 4-bit"):
+        get_lora_model(model, LoraConfig(target_modules=["q_proj"], use_dora=True))
+    assert not lora_layers(model)  # refused before anything was wrapped

@@ -65,7 +65,6 @@ def merge_to_directory(model_name: str, adapters: list[tuple[str, float]], out: 
         if adapter_configs(model)[name].use_dora and weight != 1:
             raise LorakitError(f"{path} is a DoRA adapter: its trained magnitudes set each row's length, which a "
                                f"weight cannot scale like a LoRA delta; merge it with weight 1 (or give no :WEIGHT)")
-    for name, (_, weight) in zip(names, adapters):
         for _, layer in lora_layers(model):
             if name in layer.scaling:
                 layer.scaling[name] *= weight

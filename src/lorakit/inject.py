@@ -21,9 +21,9 @@ from transformers.pytorch_utils import Conv1D
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
 from lorakit.layers import (
     SUPPORTED_TYPES,
-    LoraEmbedding,
     LoraLayer,
     computes_linear,
+    dora_refusal,
     lora_class_for,
     lora_layers,
 )
@@ -236,18 +236,11 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
 
 
 def _check_dora_targets(model: nn.Module, targets: list[str]) -> None:
-    """DoRA runs on linear layers (``nn.Linear``, GPT-2 ``Conv1D``, a 4-bit base) and convolutions:
-    refuse any other target (an embedding) before anything is wrapped."""
+    """Refuse, before anything is wrapped, a target DoRA cannot go on (``layers.dora_refusal``)."""
     for name in targets:
-        module = model.get_submodule(name)
-        cls = type(module) if isinstance(module, LoraLayer) else lora_class_for(type(module))
-        if cls is None or issubclass(cls, LoraEmbedding):
-            raise ValueError(f"use_dora: module {name!r} is a {type(module).__name__}, and DoRA is implemented for "
-                             f"linear layers and convolutions only; leave it out of target_modules (or "
-                             f"exclude_modules) or set use_dora false")
-        if type(module.weight).__name__ == "Int8Params":
-            raise ValueError(f"use_dora: module {name!r} is 8-bit quantized, and DoRA is not supported on an 8-bit "
-                             f"base; quantize to 4-bit (NF4) or set use_dora false")
+        reason = dora_refusal(model.get_submodule(name))
+        if reason:
+            raise ValueError(f"use_dora: module {name!r} {reason}")
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:

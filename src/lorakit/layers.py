@@ -143,7 +143,8 @@ class LoraLayer:
         self.active_adapters = [a for a in self.active_adapters if a != name]
 
     def _adapter_containers(self) -> tuple[nn.Module, ...]:
-        return (self.lora_A, self.lora_B)
+        magnitudes = self._modules.get("lora_magnitude_vector")  # DoRA's
+        return (self.lora_A, self.lora_B) if magnitudes is None else (self.lora_A, self.lora_B, magnitudes)
 
     @property
     def adapter_names(self) -> list[str]:
@@ -171,12 +172,12 @@ class LoraLayer:
         nn.init.zeros_(b)
 
     def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """s · B(A(dropout(x))), the adapter's term for input ``x``."""
+        return self._update(name, self.lora_dropout[name](x.to(self.lora_A[name].weight.dtype)))
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``s · B A`` shaped like the base weight, in the adapter's dtype."""
         raise NotImplementedError
-
 
     def _rows_term(self, x: torch.Tensor, rows: list[str | None], result: torch.Tensor) -> torch.Tensor:
         """The update for a batch whose row b uses adapter ``rows[b]`` (None: none), grouping rows by
@@ -200,7 +201,7 @@ class LoraLayer:
     # ``_channels`` (an (out,) vector shaped to scale its outputs); the rest is common.
 
     def _out_rows(self, weight: torch.Tensor) -> torch.Tensor:
-        raise ValueError(f"DoRA is implemented for linear layers and convolutions, not {type(self).__name__}")
+        raise NotImplementedError  # (dora_refusal names the layer kinds without a layout)
 
     def _update(self, name: str, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -230,16 +231,12 @@ class LoraLayer:
 
     def _make_magnitude(self, name: str) -> None:
         """m = ‖W + s B A‖_row (out,): the adapted weight starts as the base's (W' = W for B = 0)."""
-        self._out_rows(self.base_weight)  # refuses the layer kinds DoRA does not cover
-        if type(self.base_weight).__name__ == "Int8Params":
-            raise ValueError("DoRA on an 8-bit base is not supported; use a 4-bit (NF4) or unquantized base")
-        if self.base_weight.is_meta:
-            raise ValueError("use_dora: DoRA's magnitudes start at the base weights' row norms, and this model's "
-                             "weights are on the meta device; load the weights before adding the adapter")
+        reason = dora_refusal(self)
+        if reason:
+            raise ValueError(f"use_dora: this {type(self).__name__} {reason}")
         if "lora_magnitude_vector" not in self._modules:
             self.lora_magnitude_vector = nn.ParameterDict()
-        norm = self._dora_norm(name)
-        self.lora_magnitude_vector[name] = nn.Parameter(norm if self.base_weight.dim() == 2 else self._channels(norm))
+        self.lora_magnitude_vector[name] = nn.Parameter(self._channels(self._dora_norm(name)))
 
     def _dora_norm(self, name: str) -> torch.Tensor:
         """n = ‖W + s B A‖_row (out,) in the adapter's dtype, without gradient. Kept until W, A, B
@@ -510,10 +507,6 @@ class _LinearLora(LoraLayer):
 
     # -- DoRA's layout (LoraLayer holds the rest) ----------------------------------------------------
 
-    def _adapter_containers(self) -> tuple[nn.Module, ...]:
-        magnitudes = self._modules.get("lora_magnitude_vector")
-        return (self.lora_A, self.lora_B) if magnitudes is None else (self.lora_A, self.lora_B, magnitudes)
-
     def _out_rows(self, weight: torch.Tensor) -> torch.Tensor:
         """A weight in this layer's storage layout, viewed as (out, in)."""
         return weight if issubclass(self.base_class, nn.Linear) else weight.T
@@ -636,19 +629,11 @@ class _ConvLora(LoraLayer):
         ones = (1,) * len(self.kernel_size)
         self.lora_B[name] = conv(r, self.out_channels, ones, ones, bias=False)  # type: ignore[call-arg]
 
-    def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.lora_A[name], self.lora_B[name]
-        return b(a(self.lora_dropout[name](x.to(a.weight.dtype)))) * self.scaling[name]
-
     def delta_weight(self, name: str) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight  # (r, in, k…), (out, r, 1…)
         return torch.einsum("or,r...->o...", b.flatten(1), a) * self.scaling[name]
 
     # DoRA's layout: a kernel's rows are its output channels, each (in · k…) long
-
-    def _adapter_containers(self) -> tuple[nn.Module, ...]:
-        magnitudes = self._modules.get("lora_magnitude_vector")
-        return (self.lora_A, self.lora_B) if magnitudes is None else (self.lora_A, self.lora_B, magnitudes)
 
     def _out_rows(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.flatten(1)
@@ -721,6 +706,23 @@ def computes_linear(module: nn.Module) -> bool:
         return False
     return (isinstance(out, torch.Tensor) and out.shape == ref.shape
             and torch.allclose(out.float(), ref.float(), rtol=1e-2, atol=1e-2 * float(ref.abs().max().clamp_min(1e-6))))
+
+
+def dora_refusal(module: nn.Module) -> str | None:
+    """Why a DoRA adapter cannot go on ``module`` (a layer LoRA wraps, or its LoRA layer), as the
+    rest of a sentence naming the module, or None: DoRA has a layout for linear layers and
+    convolutions only, not on an 8-bit base, and its magnitudes need the base weights."""
+    cls = type(module) if isinstance(module, LoraLayer) else lora_class_for(type(module))
+    if cls is None or cls._out_rows is LoraLayer._out_rows:
+        return (f"is a {type(module).__name__}, and DoRA is implemented for linear layers and convolutions only; "
+                f"leave it out of target_modules (or exclude_modules) or set use_dora false")
+    weight = module.weight
+    if type(weight).__name__ == "Int8Params":
+        return "is 8-bit quantized, and DoRA is not supported on an 8-bit base; quantize to 4-bit (NF4) or set use_dora false"
+    if weight.is_meta:
+        return ("has its weights on the meta device; load the weights before adding the adapter (DoRA's "
+                "magnitudes start at the base weights' row norms)")
+    return None
 
 
 def find_modules(model: nn.Module, cls: type | tuple[type, ...]) -> list[tuple[str, Any]]:

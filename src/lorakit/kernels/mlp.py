@@ -37,9 +37,9 @@ from lorakit.kernels.gemm import mm
 Proj = tuple  # (W, A, B, scale) for LoRA, or (W, A, B, scale, m, n) for DoRA (lorakit.dora)
 
 
-def _rows_scale(p: Proj) -> torch.Tensor | None:
-    """DoRA's c = m / n (out,) of a projection, or None for a LoRA one."""
-    return p[4] / p[5] if len(p) == 6 else None
+def _rows_scale(m: torch.Tensor | None, n: torch.Tensor | None) -> torch.Tensor | None:
+    """DoRA's c = m / n (out,) of a projection, or None for a LoRA one (no m)."""
+    return None if m is None else m / n
 
 
 def _scaled(z: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
@@ -58,7 +58,7 @@ class _LoraSwiGLU(torch.autograd.Function):
         modify the result in place). A projection with (m, n) is a DoRA one: its output is
         c ⊙ z with c = m / n, and z is what is kept (c ⊙ z is recomputed)."""
         sg, su, sd = scales
-        cg, cu, cd = (None if m is None else m / n for m, n in ((mg, ng), (mu, nu), (md, nd)))
+        cg, cu, cd = _rows_scale(mg, ng), _rows_scale(mu, nu), _rows_scale(md, nd)
         hg, hu = mm(x2, ag.T).mul_(sg), mm(x2, au.T).mul_(su)  # (N, r), scaled
         zg = mm(x2, wg.T, mm(hg, bg.T))  # (N, I): the rank-r update summed into the frozen product
         zu = mm(x2, wu.T, mm(hu, bu.T))
@@ -129,7 +129,7 @@ def lora_swiglu_reference(x: torch.Tensor, gate: Proj, up: Proj, down: Proj) -> 
     def proj(t: torch.Tensor, p: Proj) -> torch.Tensor:
         w, a, b, s = p[:4]
         z = F.linear(t, w) + s * (t @ a.T @ b.T)
-        c = _rows_scale(p)
+        c = _rows_scale(*p[4:6]) if len(p) == 6 else None
         return z if c is None else c * z
 
     return proj(F.silu(proj(x, gate)) * proj(x, up), down)
