@@ -236,9 +236,9 @@ class LoraLayer:
             raise ValueError(f"use_dora: this {type(self).__name__} {reason}")
         if "lora_magnitude_vector" not in self._modules:
             self.lora_magnitude_vector = nn.ParameterDict()
-        self.lora_magnitude_vector[name] = nn.Parameter(self._channels(self._dora_norm(name)))
+        self.lora_magnitude_vector[name] = nn.Parameter(self._channels(self.dora_norm(name)))
 
-    def _dora_norm(self, name: str) -> torch.Tensor:
+    def dora_norm(self, name: str) -> torch.Tensor:
         """n = ‖W + s B A‖_row (out,) in the adapter's dtype, without gradient. Kept until W, A, B
         or s change, so that a decode step, the micro-batches of one optimizer step and a
         checkpointed layer's recomputation read W for it once, not at every forward. A change is an
@@ -275,7 +275,7 @@ class LoraLayer:
         if not self.is_dora(name):
             return self._lora_term(name, x)
         dtype = self.lora_A[name].weight.dtype
-        scale = self._channels(self.magnitude(name) / self._dora_norm(name))
+        scale = self._channels(self.magnitude(name) / self.dora_norm(name))
         x, p = x.to(dtype), self._dropout_p(name)
         if p > 0:
             x = F.dropout(x, p, training=True)
@@ -482,7 +482,7 @@ class _LinearLora(LoraLayer):
         if self.is_dora(name):
             if p > 0:  # DoRA's dropout convention (lorakit.dora) has no fused node: the plain composition
                 return LoraLayer.forward(self, x, *args, **kwargs)
-            dora_args = (self.lora_magnitude_vector[name], self._dora_norm(name))
+            dora_args = (self.lora_magnitude_vector[name], self.dora_norm(name))
         tensors = (x, weight, self.bias, self.lora_A[name].weight, self.lora_B[name].weight)  # type: ignore[attr-defined]
         if cast is None:
             return _fused(*tensors, self.scaling[name], p, dora_args)

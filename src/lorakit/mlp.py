@@ -53,7 +53,7 @@ def _projection(layer: _LinearLora, x: torch.Tensor, cast: torch.dtype | None) -
     weight = weight if layer.base_class is nn.Linear else weight.T
     proj = (weight, layer.lora_A[name].weight, layer.lora_B[name].weight, layer.scaling[name])
     if layer.is_dora(name):  # DoRA: its magnitude and row norms, kept in their precision under autocast
-        proj += (layer.lora_magnitude_vector[name], layer._dora_norm(name))
+        proj += (layer.lora_magnitude_vector[name], layer.dora_norm(name))
     return proj
 
 
