@@ -36,6 +36,28 @@ def test_messages_train_only_assistant_turns_with_end_of_turn(tokenizer):
     assert full.endswith("<|im_end|>\n") and tokenizer.decode(ex.input_ids) == full[:-1]
 
 
+def test_sharegpt_conversations_equal_the_same_messages(tokenizer):
+    roles = {"system": "system", "user": "human", "assistant": "gpt"}
+    sharegpt = {"conversations": [{"from": roles[m["role"]], "value": m["content"]} for m in CHAT["messages"]]}
+    a = tokenize_row(R(CHAT, "x:1"), tokenizer, DataOptions())
+    b = tokenize_row(R(sharegpt, "x:2"), tokenizer, DataOptions())
+    assert (a.input_ids, a.labels, a.prompt, a.reference) == (b.input_ids, b.labels, b.prompt, b.reference)
+
+
+def test_turn_weight_zero_is_context_not_trained(tokenizer):
+    weighted = {"messages": [dict(m) for m in CHAT["messages"]]}
+    weighted["messages"][2]["weight"] = 0  # the first answer, "4"
+    ex = tokenize_row(R(weighted, "x:1"), tokenizer, DataOptions())
+    assert trained_text(ex, tokenizer) == "six<|im_end|>"
+    assert ex.input_ids == tokenize_row(R(CHAT, "x:2"), tokenizer, DataOptions()).input_ids
+    sharegpt = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo", "weight": 0}]}
+    with pytest.raises(DataError, match=r"x:3: 'conversations' has no assistant turn to train on"):
+        tokenize_row(R(sharegpt, "x:3"), tokenizer, DataOptions())
+    sharegpt["conversations"][1]["weight"] = 0.5
+    with pytest.raises(DataError, match=r"x:4: 'conversations'\[1\] has weight 0.5; use 0"):
+        tokenize_row(R(sharegpt, "x:4"), tokenizer, DataOptions())
+
+
 def test_prompt_completion_and_alpaca_render_as_chat(tokenizer):
     a = tokenize_row(R({"prompt": "Capital of France?", "completion": "Paris"}, "x:1"), tokenizer, DataOptions())
     b = tokenize_row(R({"instruction": "Capital of", "input": "France", "output": "Paris"}, "x:2"), tokenizer,
@@ -101,6 +123,12 @@ def test_bad_messages_and_empty_dataset(tmp_path, tokenizer):
         load_examples(path, tokenizer, DataOptions())
     path = write_jsonl(tmp_path / "r.jsonl", [{"messages": [{"role": "bot", "content": "hi"}]}])
     with pytest.raises(DataError, match="unknown role"):
+        load_examples(path, tokenizer, DataOptions())
+    path = write_jsonl(tmp_path / "s.jsonl", [{"conversations": [{"from": "bot", "value": "hi"}]}])
+    with pytest.raises(DataError, match=r"s\.jsonl:1: unknown from value\(s\) \['bot'\] in 'conversations'; use system, human"):
+        load_examples(path, tokenizer, DataOptions())
+    path = write_jsonl(tmp_path / "v.jsonl", [{"conversations": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"'conversations' must be a list of \{'from', 'value'\} objects"):
         load_examples(path, tokenizer, DataOptions())
     (tmp_path / "empty.jsonl").write_text("\n")
     with pytest.raises(DataError, match="empty"):

@@ -5,9 +5,11 @@ Files: ``.jsonl``, ``.json``, ``.csv``, ``.parquet`` or a directory of them. Eac
     text                       {"text": "..."}                                    every token trains
     prompt + completion        {"prompt": "...", "completion": "..."}             completion trains
     messages                   {"messages": [{"role": "user", "content": ...}, ...]}  assistant turns train
+    ShareGPT                   {"conversations": [{"from": "human", "value": ...}, ...]}  gpt turns train
     alpaca                     {"instruction": ..., "input": ... (optional), "output": ...}  output trains
 
-Trained tokens carry their id in ``labels``; the rest carry -100. The end of every trained answer
+In both conversation formats a turn with ``"weight": 0`` (axolotl's convention) is context, not
+trained. Trained tokens carry their id in ``labels``; the rest carry -100. The end of every trained answer
 (EOS, or the chat template's end-of-turn token) is trained too, so the model learns to stop.
 Errors name the file and line of the offending row.
 """
@@ -25,7 +27,11 @@ from typing import Any
 from lorakit.errors import LorakitError
 
 IGNORE = -100
-FORMATS = "text | prompt+completion | messages | instruction+output (alpaca, optional input)"
+FORMATS = ("text | prompt+completion | messages | conversations (ShareGPT from/value) | "
+           "instruction+output (alpaca, optional input)")
+# ShareGPT speakers → chat roles.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "model": "assistant"}
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 
 
@@ -134,15 +140,8 @@ def _read_parquet(path: Path) -> Iterator[Row]:
 
 def detect_format(row: Row) -> str:
     d = row.data
-    if "messages" in d:
-        msgs = d["messages"]
-        if not isinstance(msgs, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in msgs):
-            raise DataError(f"{row.source}: 'messages' must be a list of {{'role', 'content'}} objects")
-        bad = {m["role"] for m in msgs} - {"system", "user", "assistant"}
-        if bad:
-            raise DataError(f"{row.source}: unknown role(s) {sorted(bad)}; use system, user, assistant")
-        if not any(m["role"] == "assistant" for m in msgs):
-            raise DataError(f"{row.source}: 'messages' has no assistant turn to train on")
+    if "messages" in d or "conversations" in d:
+        conversation_turns(row)  # validates
         return "messages"
     if "prompt" in d and "completion" in d:
         return "prompt_completion"
@@ -153,11 +152,39 @@ def detect_format(row: Row) -> str:
     raise DataError(f"{row.source}: row matches no format (keys: {', '.join(sorted(d)) or 'none'}); accepted: {FORMATS}")
 
 
+def conversation_turns(row: Row) -> list[tuple[dict[str, str], bool]]:
+    """A ``messages`` or ShareGPT ``conversations`` row as ``({role, content}, trains)`` turns.
+
+    ShareGPT's ``from``/``value`` turns map through ``SHAREGPT_ROLES`` (human → user, gpt → assistant).
+    An assistant turn trains unless it carries ``"weight": 0``; other turns never train.
+    """
+    sharegpt = "messages" not in row.data
+    key, role_key, content_key = ("conversations", "from", "value") if sharegpt else ("messages", "role", "content")
+    turns = row.data[key]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and role_key in t and content_key in t
+                                              for t in turns):
+        raise DataError(f"{row.source}: '{key}' must be a list of {{'{role_key}', '{content_key}'}} objects")
+    roles = SHAREGPT_ROLES if sharegpt else {r: r for r in ("system", "user", "assistant")}
+    bad = sorted({str(t[role_key]) for t in turns} - set(roles))
+    if bad:
+        raise DataError(f"{row.source}: unknown {role_key} value(s) {bad} in '{key}'; use {', '.join(roles)}")
+    out = []
+    for i, t in enumerate(turns):
+        weight = t.get("weight", 1)
+        if weight not in (0, 1) or isinstance(weight, str):
+            raise DataError(f"{row.source}: '{key}'[{i}] has weight {weight!r}; use 0 (context) or 1 (trained)")
+        role = roles[t[role_key]]
+        out.append(({"role": role, "content": str(t[content_key])}, role == "assistant" and weight == 1))
+    if not any(trains for _, trains in out):
+        raise DataError(f"{row.source}: '{key}' has no assistant turn to train on")
+    return out
+
+
 def as_messages(row: Row, fmt: str, system_prompt: str | None) -> list[dict[str, str]]:
     """The row as chat turns (prompt/completion and alpaca become user/assistant)."""
     d = row.data
     if fmt == "messages":
-        return [{"role": m["role"], "content": str(m["content"])} for m in d["messages"]]
+        return [m for m, _ in conversation_turns(row)]
     if fmt == "prompt_completion":
         prompt, answer = str(d["prompt"]), str(d["completion"])
     else:
@@ -170,9 +197,10 @@ def as_messages(row: Row, fmt: str, system_prompt: str | None) -> list[dict[str,
 # -- tokenizing ------------------------------------------------------------------------------------
 
 
-def _chat_spans(tokenizer: Any, messages: list[dict[str, str]], source: str) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans of its assistant turns (content plus the
-    template's end-of-turn marker), found by rendering growing prefixes of the conversation.
+def _chat_spans(tokenizer: Any, messages: list[dict[str, str]], source: str,
+                trained: Sequence[bool] | None = None) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its trained assistant turns (content plus
+    the template's end-of-turn marker; ``trained[i]`` false leaves turn i out), found by rendering growing prefixes of the conversation.
     Whitespace a template puts after the final end-of-turn marker is dropped: it would cost a
     token per example and teach nothing (generation stops at the marker)."""
     render = tokenizer.apply_chat_template
@@ -180,7 +208,7 @@ def _chat_spans(tokenizer: Any, messages: list[dict[str, str]], source: str) -> 
     full = rendered.rstrip()
     spans = []
     for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+        if m["role"] != "assistant" or (trained is not None and not trained[i]):
             continue
         before = render(messages[:i], tokenize=False, add_generation_prompt=True) if i else ""
         through = render(messages[: i + 1], tokenize=False)
@@ -201,7 +229,7 @@ def _tokenize_spans(tokenizer: Any, text: str, spans: Sequence[tuple[int, int]],
 def use_chat(tokenizer: Any, opts: DataOptions, fmt: str) -> bool:
     if fmt == "messages":
         if not getattr(tokenizer, "chat_template", None):
-            raise DataError("'messages' rows need a tokenizer with a chat template")
+            raise DataError("'messages' and 'conversations' rows need a tokenizer with a chat template")
         return True
     if fmt == "text":
         return False
@@ -216,7 +244,8 @@ def tokenize_row(row: Row, tokenizer: Any, opts: DataOptions) -> Example:
     chat = use_chat(tokenizer, opts, fmt)
     if chat:
         messages = as_messages(row, fmt, opts.system_prompt)
-        text, spans = _chat_spans(tokenizer, messages, row.source)
+        trained_turns = [trains for _, trains in conversation_turns(row)] if fmt == "messages" else None
+        text, spans = _chat_spans(tokenizer, messages, row.source, trained_turns)
         ids, trained = _tokenize_spans(tokenizer, text, spans, add_special=False)
         last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
         prompt = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
