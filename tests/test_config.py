@@ -12,7 +12,7 @@ from lorakit import LoraConfig
         ({"lora_dropout": 1.0}, "lora_dropout"),
         ({"lora_dropout": -0.1}, "lora_dropout"),
         ({"bias": "some"}, "bias"),
-        ({"init_lora_weights": "orthogonal"}, "init_lora_weights"),
+        ({"init_lora_weights": "corda"}, "init_lora_weights"),
         ({"rank_pattern": {"q_proj": 0}}, "rank_pattern"),
         ({"layers_pattern": "layers"}, "layers_pattern"),
     ],

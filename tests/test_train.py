@@ -170,6 +170,39 @@ def test_dora_run_resumes_exactly_and_its_adapter_loads_in_peft(run_config, tiny
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=0)
 
 
+def test_pissa_run_resumes_exactly_and_saves_a_plain_lora_for_the_original_base(run_config, tiny_model_dir):
+    """``lora.init_lora_weights: pissa``: checkpoints keep the trained factors and a resumed run
+    rebuilds the same residual base (same adapter, bit for bit); the final adapter is the rank-2r
+    plain LoRA that gives the trained model on the untouched base, in lorakit and PEFT."""
+    import shutil
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    cfg = run_config(lora={"init_lora_weights": "pissa", "lora_dropout": 0.0}, train={"epochs": 1, "save_steps": 2},
+                     eval={"steps": 0})
+    whole = train(cfg, progress=False)
+    final = adapter_tensors(whole.output_dir)
+    saved = json.loads((whole.output_dir / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["init_lora_weights"]) == (8, 16, True)
+    last = complete_checkpoints(whole.output_dir / "checkpoints")[-1]
+    assert json.loads((last / "adapter_config.json").read_text())["init_lora_weights"] == "pissa"
+    shutil.rmtree(last)
+    resumed = train(cfg, progress=False)
+    assert resumed.steps == whole.steps == 6 and resumed.resumed_from == 4
+    assert_identical(adapter_tensors(resumed.output_dir), final)
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    trained = lorakit.load_adapter(copy.deepcopy(base), last)  # raw factors: the base decomposed again
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        expected = trained(ids).logits
+        assert (expected - base(ids).logits).abs().max() > 1e-3
+        for loaded in (lorakit.load_adapter(copy.deepcopy(base), whole.output_dir),
+                       peft.PeftModel.from_pretrained(copy.deepcopy(base), whole.output_dir).eval()):
+            torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=0)
+
+
 def _run_cli(config_path, *extra):
     return subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(config_path), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

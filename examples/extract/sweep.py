@@ -49,6 +49,11 @@ RUNS: dict[str, list[str]] = {
     "dora": ["lora.use_dora=true"],
     "loraplus-16": ["train.loraplus_lr_ratio=16"],
     "loraplus-16-lr-5e-4": ["train.loraplus_lr_ratio=16", "train.lr=5e-4"],
+    # initialisations from the base weight (PiSSA: its top singular part; OLoRA: its QR factors), which
+    # start the adapter large, so also at a lower lr
+    "pissa": ["lora.init_lora_weights=pissa"],
+    "pissa-lr-5e-4": ["lora.init_lora_weights=pissa", "train.lr=5e-4"],
+    "olora": ["lora.init_lora_weights=olora"],
     # adapters on the top layers only: the backward pass stops below them (SmolLM2-135M has 30 layers)
     "top-15-layers": [f"lora.layers_to_transform=[{', '.join(map(str, range(15, 30)))}]"],
 }

@@ -14,6 +14,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from lorakit import inits
+
 BIAS_MODES = ("none", "all", "lora_only")
 
 # Default targets by `config.model_type` when `target_modules` is None, as PEFT does.
@@ -61,7 +63,11 @@ class LoraConfig:
         fan_in_fan_out: the base stores its weight as in × out (GPT-2 ``Conv1D``); set automatically
             for ``Conv1D`` layers.
         init_lora_weights: ``True`` (A kaiming-uniform, B zero: the adapter starts as a no-op),
-            ``"gaussian"`` (A ~ N(0, 1/r²), B zero) or ``False`` (both random: for tests only).
+            ``"gaussian"`` (A ~ N(0, 1/r²), B zero), ``False`` (both random: for tests only), or on
+            linear layers ``"pissa"`` / ``"pissa_niter_K"`` / ``"olora"`` (the adapter starts as W's
+            principal part, the base keeps the residual) or ``"orthogonal"`` (B A = 0 from orthogonal
+            halves); see ``lorakit.inits``. Other layer kinds take the default. ``"eva"`` adapters
+            load (their weights are read from the file) but cannot be initialised here.
         use_rslora: scale by ``alpha / sqrt(r)`` (rank-stabilised LoRA).
         use_dora: weight-decomposed LoRA (DoRA) on linear layers and convolutions: the adapted
             weight's rows (a kernel's output channels) are rescaled to a trained magnitude,
@@ -82,7 +88,7 @@ class LoraConfig:
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
-    init_lora_weights: bool | Literal["gaussian"] = True
+    init_lora_weights: bool | str = True
     use_rslora: bool = False
     use_dora: bool = False
     layers_to_transform: list[int] | int | None = None
@@ -116,10 +122,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_MODES:
             raise ValueError(f"LoraConfig.bias must be one of {', '.join(BIAS_MODES)}; got {self.bias!r}")
-        if self.init_lora_weights not in (True, False, "gaussian"):
-            raise ValueError(
-                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}"
-            )
+        if not inits.valid(self.init_lora_weights) and self.init_lora_weights not in inits.LOAD_ONLY:
+            raise ValueError(f"LoraConfig.init_lora_weights must be {inits.ACCEPTED}, got {self.init_lora_weights!r}")
         if not isinstance(self.use_dora, bool):
             raise ValueError(f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         if self.layers_pattern and self.layers_to_transform is None:

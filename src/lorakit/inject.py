@@ -11,6 +11,7 @@ parameters, ``modules_to_save`` copies, biases per ``bias``), never by substring
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import warnings
 from collections.abc import Iterator, Sequence
@@ -18,12 +19,14 @@ from collections.abc import Iterator, Sequence
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lorakit import inits
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
 from lorakit.layers import (
     SUPPORTED_TYPES,
     LoraLayer,
     computes_linear,
     dora_refusal,
+    init_refusal,
     lora_class_for,
     lora_layers,
 )
@@ -187,18 +190,31 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default", *,
-                trainable: bool = True) -> list[str]:
+                trainable: bool = True, loading: bool = False) -> list[str]:
     """Inject adapter ``adapter_name`` into ``model`` in place; returns the wrapped module names.
 
     The new adapter is not made active (see ``set_adapter``). Base parameters are frozen; the
-    adapter's parameters train when ``trainable``.
+    adapter's parameters train when ``trainable``. ``loading``: its weights are about to be read
+    from a file, so an initialisation lorakit cannot run (EVA's) is no obstacle.
     """
     configs = adapter_configs(model)
     if adapter_name in configs:
         raise ValueError(f"adapter {adapter_name!r} already exists; delete_adapter it first or pick another name")
+    init = config.init_lora_weights
+    if init in inits.LOAD_ONLY:
+        if not loading:
+            raise ValueError(f"init_lora_weights={init!r} needs activations from data, which lorakit does not "
+                             f"compute; adapters saved that way load, new ones use {inits.ACCEPTED}")
+        config = dataclasses.replace(config, init_lora_weights=True)
     targets = resolve_targets(model, config)
     if config.use_dora:
         _check_dora_targets(model, targets)
+    for name in targets:
+        module = model.get_submodule(name)
+        reason = init_refusal(module, init) if isinstance(module, (nn.Linear, Conv1D)) else None
+        if reason:
+            what = f"init_lora_weights={init!r}" if inits.mutates_base(init) else f"adapter {adapter_name!r}"
+            raise ValueError(f"{what}: module {name!r} {reason}")
     if not configs:
         for p in model.parameters():
             p.requires_grad_(False)

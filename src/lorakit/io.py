@@ -23,6 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lorakit import inits
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
 from lorakit.inject import (
@@ -86,13 +87,23 @@ def adapter_state_dict(
     return keys, optional
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default") -> Path:
-    """Write adapter ``adapter_name`` to ``directory`` in PEFT's format (files replaced atomically)."""
+def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *,
+                 convert: bool = True) -> Path:
+    """Write adapter ``adapter_name`` to ``directory`` in PEFT's format (files replaced atomically).
+
+    An adapter initialised by PiSSA or OLoRA, which moved part of the base weight into itself, is
+    written (``convert``, the default) as the plain LoRA adapter of rank 2r that gives the same
+    model on the original base, so PEFT, vLLM and ``lorakit serve`` use it as any other
+    (``converted_lora``); ``convert=False`` writes the factors as they are (the trainer's
+    checkpoints: the run rebuilds the residual base when it resumes).
+    """
     if adapter_name not in adapter_configs(model):
         raise ValueError(f"no adapter named {adapter_name!r}; this model has {sorted(adapter_configs(model))}")
     config = adapter_configs(model)[adapter_name]
     params, _ = adapter_state_dict(model, adapter_name)
     tensors = {k: p.detach().to("cpu").contiguous() for k, p in params.items()}
+    if convert and inits.mutates_base(config.init_lora_weights):
+        config, tensors = converted_lora(model, adapter_name, tensors)
     payload = config.to_peft_dict()
     payload["target_modules"] = saved_targets(model, adapter_name)
     if payload["base_model_name_or_path"] is None:
@@ -106,6 +117,40 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
     _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
     _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(payload, indent=2, sort_keys=True)))
     return directory
+
+
+def converted_lora(model: nn.Module, adapter_name: str,
+                   tensors: dict[str, torch.Tensor]) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """A PiSSA/OLoRA adapter's ``(config, tensors)`` as a plain LoRA adapter on the original base.
+
+    With initial factors A₀, B₀ the trained model is W_res + s·B A = W + s·(B A − B₀ A₀)
+    = W + s·[B, −B₀] [A; A₀]: rank 2r at the same scale s (α doubled; × √2 under rsLoRA). Layers
+    the initialisation did not touch (embeddings, convolutions) get zero rows and columns.
+    """
+    config = adapter_configs(model)[adapter_name]
+    out = dict(tensors)
+    for name, module in base_modules(model):
+        if not (isinstance(module, LoraLayer) and adapter_name in module.r):
+            continue
+        path = PREFIX + name
+        kind = "lora_embedding_" if isinstance(module, LoraEmbedding) else ""
+        a_key, b_key = ((f"{path}.lora_embedding_A", f"{path}.lora_embedding_B") if kind
+                        else (f"{path}.lora_A.weight", f"{path}.lora_B.weight"))
+        a, b = tensors[a_key], tensors[b_key]
+        initial = module.__dict__.get("init_factors", {}).get(adapter_name)
+        if initial is None:
+            a0, b0 = torch.zeros_like(a), torch.zeros_like(b)
+        else:
+            a0, b0 = (t.detach().to("cpu", a.dtype).reshape(t.shape) for t in initial)
+        out[a_key] = torch.cat([a, a0], dim=0).contiguous()
+        out[b_key] = torch.cat([b, -b0], dim=1).contiguous()
+    mult = inits.converted_alpha(1.0, config.use_rslora)
+    config = dataclasses.replace(
+        config, init_lora_weights=True, r=2 * config.r, lora_alpha=config.lora_alpha * mult,
+        rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+        alpha_pattern={k: v * mult for k, v in config.alpha_pattern.items()},
+    )
+    return config, out
 
 
 def saved_targets(model: nn.Module, adapter_name: str = "default") -> list[str] | str:
@@ -201,7 +246,7 @@ def load_adapter(
         raise AdapterLoadError(f"adapter {adapter_name!r} is already loaded; pick another adapter_name")
     config.inference_mode = not is_trainable
     try:
-        add_adapter(model, config, adapter_name, trainable=is_trainable)
+        add_adapter(model, config, adapter_name, trainable=is_trainable, loading=True)
     except ValueError as err:
         raise AdapterLoadError(f"adapter {directory} does not fit this model: {err}") from None
     try:

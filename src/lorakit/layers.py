@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from lorakit import dora, rows
+from lorakit import dora, inits, rows
 from lorakit.kernels.cast import cast_frozen
 from lorakit.kernels.dequant import float_weight, is_4bit, runs_dequantized
 from lorakit.kernels.dora import fused_dora_linear
@@ -44,7 +44,7 @@ FUSED_LINEAR = True
 _LORA_MODULES = ("lora_A", "lora_B", "lora_dropout", "lora_embedding_A", "lora_embedding_B", "lora_router",
                  "lora_magnitude_vector")
 _LORA_ATTRS = ("r", "lora_alpha", "scaling", "active_adapters", "merged_adapters", "adapters_disabled",
-               "dora_norms", "dora_norm_cache", "dora_weight_sq")
+               "dora_norms", "dora_norm_cache", "dora_weight_sq", "init_factors")
 
 
 def adopt(cls: type, base: nn.Module) -> Any:
@@ -115,7 +115,9 @@ class LoraLayer:
         self.__dict__.get("dora_norm_cache", {}).pop(name, None)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._make_adapter(name, r)
-        if init is not False:
+        if inits.is_structured(init) and self._structured_init(name, init):
+            pass
+        elif init is not False:
             self._reset_adapter(name, init)
         weight = self.base_weight
         device = weight.device if weight.device.type != "meta" else None
@@ -135,6 +137,12 @@ class LoraLayer:
         return magnitudes is not None and name in magnitudes
 
     def remove_adapter(self, name: str) -> None:
+        """Drop adapter ``name``; a PiSSA/OLoRA one first gives the base back what it took
+        (W = W_res + s·B₀A₀, up to the base dtype's rounding)."""
+        initial = self.__dict__.get("init_factors", {}).pop(name, None)
+        if initial is not None:
+            self._set_rows(self._out_rows(self.base_weight).to(initial[0].dtype)
+                           + self.scaling[name] * (initial[1] @ initial[0]))
         for container in (*self._adapter_containers(), self.lora_dropout):
             if name in container:
                 del container[name]
@@ -160,6 +168,16 @@ class LoraLayer:
     # -- kind-specific pieces ----------------------------------------------------------------------
 
     def _make_adapter(self, name: str, r: int) -> None:
+        raise NotImplementedError
+
+    def _structured_init(self, name: str, init: str) -> bool:
+        """Initialise A and B by ``lorakit.inits`` (PiSSA, OLoRA, orthogonal) and return True, or return
+        False where this layer kind has no such initialisation (PEFT's default init then applies)."""
+        return False
+
+    def _set_rows(self, rows: torch.Tensor) -> None:
+        """Replace the base weight by ``rows`` (out, rest) in its own dtype and layout (new storage:
+        the old one may be a read-only view of a memory-mapped checkpoint)."""
         raise NotImplementedError
 
     def _reset_adapter(self, name: str, init: bool | str) -> None:
@@ -390,6 +408,30 @@ def gemm_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     return None
 
 
+def init_refusal(module: nn.Module, init: bool | str, adapter_name: str | None = None) -> str | None:
+    """Why ``init`` cannot initialise an adapter on ``module`` (None where it can): PiSSA and OLoRA
+    rewrite the base weight, so need it loaded and in floating point, and alone on the layer (any
+    other adapter's update is relative to the weight they would change)."""
+    others = [n for n in getattr(module, "r", {}) if n != adapter_name]
+    mutated = [n for n in getattr(module, "init_factors", {}) if n != adapter_name]
+    if mutated:
+        return (f"carries adapter {mutated[0]!r}, whose PiSSA/OLoRA initialisation rewrote the base "
+                f"weight another adapter would add to; delete it first, or save it (converted to a plain "
+                f"LoRA by default) and load that beside others")
+    if not inits.mutates_base(init):
+        return None
+    weight = getattr(module, "weight", None)
+    if weight is None or weight.device.type == "meta":
+        return "has no loaded weight (built on the meta device) to decompose"
+    if not weight.is_floating_point() or is_4bit(weight):
+        return ("has a quantized base weight; PiSSA/OLoRA decompose a float one: initialise on the float "
+                "model (quantizing the residual is not supported here) or use init_lora_weights=true")
+    if others:
+        return (f"already carries adapter(s) {others}, and {init} rewrites the base weight they add to; "
+                f"load or train it on its own (or save the PiSSA/OLoRA adapter converted and load that)")
+    return None
+
+
 def keep_4bit_layout(module: nn.Module) -> None:
     """Keep a bitsandbytes 4-bit layer's weights in the one layout that training, merging and
     saving read (a no-op for other modules). On CPUs with AVX512-BF16, bitsandbytes otherwise
@@ -497,6 +539,29 @@ class _LinearLora(LoraLayer):
     def _make_adapter(self, name: str, r: int) -> None:
         self.lora_A[name] = nn.Linear(self.in_features, r, bias=False)
         self.lora_B[name] = nn.Linear(r, self.out_features, bias=False)
+
+    def _structured_init(self, name: str, init: str) -> bool:
+        weight = self.weight  # type: ignore[attr-defined]
+        reason = init_refusal(self, init, name)
+        if reason:
+            raise ValueError(f"init_lora_weights={init!r}: this {type(self).__name__} {reason}")
+        dtype = _adapter_dtype(weight)
+        with torch.no_grad():
+            w = self._out_rows(weight).to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+            a, b = inits.factors(init, w, self.r[name], self.scaling[name])
+            self.lora_A[name].weight = nn.Parameter(a.to(dtype))
+            self.lora_B[name].weight = nn.Parameter(b.to(dtype))
+            if inits.mutates_base(init):
+                a, b = self.lora_A[name].weight.to(w.dtype), self.lora_B[name].weight.to(w.dtype)
+                self._set_rows(w - self.scaling[name] * (b @ a))
+                self.__dict__.setdefault("init_factors", {})[name] = (self.lora_A[name].weight.detach().clone(),
+                                                                      self.lora_B[name].weight.detach().clone())
+        return True
+
+    def _set_rows(self, rows: torch.Tensor) -> None:
+        weight = self.weight  # type: ignore[attr-defined]
+        rows = rows.to(weight.dtype)
+        weight.data = (rows if issubclass(self.base_class, nn.Linear) else rows.T).contiguous()
 
     def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight

@@ -21,6 +21,7 @@ from pathlib import Path
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.inits import mutates_base
 from lorakit.inject import adapter_configs, delete_adapter
 from lorakit.io import load_adapter, read_adapter
 
@@ -48,7 +49,12 @@ class AdapterPool:
 
     def _check(self, path: str | os.PathLike) -> None:
         """Load into a throw-away slot and remove again: config, targets, ranks and keys all verified."""
-        read_adapter(path)  # clear errors for missing files, pickle, bad JSON
+        config, _ = read_adapter(path)  # clear errors for missing files, pickle, bad JSON
+        if mutates_base(config.init_lora_weights):
+            raise AdapterPoolError(
+                f"{path}: init_lora_weights={config.init_lora_weights!r} and not converted, so it is only right on "
+                f"the residual base its initialisation left, not on the base served to everyone; convert it: "
+                f"load_adapter(model, path) on the original base, then save_adapter(model, new_path)")
         probe = "__lorakit_check__"
         load_adapter(self.model, path, adapter_name=probe, activate=False)
         delete_adapter(self.model, probe)

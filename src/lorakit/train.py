@@ -53,6 +53,7 @@ from lorakit.distributed import (
 )
 from lorakit.errors import LorakitError
 from lorakit.evaluate import eval_loss, exact_match
+from lorakit.inits import mutates_base
 from lorakit.inject import count_parameters, get_lora_model
 from lorakit.io import adapter_state_dict, read_adapter, save_adapter
 from lorakit.kernels.cast import cached_casts
@@ -150,10 +151,12 @@ class Trainer:
             self.device = torch.device("cuda", self.world.local_rank)
         dtype = resolve_dtype(config.model.dtype, self.device)
         # FSDP: build the base on the meta device; each rank later reads only its shards (load_shards).
-        # Not for DoRA, whose magnitudes start at the base weights' row norms, so need them at injection.
-        dora = config.method == "lora" and config.lora_config().use_dora
+        # Not for DoRA, whose magnitudes start at the base weights' row norms, nor PiSSA/OLoRA, which
+        # decompose the base weights: both need them at injection.
+        needs_base = config.method == "lora" and (config.lora_config().use_dora
+                                                  or mutates_base(config.lora_config().init_lora_weights))
         empty = (empty_model(config.model.name, dtype=dtype) if self.world.mode == "fsdp"
-                 and config.method in ("lora", "full") and not config.model.quantize and not dora else None)
+                 and config.method in ("lora", "full") and not config.model.quantize and not needs_base else None)
         if empty is not None:
             self.model, self.tokenizer, weight_files = empty
         else:
@@ -320,9 +323,11 @@ class Trainer:
         return (f"non-finite {what} at step {self.state.step + 1}; training stopped and {where}. "
                 f"Lower train.lr or set train.max_grad_norm")
 
-    def _save_model(self, model: nn.Module, directory: Path) -> None:
+    def _save_model(self, model: nn.Module, directory: Path, final: bool = False) -> None:
+        """The trained weights; the final PiSSA/OLoRA adapter as a plain LoRA on the original base
+        (``io.converted_lora``), a checkpoint's as trained (a resumed run rebuilds the residual base)."""
         if self.config.method == "lora":
-            save_adapter(model, directory)
+            save_adapter(model, directory, convert=final)
         elif self.config.method == "router":
             from lorakit.router import save_router
 
@@ -446,7 +451,7 @@ class Trainer:
             if not self.world.main:
                 return
             if self.config.method != "full":
-                self._save_model(self.model, self.out)
+                self._save_model(self.model, self.out, final=True)
             else:
                 self.model.save_pretrained(self.out / "model")
                 self.tokenizer.save_pretrained(self.out / "model")
