@@ -179,7 +179,7 @@ def main() -> None:
         ours.zero_grad(set_to_none=True)
 
     def step_theirs(rows: Any) -> None:
-        theirs(**to(collate(rows, tok.pad_token_id))).loss.backward()
+        theirs(**{k: v for k, v in to(collate(rows, tok.pad_token_id)).items() if k != "example_lengths"}).loss.backward()
         theirs.zero_grad(set_to_none=True)
 
     sides = {"lorakit": step_ours, "PEFT": step_theirs}

@@ -79,7 +79,7 @@ def measure(side: str, layers: int, shape: str, rows: list[Any], pad: int, vocab
     if side == "PEFT":
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
         model.train()
-        batch = collate(rows, pad)
+        batch = {k: v for k, v in collate(rows, pad).items() if k != "example_lengths"}  # (NEFTune's)
         with autocast:
             return saved_bytes(lambda: model(**batch).loss, params)
     lorakit.get_lora_model(model, lorakit.LoraConfig(**LORA))

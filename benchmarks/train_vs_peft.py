@@ -228,7 +228,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
                     loss_sum, n = causal_lm_loss(model, batch)
                     loss = loss_sum / n
                 else:
-                    loss = model(**batch).loss
+                    loss = model(**{k: v for k, v in batch.items() if k != "example_lengths"}).loss
                     n = int((batch["labels"][:, 1:] != -100).sum())
             loss.backward()
             opt.step()

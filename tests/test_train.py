@@ -203,6 +203,32 @@ def test_pissa_run_resumes_exactly_and_saves_a_plain_lora_for_the_original_base(
             torch.testing.assert_close(loaded(ids).logits, expected, atol=1e-5, rtol=0)
 
 
+def test_neftune_run_trains_differently_and_resumes_exactly(run_config, tmp_path):
+    """``train.neftune_noise_alpha``: the noise changes every step's loss (drawn from the run's RNG,
+    which checkpoints carry, so a resumed run ends with the same adapter, bit for bit)."""
+    import shutil
+
+    sections = {"lora": {"lora_dropout": 0.0}, "eval": {"steps": 0}}
+    cfg = run_config(train={"epochs": 1, "save_steps": 2, "neftune_noise_alpha": 5.0}, **sections)
+    whole = train(cfg, progress=False)
+    final = adapter_tensors(whole.output_dir)
+    shutil.rmtree(complete_checkpoints(whole.output_dir / "checkpoints")[-1])
+    resumed = train(cfg, progress=False)
+    assert resumed.steps == whole.steps == 6 and resumed.resumed_from == 4
+    assert_identical(adapter_tensors(resumed.output_dir), final)
+    plain = train(run_config(train={"epochs": 1, "save_steps": 2}, output_dir=str(tmp_path / "plain"), **sections),
+                  progress=False)
+
+    def losses(out):
+        return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+                if '"loss"' in line]
+
+    noisy, clean = losses(whole.output_dir), losses(plain.output_dir)
+    assert all(a != b for a, b in zip(noisy, clean)) and len(noisy) == len(clean) == 6
+    with pytest.raises(ConfigError, match="train.neftune_noise_alpha must be >= 0"):
+        build_config(run_config(train={"neftune_noise_alpha": -1}))
+
+
 def _run_cli(config_path, *extra):
     return subprocess.Popen([sys.executable, "-m", "lorakit", "train", str(config_path), *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

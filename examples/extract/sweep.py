@@ -53,7 +53,9 @@ RUNS: dict[str, list[str]] = {
     # start the adapter large, so also at a lower lr
     "pissa": ["lora.init_lora_weights=pissa"],
     "pissa-lr-5e-4": ["lora.init_lora_weights=pissa", "train.lr=5e-4"],
+    "pissa-lr-2e-4": ["lora.init_lora_weights=pissa", "train.lr=2e-4"],
     "olora": ["lora.init_lora_weights=olora"],
+    "olora-lr-5e-4": ["lora.init_lora_weights=olora", "train.lr=5e-4"],
     # adapters on the top layers only: the backward pass stops below them (SmolLM2-135M has 30 layers)
     "top-15-layers": [f"lora.layers_to_transform=[{', '.join(map(str, range(15, 30)))}]"],
 }

@@ -41,8 +41,9 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int, *, multiple: int = 1
     the fewest extra columns that make the token count B·T a multiple of ``multiple``: T rounded
     up to a multiple of ``multiple / gcd(B, multiple)``; see ``collate_flat``).
 
-    Returns ``input_ids``, ``labels`` (B, T), ``position_ids`` (B, T, restarting at each example)
-    and ``attention_mask``: (B, T) for one example per row, else a (B, 1, T, T) boolean
+    Returns ``input_ids``, ``labels`` (B, T), ``position_ids`` (B, T, restarting at each example),
+    ``example_lengths`` (B, T: the length of the example each token belongs to, 0 for padding; for
+    ``lorakit.neftune``) and ``attention_mask``: (B, T) for one example per row, else a (B, 1, T, T) boolean
     block-diagonal causal mask so that packed examples cannot see each other.
     """
     length = max(sum(len(e.input_ids) for e in row) for row in rows)
@@ -52,6 +53,7 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int, *, multiple: int = 1
     labels = torch.full((len(rows), length), IGNORE, dtype=torch.long)
     positions = torch.zeros((len(rows), length), dtype=torch.long)
     segments = torch.full((len(rows), length), -1, dtype=torch.long)
+    example_lengths = torch.zeros((len(rows), length), dtype=torch.long)
     for b, row in enumerate(rows):
         t = 0
         for s, ex in enumerate(row):
@@ -61,8 +63,9 @@ def collate(rows: Sequence[Sequence[Example]], pad_id: int, *, multiple: int = 1
             labels[b, t] = IGNORE  # no target crosses from the previous example into this one
             positions[b, t:t + n] = torch.arange(n)
             segments[b, t:t + n] = s
+            example_lengths[b, t:t + n] = n
             t += n
-    batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+    batch = {"input_ids": ids, "labels": labels, "position_ids": positions, "example_lengths": example_lengths}
     if all(len(row) == 1 for row in rows):
         batch["attention_mask"] = (segments >= 0).long()
     else:
@@ -92,8 +95,9 @@ def collate_flat(rows: Sequence[Sequence[Example]], share_prefix: bool = True, *
                  pad_id: int = 0, trim: bool = True) -> dict[str, Any]:
     """All examples of ``rows`` concatenated into one (1, N) row with no padding (see
     ``lorakit.attention``): ``input_ids``, ``labels`` and ``position_ids`` (1, N), plus the
-    segment bounds ``cu_seq_lens_q``/``_k`` (S+1,) and ``max_length_q``/``_k`` (the longest, int).
-    Labels of each example's first token are ignored, so no target crosses between examples.
+    segment bounds ``cu_seq_lens_q``/``_k`` (S+1,) and ``max_length_q``/``_k`` (the longest, int),
+    and ``example_lengths`` (1, N: each token's whole example's length; the shared prefix: their mean;
+    filler: 0). Labels of each example's first token are ignored, so no target crosses between examples.
 
     With ``share_prefix``, a prefix common to all examples that trains nothing (a chat template's
     system turn, say; see ``shared_prefix``) is placed once at the start, as its own segment, and
@@ -127,6 +131,8 @@ def collate_flat(rows: Sequence[Sequence[Example]], share_prefix: bool = True, *
     if filler:
         parts.append(([pad_id] * filler, [IGNORE] * filler, p))
     lengths = [len(ids) for ids, _, _ in parts]
+    whole = [len(e.input_ids) for e in examples]
+    owner = ([round(sum(whole) / len(whole))] if p else []) + whole + ([0] if filler else [])
     ids = torch.tensor([t for part, _, _ in parts for t in part])[None]
     labels = torch.tensor([t for _, part, _ in parts for t in part])
     starts = torch.tensor([0, *lengths]).cumsum(0)
@@ -138,7 +144,8 @@ def collate_flat(rows: Sequence[Sequence[Example]], share_prefix: bool = True, *
     cu = starts.to(torch.int32)
     longest = max(lengths[1:] if p else lengths)
     batch = {"input_ids": ids, "labels": labels[None], "position_ids": positions, "cu_seq_lens_q": cu,
-             "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+             "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest,
+             "example_lengths": torch.tensor(owner).repeat_interleave(torch.tensor(lengths))[None]}
     if p:
         batch["shared_prefix"] = p
     return batch

@@ -36,6 +36,7 @@ from lorakit.kernels.dequant import float_weight, is_4bit, runs_dequantized
 from lorakit.kernels.dora import fused_dora_linear
 from lorakit.kernels.gemm import linear, uses_onednn
 from lorakit.kernels.lora import fused_lora_linear, lora_linear
+from lorakit.memory import page_out
 
 # Use the fused LoRA-linear (or DoRA-linear) autograd node where it applies (see `_LinearLora._fused_adapter`);
 # False runs the plain composition of base forward + LoRA term (the reference path).
@@ -560,8 +561,9 @@ class _LinearLora(LoraLayer):
 
     def _set_rows(self, rows: torch.Tensor) -> None:
         weight = self.weight  # type: ignore[attr-defined]
-        rows = rows.to(weight.dtype)
+        old, rows = weight.data, rows.to(weight.dtype)
         weight.data = (rows if issubclass(self.base_class, nn.Linear) else rows.T).contiguous()
+        page_out(old)  # a memory-mapped checkpoint's pages read for the decomposition: no longer needed
 
     def _lora_term(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b = self.lora_A[name].weight, self.lora_B[name].weight

@@ -78,6 +78,7 @@ class TrainSection:
     # LoRA+: B matrices (and 1-D parameters) at this multiple of lr; 0 = off (plain LoRA). Paper: ~16
     loraplus_lr_ratio: float = 0.0
     loraplus_lr_embedding: float = 1e-6  # LoRA+: the lr of an embedding's adapter (PEFT's default)
+    neftune_noise_alpha: float = 0.0  # NEFTune: uniform noise α/√(L·d) on input embeddings; 0 = off (paper: 5)
     gradient_checkpointing: bool = False
     # auto | true | false: matmuls under bf16 autocast (weights and adapters stay in their dtype);
     # auto = on a GPU only (on CPUs with native bf16, true is ~1.4x faster; see lorakit.train)
@@ -168,6 +169,7 @@ class RunConfig:
             (t.loraplus_lr_ratio == 0 or self.method == "lora",
              "train.loraplus_lr_ratio applies to method: lora (LoRA+ gives the adapters' B matrices their own lr)"),
             (t.loraplus_lr_embedding > 0, "train.loraplus_lr_embedding must be > 0"),
+            (t.neftune_noise_alpha >= 0, "train.neftune_noise_alpha must be >= 0 (0 turns NEFTune off; the paper uses 5)"),
         ]
         for ok, message in checks:
             if not ok:
