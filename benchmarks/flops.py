@@ -152,7 +152,7 @@ def main() -> None:
     from lorakit.models import load_model
     from lorakit.norm import fused_norms
     from lorakit.train_config import DEFAULT_LORA
-    from results import append_entry, machine
+    from results import append_entry, hf_batch, machine
 
     cuda = torch.cuda.is_available()
     device, dtype = ("cuda", torch.bfloat16) if cuda else ("cpu", torch.float32)
@@ -179,7 +179,7 @@ def main() -> None:
         ours.zero_grad(set_to_none=True)
 
     def step_theirs(rows: Any) -> None:
-        theirs(**{k: v for k, v in to(collate(rows, tok.pad_token_id)).items() if k != "example_lengths"}).loss.backward()
+        theirs(**hf_batch(to(collate(rows, tok.pad_token_id)))).loss.backward()
         theirs.zero_grad(set_to_none=True)
 
     sides = {"lorakit": step_ours, "PEFT": step_theirs}

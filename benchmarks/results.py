@@ -16,6 +16,12 @@ LLAMA_SIZES = {
 }
 
 
+def hf_batch(batch: dict) -> dict:
+    """A lorakit batch as a transformers model's forward takes it: lorakit's own keys (NEFTune's
+    ``example_lengths``) left out."""
+    return {k: v for k, v in batch.items() if k != "example_lengths"}
+
+
 def random_llama(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
     """``random-<size>``: a Llama of ``LLAMA_SIZES[size]`` with random weights (seed 0), SmolLM2's
     49 152-token vocabulary and an untied head, in eval mode."""

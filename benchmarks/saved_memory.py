@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from results import LLAMA_SIZES
+from results import LLAMA_SIZES, hf_batch
 
 SHAPES = {
     "1b": ({**LLAMA_SIZES["1b"], "tie_word_embeddings": False}, torch.bfloat16),
@@ -79,7 +79,7 @@ def measure(side: str, layers: int, shape: str, rows: list[Any], pad: int, vocab
     if side == "PEFT":
         model = peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", **LORA))
         model.train()
-        batch = {k: v for k, v in collate(rows, pad).items() if k != "example_lengths"}  # (NEFTune's)
+        batch = hf_batch(collate(rows, pad))
         with autocast:
             return saved_bytes(lambda: model(**batch).loss, params)
     lorakit.get_lora_model(model, lorakit.LoraConfig(**LORA))

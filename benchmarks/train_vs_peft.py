@@ -193,6 +193,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
     from lorakit.loss import causal_lm_loss
     from lorakit.mlp import fused_mlp
     from lorakit.norm import fused_norms
+    from results import hf_batch
 
     tok, exs = examples(path, args.steps * args.batch)
     cuda = torch.cuda.is_available()
@@ -228,7 +229,7 @@ def run_padded(args: argparse.Namespace, path: str, side: str) -> dict[str, Any]
                     loss_sum, n = causal_lm_loss(model, batch)
                     loss = loss_sum / n
                 else:
-                    loss = model(**{k: v for k, v in batch.items() if k != "example_lengths"}).loss
+                    loss = model(**hf_batch(batch)).loss
                     n = int((batch["labels"][:, 1:] != -100).sum())
             loss.backward()
             opt.step()

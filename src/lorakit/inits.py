@@ -14,12 +14,11 @@ All work on the base weight as rows ``W`` (out × in) with the adapter's scale `
 PiSSA and OLoRA change the base weight (``mutates_base``). An adapter trained that way is only
 right on the residual base, so ``lorakit.io.save_adapter`` writes it, by default, as the plain LoRA
 adapter of rank 2r that gives the same model on the original base (PEFT's conversion):
-``W_res + s·B A = W + s·[B, −B₀] [A; A₀]`` with ``A₀, B₀`` the initial factors (``converted``).
+``W_res + s·B A = W + s·[B, −B₀] [A; A₀]`` with ``A₀, B₀`` the initial factors (``lorakit.io.converted_lora``).
 """
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -78,7 +77,3 @@ def orthogonal(out: int, n_in: int, r: int, dtype: torch.dtype, device: torch.de
     b = (g2 @ q[1::2]) / 10
     return a.to(dtype=dtype, device=device).contiguous(), b.to(dtype=dtype, device=device).contiguous()
 
-
-def converted_alpha(alpha: float, rslora: bool) -> float:
-    """The alpha that keeps s at rank 2r: s = α/r = 2α/2r, or α/√r = √2·α/√(2r) with rsLoRA."""
-    return alpha * (math.sqrt(2) if rslora else 2)

@@ -207,14 +207,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
                              f"compute; adapters saved that way load, new ones use {inits.ACCEPTED}")
         config = dataclasses.replace(config, init_lora_weights=True)
     targets = resolve_targets(model, config)
-    if config.use_dora:
-        _check_dora_targets(model, targets)
-    for name in targets:
-        module = model.get_submodule(name)
-        reason = init_refusal(module, init) if isinstance(module, (nn.Linear, Conv1D)) else None
-        if reason:
-            what = f"init_lora_weights={init!r}" if inits.mutates_base(init) else f"adapter {adapter_name!r}"
-            raise ValueError(f"{what}: module {name!r} {reason}")
+    _check_targets(model, targets, config.use_dora, init, adapter_name)
     if not configs:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -251,12 +244,18 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
     return targets
 
 
-def _check_dora_targets(model: nn.Module, targets: list[str]) -> None:
-    """Refuse, before anything is wrapped, a target DoRA cannot go on (``layers.dora_refusal``)."""
+def _check_targets(model: nn.Module, targets: list[str], use_dora: bool, init: bool | str, adapter_name: str) -> None:
+    """Refuse, before anything is wrapped, a target DoRA cannot go on (``layers.dora_refusal``) or a
+    linear one the initialisation cannot (``layers.init_refusal``: PiSSA/OLoRA and other adapters)."""
     for name in targets:
-        reason = dora_refusal(model.get_submodule(name))
+        module = model.get_submodule(name)
+        reason = dora_refusal(module) if use_dora else None
         if reason:
             raise ValueError(f"use_dora: module {name!r} {reason}")
+        reason = init_refusal(module, init) if isinstance(module, (nn.Linear, Conv1D)) else None
+        if reason:
+            what = f"init_lora_weights={init!r}" if inits.mutates_base(init) else f"adapter {adapter_name!r}"
+            raise ValueError(f"{what}: module {name!r} {reason}")
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:

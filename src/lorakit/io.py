@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import tempfile
@@ -61,15 +62,16 @@ def adapter_state_dict(
     for name, module in base_modules(model):
         path = PREFIX + name
         if isinstance(module, LoraLayer) and adapter_name in module.r:
+            a_key, b_key = _factor_keys(name, module)
             if isinstance(module, LoraEmbedding):
-                keys[f"{path}.lora_embedding_A"] = module.lora_embedding_A[adapter_name]
-                keys[f"{path}.lora_embedding_B"] = module.lora_embedding_B[adapter_name]
+                keys[a_key] = module.lora_embedding_A[adapter_name]
+                keys[b_key] = module.lora_embedding_B[adapter_name]
                 if loading:  # PEFT also stores the whole embedding matrix (for resized vocabularies)
                     keys[f"{path}.base_layer.weight"] = module.weight
                     optional.add(f"{path}.base_layer.weight")
             else:
-                keys[f"{path}.lora_A.weight"] = module.lora_A[adapter_name].weight
-                keys[f"{path}.lora_B.weight"] = module.lora_B[adapter_name].weight
+                keys[a_key] = module.lora_A[adapter_name].weight
+                keys[b_key] = module.lora_B[adapter_name].weight
                 if module.is_dora(adapter_name):
                     keys[f"{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
         if isinstance(module, ModulesToSave):
@@ -85,6 +87,14 @@ def adapter_state_dict(
             if config.bias == "lora_only":
                 optional.add(key)  # PEFT itself omits these; the base bias then stays as it is
     return keys, optional
+
+
+def _factor_keys(name: str, module: LoraLayer) -> tuple[str, str]:
+    """PEFT's keys of module ``name``'s A and B factors."""
+    path = PREFIX + name
+    if isinstance(module, LoraEmbedding):
+        return f"{path}.lora_embedding_A", f"{path}.lora_embedding_B"
+    return f"{path}.lora_A.weight", f"{path}.lora_B.weight"
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: str = "default", *,
@@ -132,19 +142,16 @@ def converted_lora(model: nn.Module, adapter_name: str,
     for name, module in base_modules(model):
         if not (isinstance(module, LoraLayer) and adapter_name in module.r):
             continue
-        path = PREFIX + name
-        kind = "lora_embedding_" if isinstance(module, LoraEmbedding) else ""
-        a_key, b_key = ((f"{path}.lora_embedding_A", f"{path}.lora_embedding_B") if kind
-                        else (f"{path}.lora_A.weight", f"{path}.lora_B.weight"))
+        a_key, b_key = _factor_keys(name, module)
         a, b = tensors[a_key], tensors[b_key]
         initial = module.__dict__.get("init_factors", {}).get(adapter_name)
         if initial is None:
             a0, b0 = torch.zeros_like(a), torch.zeros_like(b)
         else:
-            a0, b0 = (t.detach().to("cpu", a.dtype).reshape(t.shape) for t in initial)
+            a0, b0 = (t.detach().to("cpu", a.dtype) for t in initial)
         out[a_key] = torch.cat([a, a0], dim=0).contiguous()
         out[b_key] = torch.cat([b, -b0], dim=1).contiguous()
-    mult = inits.converted_alpha(1.0, config.use_rslora)
+    mult = math.sqrt(2) if config.use_rslora else 2  # s = α/r = 2α/2r, or α/√r = √2·α/√(2r)
     config = dataclasses.replace(
         config, init_lora_weights=True, r=2 * config.r, lora_alpha=config.lora_alpha * mult,
         rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},

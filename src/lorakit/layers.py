@@ -116,9 +116,8 @@ class LoraLayer:
         self.__dict__.get("dora_norm_cache", {}).pop(name, None)
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._make_adapter(name, r)
-        if inits.is_structured(init) and self._structured_init(name, init):
-            pass
-        elif init is not False:
+        structured = inits.is_structured(init) and self._structured_init(name, init)
+        if not structured and init is not False:
             self._reset_adapter(name, init)
         weight = self.base_weight
         device = weight.device if weight.device.type != "meta" else None

@@ -154,8 +154,8 @@ class Trainer:
         # FSDP: build the base on the meta device; each rank later reads only its shards (load_shards).
         # Not for DoRA, whose magnitudes start at the base weights' row norms, nor PiSSA/OLoRA, which
         # decompose the base weights: both need them at injection.
-        needs_base = config.method == "lora" and (config.lora_config().use_dora
-                                                  or mutates_base(config.lora_config().init_lora_weights))
+        self.lora = config.lora_config() if config.method == "lora" else None
+        needs_base = self.lora is not None and (self.lora.use_dora or mutates_base(self.lora.init_lora_weights))
         empty = (empty_model(config.model.name, dtype=dtype) if self.world.mode == "fsdp"
                  and config.method in ("lora", "full") and not config.model.quantize and not needs_base else None)
         if empty is not None:
@@ -181,8 +181,8 @@ class Trainer:
         device_type = self.device.type
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if self.bf16 else None
         self._load_data()
-        if config.method == "lora":
-            get_lora_model(self.model, config.lora_config())
+        if self.lora is not None:
+            get_lora_model(self.model, self.lora)
         elif config.method == "router":  # frozen adapters, trainable gates
             from lorakit.io import load_adapter
             from lorakit.router import add_router
@@ -381,9 +381,8 @@ class Trainer:
         self.log(f"lorakit train: {cfg.method} on {cfg.model.name} ({self.device}{quant}), "
                  f"trainable {self.trainable:,d} / {self.total:,d} params ({100 * self.trainable / self.total:.2f}%), "
                  f"base weights {self.base_weight_bytes / 2**20:.1f} MiB")
-        init = cfg.lora_config().init_lora_weights if cfg.method == "lora" else True
-        if mutates_base(init) and t.lr > 1e-3:
-            self.log(f"init_lora_weights={init}: the adapter starts as the weights' principal part, so a LoRA lr "
+        if self.lora is not None and mutates_base(self.lora.init_lora_weights) and t.lr > 1e-3:
+            self.log(f"init_lora_weights={self.lora.init_lora_weights}: the adapter starts as the weights' principal part, so a LoRA lr "
                      f"moves the model far; try train.lr around 2e-4 (the demo: 97.5% at 2e-4, 68% at 2e-3)")
         if self.device.type == "cpu" and not self.bf16 and cpu_native_bf16():
             self.log("this CPU multiplies bf16 natively: train.bf16=true trains about 1.4x faster here "
