@@ -106,6 +106,17 @@ def tokenizer(tiny_model_dir):
     return AutoTokenizer.from_pretrained(tiny_model_dir)
 
 
+def with_sections(base: dict, sections: dict) -> dict:
+    """``base`` with each section dict updated from ``sections`` (other values replaced)."""
+    cfg = copy.deepcopy(base)
+    for key, value in sections.items():
+        if isinstance(value, dict):
+            cfg.setdefault(key, {}).update(value)
+        else:
+            cfg[key] = value
+    return cfg
+
+
 def write_jsonl(path, rows):
     import json
 

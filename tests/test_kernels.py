@@ -118,6 +118,30 @@ def test_linear_cross_entropy_matches_the_reference(bias, train_head, chunk_rows
         torch.testing.assert_close(u, v, atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("train_head", [False, True])
+def test_per_row_linear_cross_entropy_matches_the_reference(bias, train_head, monkeypatch):
+    """``reduction="none"`` (DPO's per-token log-probabilities): each row's loss, and the gradients
+    for per-row upstream weights (a frozen head: the fused kernel; a trained one: the plain way)."""
+    monkeypatch.setattr(cross_entropy, "CHUNK_BYTES", 3 * 4 * 50)  # several chunks, one short
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(10, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(50, 8, generator=g, dtype=torch.float64, requires_grad=train_head)
+    b = torch.randn(50, generator=g, dtype=torch.float64, requires_grad=train_head) if bias else None
+    y = torch.randint(0, 50, (10,), generator=g)
+    upstream = torch.randn(10, generator=g, dtype=torch.float64)
+    got = cross_entropy.linear_cross_entropy(h, w, b, y, reduction="none")
+    want = cross_entropy.linear_cross_entropy_reference(h, w, b, y, reduction="none")
+    assert got.shape == (10,) and (got.grad_fn is not None)
+    assert ("_LinearCrossEntropy" in type(got.grad_fn).__name__) == (not train_head)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=0)
+    inputs = [t for t in (h, w, b) if t is not None and t.requires_grad]
+    for u, v in zip(torch.autograd.grad(got @ upstream, inputs), torch.autograd.grad(want @ upstream, inputs)):
+        torch.testing.assert_close(u, v, atol=1e-12, rtol=0)
+    with pytest.raises(ValueError, match="reduction must be 'sum' or 'none'"):
+        cross_entropy.linear_cross_entropy(h, w, b, y, reduction="mean")
+
+
 def test_linear_cross_entropy_under_autocast_keeps_fp32_logits():
     """Under bf16 autocast with an fp32 head (a CPU model) the loss comes from fp32 logits, exact to
     fp32 rounding where bf16 logits are off by far more; ∂loss/∂h is G W in bf16, as autocast runs it."""

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import lorakit
 import lorakit.optim
-from conftest import write_jsonl
+from conftest import with_sections, write_jsonl
 from lorakit.checkpoint import complete_checkpoints
 from lorakit.io import adapter_state_dict
 from lorakit.kernels import gemm
@@ -53,12 +53,7 @@ def run_config(tiny_model_dir, tmp_path):
             "output_dir": str(tmp_path / "out"),
             "seed": 3,
         }
-        for key, value in sections.items():
-            if isinstance(value, dict):
-                cfg.setdefault(key, {}).update(value)
-            else:
-                cfg[key] = value
-        return cfg
+        return with_sections(cfg, sections)
 
     return make
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import csv
 import json
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -149,6 +149,9 @@ def detect_format(row: Row) -> str:
         return "alpaca"
     if "text" in d:
         return "text"
+    if "chosen" in d and "rejected" in d:
+        raise DataError(f"{row.source}: a preference row (chosen/rejected); train on preference pairs with "
+                        f"objective: dpo")
     raise DataError(f"{row.source}: row matches no format (keys: {', '.join(sorted(d)) or 'none'}); accepted: {FORMATS}")
 
 
@@ -284,18 +287,21 @@ def build_examples(rows: Sequence[Row], tokenizer: Any, opts: DataOptions) -> li
     return out
 
 
-def load_examples(path: str | Path, tokenizer: Any, opts: DataOptions) -> list[Example]:
+def load_examples(path: str | Path, tokenizer: Any, opts: DataOptions,
+                  build: Callable[[Sequence[Row], Any, DataOptions], list[Any]] | None = None) -> list[Any]:
+    """The file's or directory's rows through ``build`` (default ``build_examples``; DPO's pairs:
+    ``preference.build_pairs``); an empty result is an error naming the path."""
     rows = read_rows(path)
     if not rows:
         raise DataError(f"{path}: the dataset is empty")
-    examples = build_examples(rows, tokenizer, opts)
+    examples = (build or build_examples)(rows, tokenizer, opts)
     if not examples:
         raise DataError(f"{path}: no usable example (all {len(rows)} rows were dropped: over max_seq_len="
                         f"{opts.max_seq_len} or with nothing to train on)")
     return examples
 
 
-def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+def split_eval(examples: list[Any], fraction: float, seed: int) -> tuple[list[Any], list[Any]]:
     """Hold out ``fraction`` of the examples (at least one), chosen with ``seed``."""
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)

@@ -88,17 +88,49 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any], whole: bool = False)
     forward is asked for logits at the supervised columns only (``logits_to_keep``) where it takes
     that argument, as transformers' causal LMs do.
     """
+    loss, mask = _supervised_cross_entropy(model, batch, whole, "sum")
+    return loss, int(mask.sum())
+
+
+def sequence_logprobs(model: nn.Module, batch: dict[str, Any], n_examples: int, whole: bool = False) -> torch.Tensor:
+    """(E,) each example's summed log-probability of its supervised tokens, log π(y | x) = Σₜ log p(yₜ | x, y<ₜ),
+    with gradients: what DPO compares between policy and reference. ``batch`` holds one example per
+    row (``collate`` of single-example rows) or is padding-free (``collate_flat``); ``n_examples`` = E.
+    Computed as the negated per-token cross-entropies, summed per example (``example_index``), by the
+    same paths and kernels as ``causal_lm_loss``."""
+    losses, mask = _supervised_cross_entropy(model, batch, whole, "none")  # (N,)
+    owner = example_index(batch, mask)
+    total = torch.zeros(n_examples, dtype=losses.dtype, device=losses.device)
+    return -total.index_add(0, owner, losses)
+
+
+def example_index(batch: dict[str, Any], mask: torch.Tensor) -> torch.Tensor:
+    """(N,) the example each supervised position of ``mask`` (B, T-1) belongs to, in ``mask``'s
+    row-major order: its row in a padded batch of single-example rows; in a padding-free batch the
+    segment that holds the *predicting* token (``collate_flat`` may move a trimmed example's last
+    label into the next segment's first slot; the token predicting it is still the example's own),
+    less the shared prefix's segment."""
+    where = mask.nonzero()  # (N, 2)
+    if "cu_seq_lens_q" not in batch:
+        return where[:, 0]
+    bounds = batch["cu_seq_lens_q"].to(where.device, torch.long)[1:]
+    segment = torch.searchsorted(bounds, where[:, 1], right=True)
+    return segment - (1 if batch.get("shared_prefix") else 0)
+
+
+def _supervised_cross_entropy(model: nn.Module, batch: dict[str, Any], whole: bool,
+                              reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cross-entropies at the supervised positions (summed, or (N,) in ``mask``'s row-major order)
+    and that mask (B, T-1); see ``causal_lm_loss`` for the paths."""
     labels = batch["labels"]
     targets = labels[:, 1:]
     mask = targets != IGNORE  # (B, T-1)
-    n = int(mask.sum())
     inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch}
     parts = None if whole else split_head(model)
     if parts is None and _keeps_logits(model):
         cols = mask.any(0).nonzero().squeeze(1)  # (K,) positions whose next token trains in some row
         logits = model(**inputs, use_cache=False, logits_to_keep=cols).logits  # (B, K, V)
-        targets, mask = targets[:, cols], mask[:, cols]
-        logits = logits[mask]
+        logits = logits[mask[:, cols]]  # (N, V): the same row-major order, as cols ascend
     elif parts is None:
         logits = model(**inputs, use_cache=False).logits[:, :-1][mask]  # (N, V)
     else:
@@ -106,6 +138,7 @@ def causal_lm_loss(model: nn.Module, batch: dict[str, Any], whole: bool = False)
         with mlp_rows(model, mask):  # the last MLP only where the loss reads (exact)
             hidden = body(**inputs, use_cache=False).last_hidden_state[:, :-1]  # (B, T-1, H)
         if type(head) is nn.Linear:
-            return linear_cross_entropy(hidden[mask], head.weight, head.bias, targets[mask]), n
+            return linear_cross_entropy(hidden[mask], head.weight, head.bias, targets[mask], reduction), mask
         logits = head(hidden[mask])  # (N, V)
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets[mask], reduction="sum"), n
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(wide, targets[mask], reduction=reduction), mask

@@ -61,11 +61,24 @@ from lorakit.kernels.gemm import TOKEN_MULTIPLE, cpu_flags, onednn_scope, uses_o
 from lorakit.loss import causal_lm_loss
 from lorakit.memory import HeapGuard, keep_freed_memory, peak_memory_bytes, stop_keeping_freed_memory
 from lorakit.mlp import fused_mlp
-from lorakit.models import empty_model, enable_checkpointing, load_model, sequence_mixers
+from lorakit.models import empty_model, enable_checkpointing, evaluating, load_model, sequence_mixers
 from lorakit.neftune import NoisyEmbeddings, noisy_embeddings
 from lorakit.norm import fused_norms
 from lorakit.optim import build_optimizer, loraplus_scales, lr_lambda
 from lorakit.plain import plain_linears
+from lorakit.preference import (
+    REFERENCE_FILE,
+    PreferencePair,
+    Totals,
+    answer_lengths,
+    dpo_loss,
+    load_pairs,
+    load_reference,
+    policy_logprobs,
+    reference_logprobs,
+    save_reference,
+    split_pairs,
+)
 from lorakit.report import MetricsLog, plot_loss, write_model_card
 from lorakit.train_config import ConfigError, RunConfig, build_config, dump_config, load_config
 
@@ -180,6 +193,8 @@ class Trainer:
         self.flat_multiple = TOKEN_MULTIPLE if onednn and self.device.type == "cpu" else 1
         device_type = self.device.type
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if self.bf16 else None
+        self.dpo = config.objective == "dpo"
+        self.reference: dict[str, torch.Tensor] = {}  # DPO: the reference log-probabilities (P, 2) per split
         self._load_data()
         if self.lora is not None:
             get_lora_model(self.model, self.lora)
@@ -217,24 +232,30 @@ class Trainer:
         self.state = TrainState(fingerprint=config.fingerprint(), world_size=self.world.size)
         self.heap: HeapGuard | None = None  # set by run() where the allocator keeps freed memory
         self.noise: NoisyEmbeddings | None = None  # NEFTune's hook while run() trains
+        self.step_metrics: dict[str, float] = {}  # a DPO step's rewards and log-probabilities, for the log
 
     # -- set-up ------------------------------------------------------------------------------------
 
     def _load_data(self) -> None:
         d = self.config.data
         self.opts = self.config.data_options()
-        self.train_examples = load_examples(d.train, self.tokenizer, self.opts)
+        load, split = (load_pairs, split_pairs) if self.dpo else (load_examples, split_eval)
+        self.train_examples = load(d.train, self.tokenizer, self.opts)
         stats = dict(self.opts.stats)
         if d.eval:
-            self.eval_examples = load_examples(d.eval, self.tokenizer, self.opts)
+            self.eval_examples = load(d.eval, self.tokenizer, self.opts)
         elif d.eval_fraction > 0:
-            self.train_examples, self.eval_examples = split_eval(self.train_examples, d.eval_fraction, self.config.seed)
+            self.train_examples, self.eval_examples = split(self.train_examples, d.eval_fraction, self.config.seed)
         else:
             self.eval_examples = []
         if stats["truncated"] or stats["dropped"]:
             verb = "truncated" if d.overlong == "truncate" else "dropped"
-            self.log(f"data: {stats['truncated'] + stats['dropped']} training examples over max_seq_len="
+            what = "pairs with a side" if self.dpo else "examples"
+            self.log(f"data: {stats['truncated'] + stats['dropped']} training {what} over max_seq_len="
                      f"{d.max_seq_len} or with nothing to train were {verb}")
+        if self.dpo:
+            self.rows = self.train_examples  # a pair is a row: its two sides always share a micro-batch
+            return
         mixers = sequence_mixers(self.model) if d.packing else []
         if mixers:
             raise ConfigError(f"data.packing: {type(self.model).__name__} mixes tokens outside attention "
@@ -288,21 +309,29 @@ class Trainer:
     def fast_paths(self) -> contextlib.AbstractContextManager[nn.Module]:
         return fast_paths(self.model, padding_free=self.padding_free, bf16=self.bf16, device=self.device)
 
+    def collate(self, rows: Sequence[Sequence[Example]]) -> dict[str, Any]:
+        """Rows → a batch on the device: padding-free or right-padded, as this run trains."""
+        pad = self.tokenizer.pad_token_id
+        raw = collate_flat(rows, multiple=self.flat_multiple, pad_id=pad) if self.padding_free \
+            else collate(rows, pad, multiple=self.flat_multiple)
+        batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
+        if self.noise is not None:
+            self.noise.lengths = batch["example_lengths"]
+        return batch
+
     def step(self, group: Sequence[Sequence[Sequence[Example]]]) -> tuple[float, float, int]:
         """One optimizer step over micro-batches ``group`` (each the global micro-batch of all ranks;
         this rank takes rows rank, rank+W, …): returns (mean loss, grad norm, tokens)."""
-        pad, world = self.tokenizer.pad_token_id, self.world
+        if self.dpo:
+            return self._preference_step(group)  # type: ignore[arg-type]
+        world = self.world
         n_total = sum(e.n_supervised for mb in group for row in mb for e in row)
         loss_total = 0.0
         for i, micro in enumerate(group):
             mine, weight = list(micro[world.rank::world.size]), float(world.size)
             if not mine:  # fewer rows than ranks at an epoch's end: run a row with weight 0 (exact, no hang)
                 mine, weight = [micro[0]], 0.0
-            raw = collate_flat(mine, multiple=self.flat_multiple, pad_id=pad) if self.padding_free \
-                else collate(mine, pad, multiple=self.flat_multiple)
-            batch = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in raw.items()}
-            if self.noise is not None:
-                self.noise.lengths = batch["example_lengths"]
+            batch = self.collate(mine)
             with no_sync(self.wrapped, world, last=i == len(group) - 1):
                 with self.autocast() if self.autocast else contextlib.nullcontext():
                     loss_sum, _ = causal_lm_loss(self.wrapped, batch, whole=world.active)
@@ -311,7 +340,40 @@ class Trainer:
                 # DDP / FSDP average gradients over ranks: × W makes the result Σ token grads / global count
                 (loss_sum * (weight / n_total)).backward()
             loss_total += float(loss_sum.detach()) * (weight / world.size)
-        loss_total = world.sum(loss_total)
+        loss, grad_norm = self._update(world.sum(loss_total) / n_total)
+        return loss, grad_norm, n_total
+
+    def _preference_step(self, group: Sequence[Sequence[PreferencePair]]) -> tuple[float, float, int]:
+        """One DPO step: the mean of ``preference.dpo_loss`` over the step's pairs (all ranks), both
+        sides of a pair in the same micro-batch; the rewards' means land in ``step_metrics``."""
+        world, d = self.world, self.config.dpo
+        n_pairs = sum(len(mb) for mb in group)
+        tokens = sum(e.n_supervised for mb in group for pair in mb for e in pair)
+        totals = Totals()
+        for i, micro in enumerate(group):
+            mine, weight = list(micro[world.rank::world.size]), float(world.size)
+            if not mine:
+                mine, weight = [micro[0]], 0.0
+            reference = self.reference["train"][[p.index for p in mine]]
+            with no_sync(self.wrapped, world, last=i == len(group) - 1):
+                with self.autocast() if self.autocast else contextlib.nullcontext():
+                    policy = policy_logprobs(self.wrapped, mine, lambda ex: self.collate([[e] for e in ex]),
+                                             whole=world.active)
+                losses, rewards = dpo_loss(policy, reference.to(policy.device), d.beta, d.loss_type,
+                                           d.label_smoothing, answer_lengths(mine).to(policy.device))
+                if not torch.isfinite(losses).all():
+                    raise TrainingError(self._nonfinite("loss"))
+                (losses.sum() * (weight / n_pairs)).backward()
+            totals.add(losses, rewards, policy, weight / world.size)
+        totals.pairs, totals.sums = world.sum(totals.pairs), {k: world.sum(v) for k, v in totals.sums.items()}
+        means = totals.means()
+        loss = means.pop("loss")
+        self.step_metrics = means
+        loss, grad_norm = self._update(loss)
+        return loss, grad_norm, tokens
+
+    def _update(self, loss: float) -> tuple[float, float]:
+        """Clip, step the optimizer and the schedule: (the step's loss, its gradient norm)."""
         max_norm = self.config.train.max_grad_norm if self.config.train.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_([p for _, p in self.params], max_norm))
         if not math.isfinite(grad_norm):
@@ -319,7 +381,7 @@ class Trainer:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return loss_total / n_total, grad_norm, n_total
+        return loss, grad_norm
 
     def _nonfinite(self, what: str) -> str:
         last = complete_checkpoints(self.out / "checkpoints")
@@ -352,14 +414,57 @@ class Trainer:
         self.world.barrier()
         return path
 
+    def _compute_reference(self, resumed: bool) -> None:
+        """DPO: every pair's log-probabilities under the model as it starts (saved beside the run), or,
+        for a resumed run, those its first start saved. All ranks compute all pairs, in the same
+        order (an FSDP model's forward is collective)."""
+        path = self.out / REFERENCE_FILE
+        splits = {"train": self.train_examples, "eval": self.eval_examples}
+        counts = {k: len(v) for k, v in splits.items() if v}
+        if resumed:
+            self.reference = load_reference(path, self.state.fingerprint, counts)
+            return
+        tick = time.perf_counter()
+        with self.fast_paths(), self.autocast() if self.autocast else contextlib.nullcontext():
+            for key in counts:
+                self.reference[key] = reference_logprobs(self.wrapped, splits[key], self._collate_examples,
+                                                         self.config.eval.batch_size, whole=self.world.active)
+        if self.world.main:
+            save_reference(path, self.reference, self.state.fingerprint)
+        self.world.barrier()
+        self.log(f"dpo: the reference log-probabilities of {sum(counts.values())} pairs took "
+                 f"{time.perf_counter() - tick:.1f} s ({path.name})")
+
+    def _collate_examples(self, examples: list[Example]) -> dict[str, Any]:
+        return self.collate([[e] for e in examples])
+
+    def _preference_eval(self, pairs: Sequence[PreferencePair]) -> dict[str, float]:
+        """The DPO loss, rewards and log-probabilities of the eval pairs (``eval_`` + TRL's names)."""
+        d, totals = self.config.dpo, Totals()
+        flat = padding_free_attention(self.model) if self.padding_free else contextlib.nullcontext()
+        with evaluating(self.model), flat:
+            for k in range(0, len(pairs), self.config.eval.batch_size):
+                chunk = pairs[k:k + self.config.eval.batch_size]
+                with self.autocast() if self.autocast else contextlib.nullcontext():
+                    policy = policy_logprobs(self.model, chunk, self._collate_examples)
+                reference = self.reference["eval"][[p.index for p in chunk]].to(policy.device)
+                losses, rewards = dpo_loss(policy, reference, d.beta, d.loss_type, d.label_smoothing,
+                                           answer_lengths(chunk).to(policy.device))
+                totals.add(losses, rewards, policy)
+        return totals.means("eval_")
+
     def evaluate(self) -> dict[str, float]:
         if not self.eval_examples:
             return {}
         e = self.config.eval
         examples = self.eval_examples[: e.max_examples] if e.max_examples > 0 else self.eval_examples
         with cached_casts(release=self.device.type == "cpu"), onednn_scope():
-            metrics = eval_loss(self.model, examples, self.tokenizer.pad_token_id, e.batch_size, self.autocast,
-                                flat=self.padding_free, multiple=self.flat_multiple)
+            if self.dpo:
+                metrics = self._preference_eval(examples)
+                examples = [pair[0] for pair in examples]  # generation is scored against the chosen answer
+            else:
+                metrics = eval_loss(self.model, examples, self.tokenizer.pad_token_id, e.batch_size, self.autocast,
+                                    flat=self.padding_free, multiple=self.flat_multiple)
         if e.generate:
             metrics["exact_match"], _ = exact_match(self.model, self.tokenizer, examples,
                                                     max_new_tokens=e.max_new_tokens, batch_size=e.batch_size)
@@ -387,10 +492,13 @@ class Trainer:
         if self.device.type == "cpu" and not self.bf16 and cpu_native_bf16():
             self.log("this CPU multiplies bf16 natively: train.bf16=true trains about 1.4x faster here "
                      "(the demo: eval loss within seed noise of fp32's; see the README's Precision note)")
-        self.log(f"data: {len(self.train_examples)} train examples in {len(self.rows)} rows, "
+        unit = "pairs" if self.dpo else "examples"
+        self.log(f"data: {len(self.train_examples)} train {unit} in {len(self.rows)} rows, "
                  f"{len(self.eval_examples)} eval; batch {t.batch_size} × accumulation {t.grad_accum}"
                  + (f" × {self.world.size} processes ({self.world.mode})" if self.world.active else "")
                  + f" = {self.rows_per_batch * t.grad_accum} rows per step, {self.total_steps} steps")
+        if self.dpo:
+            self._compute_reference(resumed)
         start, final_eval, interrupted = time.perf_counter(), {}, False
         self.last_loss = None
         bar = _progress(self.total_steps, self.state.step, self.progress)
@@ -438,7 +546,8 @@ class Trainer:
                 epoch_f = s.epoch + s.step_in_epoch / len(groups)
                 if s.step % max(1, t.logging_steps) == 0 or s.step == self.total_steps:
                     metrics.log({"step": s.step, "epoch": round(epoch_f, 4), "loss": loss, "lr": lr,
-                                 "grad_norm": grad_norm, "tokens": s.tokens, "tokens_per_s": tokens / elapsed})
+                                 "grad_norm": grad_norm, "tokens": s.tokens, "tokens_per_s": tokens / elapsed,
+                                 **self.step_metrics})
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens / elapsed:.0f}")
                 if s.step_in_epoch == len(groups):

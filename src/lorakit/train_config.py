@@ -101,6 +101,14 @@ class EvalSection:
 
 
 @dataclass
+class DpoSection:
+    # objective: dpo — see lorakit.preference for the losses
+    beta: float = 0.1  # how far the policy may move from the reference (TRL's default)
+    loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (IPO)
+    label_smoothing: float = 0.0  # sigmoid only: the assumed fraction of flipped labels (conservative DPO)
+
+
+@dataclass
 class RouterSection:
     # method: router — adapter name → adapter directory; the router learns per-token weights over them
     adapters: dict[str, str] = field(default_factory=dict)
@@ -114,11 +122,13 @@ DEFAULT_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, 
 class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     lora: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LORA))
-    method: str = "lora"  # lora | full
+    method: str = "lora"  # lora | full | router: what trains
+    objective: str = "sft"  # sft (next-token loss on answers) | dpo (preference pairs): what it learns from
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     router: RouterSection = field(default_factory=RouterSection)
+    dpo: DpoSection = field(default_factory=DpoSection)
     output_dir: str = "runs/lorakit"
     seed: int = 0
 
@@ -149,6 +159,10 @@ class RunConfig:
         if self.method == "router" and len(self.router.adapters) < 2:
             raise ConfigError("method: router needs router.adapters: a mapping of at least two adapter names to "
                               "their directories")
+        if self.objective not in ("sft", "dpo"):
+            raise ConfigError(f"objective must be 'sft' or 'dpo', got {self.objective!r}")
+        if self.objective == "dpo":
+            self._validate_dpo()
         if not self.data.train:
             raise ConfigError("data.train is not set: give a .jsonl/.json/.csv/.parquet file or a directory")
         t = self.train
@@ -183,9 +197,26 @@ class RunConfig:
                 raise ConfigError("model.quantize needs method: lora (a quantized base cannot be fully fine-tuned)")
 
 
+    def _validate_dpo(self) -> None:
+        d = self.dpo
+        checks = [
+            (d.beta > 0, f"dpo.beta must be > 0, got {d.beta}"),
+            (d.loss_type in ("sigmoid", "ipo"), f"dpo.loss_type must be sigmoid or ipo, got {d.loss_type!r}"),
+            (0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}"),
+            (d.label_smoothing == 0 or d.loss_type == "sigmoid", "dpo.label_smoothing applies to loss_type: sigmoid"),
+            (not self.data.packing, "data.packing: objective dpo keeps each answer in its own row (padding-free "
+                                    "batches already skip the padding); set data.packing=false"),
+            (not self.data.train_on_inputs, "data.train_on_inputs: DPO compares the answers given the prompt; set "
+                                            "data.train_on_inputs=false"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+
 SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection,
-            "router": RouterSection}
-SCALARS = ("method", "output_dir", "seed")
+            "router": RouterSection, "dpo": DpoSection}
+SCALARS = ("method", "objective", "output_dir", "seed")
 
 
 def _valid_keys() -> list[str]:

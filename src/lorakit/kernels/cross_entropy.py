@@ -49,10 +49,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                targets: torch.Tensor) -> torch.Tensor:
+                targets: torch.Tensor, per_row: bool = False) -> torch.Tensor:
         n, vocab = hidden.shape[0], weight.shape[0]
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1] and not per_row
+        need_b = bias is not None and ctx.needs_input_grad[2] and not per_row
         grads = need_h or need_w or need_b
         # the logits in the head's own dtype, also under autocast (see "Precision" above); the gradient
         # product G W in autocast's dtype, as autocast would run it
@@ -61,7 +61,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         acc = torch.promote_types(weight.dtype, torch.float32)  # softmax and sums: fp32, or fp64 for fp64 inputs
         h = hidden.to(weight.dtype)
         w_grad = cast_frozen(weight, dtype) if need_h else None  # a frozen head's copy: once a run (cached_casts)
-        loss = torch.zeros((), dtype=acc, device=hidden.device)
+        loss = torch.zeros(n if per_row else (), dtype=acc, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(vocab, dtype=acc, device=weight.device) if need_b else None
@@ -83,7 +83,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             target = z[rows, yc]  # (c,), read before z is overwritten
             peak = z.amax(dim=1, keepdim=True)  # (c, 1)
             total = z.sub_(peak).exp_().sum(dim=1, keepdim=True)  # Σ exp(z − max), exponentials kept in z
-            loss += (total.log() + peak).sum() - target.sum()  # logsumexp − z_y
+            row_loss = (total.log() + peak).squeeze(1) - target  # logsumexp − z_y, (c,)
+            if per_row:
+                loss[start:start + c] = row_loss
+            else:
+                loss += row_loss.sum()
             if not grads:
                 continue
             gz = z.div_(total)  # softmax
@@ -97,7 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if need_b:
                 grad_b += gz.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
-        ctx.scaled = False
+        ctx.scaled, ctx.per_row = False, per_row
         ctx.dtypes = (weight.dtype, bias.dtype if bias is not None else None)
         return loss
 
@@ -111,22 +115,32 @@ class _LinearCrossEntropy(torch.autograd.Function):
         ctx.scaled = True
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes
+        if ctx.per_row:  # row i of ∂/∂h depends on row i's loss only (the head's gradients are refused above)
+            return grad_h.mul_(grad.to(grad_h.dtype)[:, None]) if grad_h is not None else None, None, None, None, None
         return (grad_h.mul_(grad.to(grad_h.dtype)) if grad_h is not None else None,
                 grad_w.mul_(grad.to(grad_w.dtype)).to(w_dtype) if grad_w is not None else None,
                 grad_b.mul_(grad.to(grad_b.dtype)).to(b_dtype) if grad_b is not None else None,
-                None)
+                None, None)
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                         targets: torch.Tensor) -> torch.Tensor:
-    """``F.cross_entropy(hidden @ weight.T + bias, targets, reduction="sum")`` (softmax in fp32 or wider)
-    without keeping any (N, V) tensor: hidden (N, H), weight (V, H), bias (V,) or None, targets (N,)
-    token ids (no ignore index: pass only the supervised rows)."""
-    return _LinearCrossEntropy.apply(hidden, weight, bias, targets)
+                         targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """``F.cross_entropy(hidden @ weight.T + bias, targets, reduction=reduction)`` (softmax in fp32 or
+    wider) without keeping any (N, V) tensor: hidden (N, H), weight (V, H), bias (V,) or None, targets
+    (N,) token ids (no ignore index: pass only the supervised rows). ``reduction``: ``"sum"`` (a
+    scalar) or ``"none"`` (N,), the per-token losses a sequence's log-probability sums (DPO); as
+    ∂loss/∂W = Σᵢ gᵢ Gᵢᵀ hᵢ cannot be formed before the rows' upstream gradients gᵢ are known,
+    ``"none"`` with a head that trains takes the plain way."""
+    if reduction not in ("sum", "none"):
+        raise ValueError(f"reduction must be 'sum' or 'none', got {reduction!r}")
+    per_row = reduction == "none"
+    if per_row and torch.is_grad_enabled() and (weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return linear_cross_entropy_reference(hidden, weight, bias, targets, reduction)
+    return _LinearCrossEntropy.apply(hidden, weight, bias, targets, per_row)
 
 
 def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                                   targets: torch.Tensor) -> torch.Tensor:
+                                   targets: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """The plain way, what ``linear_cross_entropy`` must equal."""
     logits = F.linear(hidden, weight, bias)
-    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction="sum")
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), targets, reduction=reduction)

@@ -1,0 +1,290 @@
+"""Preference pairs and DPO: rows → pairs, per-example log-probabilities, the losses against their
+float64 formulas, a trainer step's gradient against a plain-PyTorch DPO, and whole runs."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import shutil
+
+import pytest
+import torch
+
+from conftest import randomize_adapters, with_sections, write_jsonl
+from lorakit.attention import padding_free
+from lorakit.checkpoint import complete_checkpoints
+from lorakit.collate import collate, collate_flat
+from lorakit.data import IGNORE, DataError, DataOptions, Row, load_examples
+from lorakit.loss import sequence_logprobs
+from lorakit.models import load_model
+from lorakit.preference import REFERENCE_FILE, build_pairs, dpo_loss, load_pairs
+from lorakit.train import Trainer, train
+from lorakit.train_config import ConfigError, build_config
+
+
+def pair_rows(n: int, seed: int = 0) -> list[dict]:
+    """The preferred answer ends with a full stop, the other with a question mark (learnable at once)."""
+    r = random.Random(seed)
+    out = []
+    for _ in range(n):
+        a, b = r.randint(1, 99), r.randint(1, 99)
+        out.append({"prompt": f"{a}+{b}", "chosen": f"{a + b}.", "rejected": f"{a + b - r.randint(1, 9)}?"})
+    return out
+
+
+@pytest.fixture
+def dpo_config(tiny_model_dir, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", pair_rows(16))
+    write_jsonl(tmp_path / "eval.jsonl", pair_rows(6, seed=1))
+
+    def make(**sections) -> dict:
+        cfg = {
+            "model": {"name": str(tiny_model_dir)},
+            "objective": "dpo",
+            "dpo": {"beta": 0.5},
+            "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+            "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_seq_len": 96},
+            "train": {"epochs": 2, "batch_size": 4, "lr": 2e-2, "save_steps": 3, "warmup_ratio": 0.0},
+            "eval": {"steps": 0, "batch_size": 4},
+            "output_dir": str(tmp_path / "out"),
+            "seed": 1,
+        }
+        return with_sections(cfg, sections)
+
+    return make
+
+
+# -- rows ------------------------------------------------------------------------------------------
+
+
+def test_string_conversational_and_implicit_rows_give_the_same_pair(tokenizer):
+    """The three row forms of one pair tokenize alike; only the answers' tokens train; an assistant
+    turn inside the prompt is context."""
+    opts = DataOptions(max_seq_len=256)
+    strings = {"prompt": "2+2", "chosen": "4", "rejected": "5"}
+    chat = {"prompt": [{"role": "user", "content": "2+2"}], "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": "5"}]}
+    implicit = {"chosen": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}],
+                "rejected": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "5"}]}
+    pairs = build_pairs([Row(r, f"f:{i}") for i, r in enumerate((strings, chat, implicit))], tokenizer, opts)
+    assert [p.index for p in pairs] == [0, 1, 2]
+    for p in pairs[1:]:
+        assert [e.input_ids for e in p] == [e.input_ids for e in pairs[0]]
+        assert [e.labels for e in p] == [e.labels for e in pairs[0]]
+    chosen, rejected = pairs[0]
+    sft = load_examples_from([{"prompt": "2+2", "completion": "4"}], tokenizer, opts)[0]
+    assert (chosen.input_ids, chosen.labels) == (sft.input_ids, sft.labels)
+    trained = [t for t in chosen.labels if t != IGNORE]
+    assert tokenizer.decode(trained).startswith("4") and 1 <= len(trained) <= 3  # the answer and end of turn
+    shared = next(i for i, (a, b) in enumerate(zip(chosen.input_ids, rejected.input_ids)) if a != b)
+    assert all(t == IGNORE for t in chosen.labels[:shared] + rejected.labels[:shared])
+
+    multi = {"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                        {"role": "user", "content": "2+2"}], "chosen": "4", "rejected": "5"}
+    (c, _), = build_pairs([Row(multi, "f:9")], tokenizer, opts)
+    assert tokenizer.decode([t for t in c.labels if t != IGNORE]).startswith("4")
+
+
+def load_examples_from(rows, tokenizer, opts):
+    from lorakit.data import build_examples
+
+    return build_examples([Row(r, f"s:{i}") for i, r in enumerate(rows)], tokenizer, opts)
+
+
+def test_bad_rows_name_the_file_and_line(tokenizer, tmp_path):
+    opts = DataOptions(max_seq_len=256)
+    bad = write_jsonl(tmp_path / "bad.jsonl", [pair_rows(1)[0], {"prompt": "x", "completion": "y"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: a preference row needs 'chosen' and 'rejected'"):
+        load_pairs(bad, tokenizer, opts)
+    sft = write_jsonl(tmp_path / "sft.jsonl", pair_rows(1))
+    with pytest.raises(DataError, match=r"sft.jsonl:1: a preference row .*objective: dpo"):
+        load_examples(sft, tokenizer, opts)
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "x", "chosen": 3, "rejected": "y"}])
+    with pytest.raises(DataError, match=r"odd.jsonl:1: 'chosen' must be a string or a list"):
+        load_pairs(odd, tokenizer, opts)
+    apart = write_jsonl(tmp_path / "apart.jsonl", [{"chosen": [{"role": "assistant", "content": "a"}],
+                                                    "rejected": [{"role": "assistant", "content": "b"}]}])
+    with pytest.raises(DataError, match=r"apart.jsonl:1: no 'prompt' and .* share no leading turn"):
+        load_pairs(apart, tokenizer, opts)
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x " * 300, "chosen": "a", "rejected": "b"},
+                                                 *pair_rows(2)])
+    kept = DataOptions(max_seq_len=64, overlong="drop")
+    assert len(load_pairs(long, tokenizer, kept)) == 2 and kept.stats["dropped"] == 1
+
+
+# -- the maths -------------------------------------------------------------------------------------
+
+
+def test_dpo_losses_equal_their_float64_formulas():
+    g = torch.Generator().manual_seed(0)
+    policy, reference = torch.randn(5, 2, generator=g) * 4 - 30, torch.randn(5, 2, generator=g) * 4 - 30
+    lengths = torch.randint(1, 20, (5, 2), generator=g).double()
+    beta, eps = 0.3, 0.1
+    for i in range(5):
+        (pc, pr), (rc, rr), (nc, nr) = policy[i].tolist(), reference[i].tolist(), lengths[i].tolist()
+        u = (pc - rc) - (pr - rr)
+        sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+        want = {"sigmoid": -(1 - eps) * math.log(sig(beta * u)) - eps * math.log(sig(-beta * u)),
+                "ipo": ((pc - rc) / nc - (pr - rr) / nr - 1 / (2 * beta)) ** 2}
+        for loss_type, value in want.items():
+            losses, rewards = dpo_loss(policy[i:i + 1].double(), reference[i:i + 1].double(), beta, loss_type,
+                                       eps if loss_type == "sigmoid" else 0.0, lengths[i:i + 1])
+            assert abs(float(losses[0]) - value) < 1e-12, loss_type
+            assert torch.allclose(rewards[0], beta * (policy[i] - reference[i]).double(), atol=1e-12)
+    with pytest.raises(ValueError, match="loss_type"):
+        dpo_loss(policy, reference, beta, "hinge")
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_sequence_logprobs_equal_each_examples_own_float64_sum(tiny_model_dir, tokenizer, flat):
+    """Padded or padding-free (shared prefix, trimmed last tokens), each example's log-probability
+    equals Σ log_softmax of the model's own logits over its answer, run alone."""
+    model, _ = load_model(str(tiny_model_dir))
+    pairs = build_pairs([Row(r, f"f:{i}") for i, r in enumerate(pair_rows(3))], tokenizer, DataOptions())
+    examples = [e for p in pairs for e in p]
+    rows = [[e] for e in examples]
+    batch = collate_flat(rows) if flat else collate(rows, tokenizer.pad_token_id)
+    assert ("shared_prefix" in batch) == flat
+    with torch.no_grad(), padding_free(model) if flat else contextlib.nullcontext():
+        got = sequence_logprobs(model, batch, len(examples))
+    for k, e in enumerate(examples):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1].double()
+        labels = torch.tensor(e.labels[1:])
+        keep = labels != IGNORE
+        want = logits.log_softmax(-1)[keep].gather(1, labels[keep, None]).sum()
+        assert abs(float(got[k]) - float(want)) < 2e-4 * abs(float(want)), k
+
+
+@pytest.mark.parametrize(("padding_free", "loss_type"), [(True, "sigmoid"), (False, "sigmoid"), (True, "ipo")])
+def test_a_trainer_step_has_the_gradient_of_plain_dpo(dpo_config, padding_free, loss_type):
+    """Two micro-batches of an accumulated step through the trainer's fast paths: the gradient of every
+    adapter parameter equals that of DPO written out plainly (each answer run alone, float64 sums)."""
+    dpo = {"beta": 0.7, "loss_type": loss_type, "label_smoothing": 0.1 if loss_type == "sigmoid" else 0.0}
+    cfg = build_config(dpo_config(dpo=dpo, data={"padding_free": padding_free}, train={"grad_accum": 2}))
+    trainer = Trainer(cfg, progress=False, log=lambda _: None)
+    trainer._compute_reference(resumed=False)
+    randomize_adapters(trainer.model, std=0.2)  # the policy moves away from the reference
+    params = dict(trainer.params)
+    got = {}
+
+    def capture(loss):
+        got.update({n: p.grad.clone() for n, p in params.items()})
+        got["loss"] = loss
+        return loss, 0.0
+
+    trainer._update = capture
+    pairs = trainer.train_examples
+    trainer.model.train()
+    with trainer.fast_paths():
+        trainer.step([[pairs[0], pairs[1]], [pairs[2]]])
+
+    model = trainer.model
+    for p in params.values():
+        p.grad = None
+    total = 0.0
+    for pair in pairs[:3]:
+        logps, counts = [], []
+        for e in pair:
+            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1].double()
+            labels = torch.tensor(e.labels[1:])
+            keep = labels != IGNORE
+            logps.append(logits.log_softmax(-1)[keep].gather(1, labels[keep, None]).sum())
+            counts.append(int(keep.sum()))
+        ref = trainer.reference["train"][pair.index]
+        rc, rr = logps[0] - ref[0], logps[1] - ref[1]
+        beta = dpo["beta"]
+        if loss_type == "ipo":
+            loss = (rc / counts[0] - rr / counts[1] - 1 / (2 * beta)) ** 2
+        else:
+            u = beta * (rc - rr)
+            loss = -0.9 * torch.log(torch.sigmoid(u)) - 0.1 * torch.log(torch.sigmoid(-u))
+        total = total + loss / 3
+    total.backward()
+    value = float(total.detach())
+    assert abs(got["loss"] - value) < 1e-5 * max(1.0, value)
+    assert len(params) > 0
+    for n, p in params.items():
+        assert float((got[n] - p.grad).norm() / p.grad.norm()) < 1e-4, n  # fp32 rounding only
+
+
+# -- runs ------------------------------------------------------------------------------------------
+
+
+def metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_dpo_run_learns_the_preference_resumes_exactly_and_saves_a_peft_adapter(dpo_config, tiny_model_dir):
+    """The first step's loss is log 2 (policy = reference); after training the eval pairs' chosen
+    answers win; a run resumed from a checkpoint ends bit-identical (the saved reference is read
+    back, not recomputed from the trained model); without that file a resume is refused."""
+    import copy
+
+    import peft
+    from transformers import AutoModelForCausalLM
+
+    import lorakit
+
+    cfg = dpo_config(eval={"steps": 4})
+    whole = train(cfg, progress=False)
+    records = metrics(whole.output_dir)
+    steps = [r for r in records if "loss" in r]
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-6 and steps[0]["rewards/margins"] == 0.0
+    final = whole.metrics
+    assert final["eval_rewards/accuracies"] == 1.0 and final["eval_loss"] < 0.6 < math.log(2)
+    assert final["eval_rewards/margins"] > 0 and final["eval_rewards/chosen"] > final["eval_rewards/rejected"]
+    assert (whole.output_dir / REFERENCE_FILE).exists()
+
+    adapter = (whole.output_dir / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(complete_checkpoints(whole.output_dir / "checkpoints")[-1])
+    resumed = train(cfg, progress=False)
+    assert resumed.steps == whole.steps == 8 and resumed.resumed_from == 6
+    assert (resumed.output_dir / "adapter_model.safetensors").read_bytes() == adapter
+    assert [r["loss"] for r in metrics(resumed.output_dir) if "loss" in r] == [r["loss"] for r in steps]
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        ours = lorakit.load_adapter(copy.deepcopy(base), whole.output_dir)(ids).logits
+        theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), whole.output_dir).eval()(ids).logits
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=0)
+
+    shutil.rmtree(complete_checkpoints(whole.output_dir / "checkpoints")[-1])
+    (whole.output_dir / REFERENCE_FILE).unlink()
+    with pytest.raises(DataError, match=f"{REFERENCE_FILE} is missing: a resumed DPO run"):
+        train(cfg, progress=False)
+
+
+def test_full_fine_tuning_with_dpo_uses_the_starting_model_as_reference(dpo_config, tmp_path):
+    """``method: full`` has no adapter to switch off: the precomputed reference is the only one."""
+    result = train(dpo_config(method="full", train={"epochs": 1, "lr": 1e-3}, output_dir=str(tmp_path / "full")),
+                   progress=False)
+    steps = [r for r in metrics(result.output_dir) if "loss" in r]
+    assert abs(steps[0]["loss"] - math.log(2)) < 1e-6 and steps[-1]["rewards/margins"] > 0
+    assert (result.output_dir / "model" / "config.json").exists()
+
+
+def test_dpo_config_errors_name_the_key(dpo_config):
+    for change, message in [({"objective": "rlhf"}, "objective must be 'sft' or 'dpo'"),
+                            ({"dpo": {"beta": 0}}, "dpo.beta must be > 0"),
+                            ({"dpo": {"loss_type": "hinge"}}, "dpo.loss_type must be sigmoid or ipo"),
+                            ({"dpo": {"loss_type": "ipo", "label_smoothing": 0.1}}, "label_smoothing applies to"),
+                            ({"data": {"packing": True}}, "data.packing: objective dpo"),
+                            ({"data": {"train_on_inputs": True}}, "data.train_on_inputs: DPO compares")]:
+        with pytest.raises(ConfigError, match=message):
+            build_config(dpo_config(**change))
+    with pytest.raises(ConfigError, match="did you mean 'dpo.beta'"):
+        build_config(dpo_config(dpo={"betta": 0.1}))
+
+
+def test_held_out_pairs_are_reindexed_for_their_reference(tokenizer):
+    from lorakit.preference import split_pairs
+
+    pairs = build_pairs([Row(r, f"f:{i}") for i, r in enumerate(pair_rows(10))], tokenizer, DataOptions())
+    train_part, eval_part = split_pairs(pairs, 0.3, seed=0)
+    assert (len(train_part), len(eval_part)) == (7, 3)
+    assert [p.index for p in train_part] == list(range(7)) and [p.index for p in eval_part] == list(range(3))
+    assert sorted(p[0].input_ids for p in train_part + eval_part) == sorted(p[0].input_ids for p in pairs)
