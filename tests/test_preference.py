@@ -132,9 +132,14 @@ def test_dpo_losses_equal_their_float64_formulas():
             losses, rewards = dpo_loss(policy[i:i + 1].double(), reference[i:i + 1].double(), beta, loss_type,
                                        eps if loss_type == "sigmoid" else 0.0, lengths[i:i + 1])
             assert abs(float(losses[0]) - value) < 1e-12, loss_type
+            with_nll, _ = dpo_loss(policy[i:i + 1].double(), reference[i:i + 1].double(), beta, loss_type,
+                                   eps if loss_type == "sigmoid" else 0.0, lengths[i:i + 1], rpo_alpha=0.7)
+            assert abs(float(with_nll[0]) - (value + 0.7 * -pc / nc)) < 1e-12, loss_type
             assert torch.allclose(rewards[0], beta * (policy[i] - reference[i]).double(), atol=1e-12)
     with pytest.raises(ValueError, match="loss_type"):
         dpo_loss(policy, reference, beta, "hinge")
+    with pytest.raises(ValueError, match="pass lengths"):
+        dpo_loss(policy, reference, beta, rpo_alpha=1.0)
 
 
 @pytest.mark.parametrize("flat", [False, True])
@@ -158,11 +163,13 @@ def test_sequence_logprobs_equal_each_examples_own_float64_sum(tiny_model_dir, t
         assert abs(float(got[k]) - float(want)) < 2e-4 * abs(float(want)), k
 
 
-@pytest.mark.parametrize(("padding_free", "loss_type"), [(True, "sigmoid"), (False, "sigmoid"), (True, "ipo")])
-def test_a_trainer_step_has_the_gradient_of_plain_dpo(dpo_config, padding_free, loss_type):
+@pytest.mark.parametrize(("padding_free", "loss_type", "rpo_alpha"),
+                         [(True, "sigmoid", 0.0), (False, "sigmoid", 0.5), (True, "ipo", 0.5)])
+def test_a_trainer_step_has_the_gradient_of_plain_dpo(dpo_config, padding_free, loss_type, rpo_alpha):
     """Two micro-batches of an accumulated step through the trainer's fast paths: the gradient of every
     adapter parameter equals that of DPO written out plainly (each answer run alone, float64 sums)."""
-    dpo = {"beta": 0.7, "loss_type": loss_type, "label_smoothing": 0.1 if loss_type == "sigmoid" else 0.0}
+    dpo = {"beta": 0.7, "loss_type": loss_type, "label_smoothing": 0.1 if loss_type == "sigmoid" else 0.0,
+           "rpo_alpha": rpo_alpha}
     cfg = build_config(dpo_config(dpo=dpo, data={"padding_free": padding_free}, train={"grad_accum": 2}))
     trainer = Trainer(cfg, progress=False, log=lambda _: None)
     trainer._compute_reference(resumed=False)
@@ -201,6 +208,7 @@ def test_a_trainer_step_has_the_gradient_of_plain_dpo(dpo_config, padding_free, 
         else:
             u = beta * (rc - rr)
             loss = -0.9 * torch.log(torch.sigmoid(u)) - 0.1 * torch.log(torch.sigmoid(-u))
+        loss = loss - rpo_alpha * logps[0] / counts[0]
         total = total + loss / 3
     total.backward()
     value = float(total.detach())
@@ -272,6 +280,7 @@ def test_dpo_config_errors_name_the_key(dpo_config):
                             ({"dpo": {"beta": 0}}, "dpo.beta must be > 0"),
                             ({"dpo": {"loss_type": "hinge"}}, "dpo.loss_type must be sigmoid or ipo"),
                             ({"dpo": {"loss_type": "ipo", "label_smoothing": 0.1}}, "label_smoothing applies to"),
+                            ({"dpo": {"rpo_alpha": -1}}, "dpo.rpo_alpha must be >= 0"),
                             ({"data": {"packing": True}}, "data.packing: objective dpo"),
                             ({"data": {"train_on_inputs": True}}, "data.train_on_inputs: DPO compares")]:
         with pytest.raises(ConfigError, match=message):
@@ -288,3 +297,23 @@ def test_held_out_pairs_are_reindexed_for_their_reference(tokenizer):
     assert (len(train_part), len(eval_part)) == (7, 3)
     assert [p.index for p in train_part] == list(range(7)) and [p.index for p in eval_part] == list(range(3))
     assert sorted(p[0].input_ids for p in train_part + eval_part) == sorted(p[0].input_ids for p in pairs)
+
+
+def test_cli_shows_both_sides_of_a_pair(dpo_config, tmp_path, capsys):
+    import yaml
+
+    from lorakit.cli import main
+
+    path = tmp_path / "dpo.yaml"
+    path.write_text(yaml.safe_dump(dpo_config()))
+    assert main(["train", str(path), "--show-example", "0"]) == 0
+    shown = capsys.readouterr().out
+    row = pair_rows(1)[0]
+    chosen, rejected = shown.split("[rejected]")
+    assert chosen.startswith("[chosen]") and "5 trained" in chosen
+
+    def trained_text(side):  # the [bracketed] tokens, which train
+        return "".join(t for t in side.split("]") if "[" in t for t in [t.rsplit("[", 1)[1]]).replace("<|im_end|>", "")
+
+    assert trained_text(chosen.split("\n", 2)[2]) == row["chosen"]
+    assert trained_text(rejected.split("\n", 2)[2]) == row["rejected"]

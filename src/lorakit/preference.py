@@ -17,7 +17,11 @@ With log π(y | x) the summed log-probability of answer y (``loss.sequence_logpr
     sigmoid (DPO):  ℓ = −(1−ε) log σ(β u) − ε log σ(−β u)      (ε: label smoothing, conservative DPO)
     ipo (IPO):      ℓ = (u − 1/(2β))²,  the log-probabilities averaged over each answer's tokens
 
-and the implicit rewards β[log π(y|x) − log π_ref(y|x)] of each answer are logged, with their
+plus, with ``rpo_alpha`` = α > 0 (RPO, Pang et al. 2024; TRL's name), α times the chosen answer's
+negative log-likelihood per token, −log π(y_c|x) / |y_c|: DPO alone widens the gap between the two
+answers by pushing both down, and from a base model that has not learnt the answer format it never
+makes the chosen answer the greedy one (the demo: every eval pair ranked right, 0.5% exact match);
+the likelihood term does. The implicit rewards β[log π(y|x) − log π_ref(y|x)] of each answer are logged, with their
 margin and how often the chosen one's is higher. The reference's log-probabilities are computed
 once before the first step (TRL's ``precompute_ref_log_probs``): no second model in memory, for
 LoRA and full fine-tuning alike, and saved beside the run so that a resumed run reads the same
@@ -133,21 +137,26 @@ def reindex(pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
 
 
 def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss_type: str = "sigmoid",
-             label_smoothing: float = 0.0, lengths: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             label_smoothing: float = 0.0, lengths: torch.Tensor | None = None,
+             rpo_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-pair losses (P,) and implicit rewards (P, 2) (no gradient) from the policy's and the
     reference's log-probabilities (P, 2): column 0 the chosen answer, column 1 the rejected one.
-    ``lengths`` (P, 2), the answers' token counts, averages the log-probabilities for ``ipo``."""
+    ``lengths`` (P, 2), the answers' token counts, averages the log-probabilities for ``ipo`` and
+    the chosen answer's likelihood term (``rpo_alpha``)."""
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+    if lengths is None and (loss_type == "ipo" or rpo_alpha):
+        raise ValueError("ipo and rpo_alpha average log-probabilities over each answer's tokens: pass lengths")
     ratios = policy - reference.to(policy)  # (P, 2): log π/π_ref per answer
     rewards = beta * ratios.detach()
     if loss_type == "ipo":
-        if lengths is None:
-            raise ValueError("ipo averages each answer's log-probability: pass lengths")
-        u = (ratios / lengths.to(ratios)) @ ratios.new_tensor([1.0, -1.0])
-        return (u - 1 / (2 * beta)) ** 2, rewards
-    u = ratios[:, 0] - ratios[:, 1]
-    losses = -(1 - label_smoothing) * F.logsigmoid(beta * u) - label_smoothing * F.logsigmoid(-beta * u)
+        u = (ratios / lengths.to(ratios)) @ ratios.new_tensor([1.0, -1.0])  # type: ignore[union-attr]
+        losses = (u - 1 / (2 * beta)) ** 2
+    else:
+        u = ratios[:, 0] - ratios[:, 1]
+        losses = -(1 - label_smoothing) * F.logsigmoid(beta * u) - label_smoothing * F.logsigmoid(-beta * u)
+    if rpo_alpha:
+        losses = losses - rpo_alpha * policy[:, 0] / lengths[:, 0].to(policy)  # type: ignore[index]
     return losses, rewards
 
 

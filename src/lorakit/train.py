@@ -360,7 +360,7 @@ class Trainer:
                     policy = policy_logprobs(self.wrapped, mine, lambda ex: self.collate([[e] for e in ex]),
                                              whole=world.active)
                 losses, rewards = dpo_loss(policy, reference.to(policy.device), d.beta, d.loss_type,
-                                           d.label_smoothing, answer_lengths(mine).to(policy.device))
+                                           d.label_smoothing, answer_lengths(mine).to(policy.device), d.rpo_alpha)
                 if not torch.isfinite(losses).all():
                     raise TrainingError(self._nonfinite("loss"))
                 (losses.sum() * (weight / n_pairs)).backward()
@@ -449,7 +449,7 @@ class Trainer:
                     policy = policy_logprobs(self.model, chunk, self._collate_examples)
                 reference = self.reference["eval"][[p.index for p in chunk]].to(policy.device)
                 losses, rewards = dpo_loss(policy, reference, d.beta, d.loss_type, d.label_smoothing,
-                                           answer_lengths(chunk).to(policy.device))
+                                           answer_lengths(chunk).to(policy.device), d.rpo_alpha)
                 totals.add(losses, rewards, policy)
         return totals.means("eval_")
 

@@ -106,6 +106,7 @@ class DpoSection:
     beta: float = 0.1  # how far the policy may move from the reference (TRL's default)
     loss_type: str = "sigmoid"  # sigmoid (DPO) | ipo (IPO)
     label_smoothing: float = 0.0  # sigmoid only: the assumed fraction of flipped labels (conservative DPO)
+    rpo_alpha: float = 0.0  # + α × the chosen answer's per-token NLL (RPO; TRL's name); 0 = off, paper: 1
 
 
 @dataclass
@@ -204,6 +205,7 @@ class RunConfig:
             (d.loss_type in ("sigmoid", "ipo"), f"dpo.loss_type must be sigmoid or ipo, got {d.loss_type!r}"),
             (0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}"),
             (d.label_smoothing == 0 or d.loss_type == "sigmoid", "dpo.label_smoothing applies to loss_type: sigmoid"),
+            (d.rpo_alpha >= 0, f"dpo.rpo_alpha must be >= 0 (0 turns the likelihood term off), got {d.rpo_alpha}"),
             (not self.data.packing, "data.packing: objective dpo keeps each answer in its own row (padding-free "
                                     "batches already skip the padding); set data.packing=false"),
             (not self.data.train_on_inputs, "data.train_on_inputs: DPO compares the answers given the prompt; set "
