@@ -1,4 +1,4 @@
-"""Preference pairs and Direct Preference Optimization (DPO, Rafailov et al. 2023).
+"""Preference pairs, Direct Preference Optimization (DPO, Rafailov et al. 2023) and ORPO.
 
 Rows hold a prompt and two answers, the preferred one first (TRL's keys):
 
@@ -25,7 +25,8 @@ the likelihood term does. The implicit rewards β[log π(y|x) − log π_ref(y|x
 margin and how often the chosen one's is higher. The reference's log-probabilities are computed
 once before the first step (TRL's ``precompute_ref_log_probs``): no second model in memory, for
 LoRA and full fine-tuning alike, and saved beside the run so that a resumed run reads the same
-values.
+values. ORPO (``orpo_loss``) needs no reference: an SFT term on the chosen answer plus a log-odds
+ratio between the two answers.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from lorakit.loss import sequence_logprobs
 from lorakit.models import evaluating
 
 LOSS_TYPES = ("sigmoid", "ipo")
+OBJECTIVES = ("dpo", "orpo")
 PREFERENCE_KEYS = ("chosen", "rejected")
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -158,6 +160,20 @@ def dpo_loss(policy: torch.Tensor, reference: torch.Tensor, beta: float, loss_ty
     if rpo_alpha:
         losses = losses - rpo_alpha * policy[:, 0] / lengths[:, 0].to(policy)  # type: ignore[index]
     return losses, rewards
+
+
+def orpo_loss(policy: torch.Tensor, lengths: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """ORPO's per-pair losses (P,) and its rewards β·log p̄ (P, 2) (no gradient), with no reference:
+    from the answers' mean per-token log-probabilities log p̄ = log π(y|x) / |y| (P, 2),
+
+        ℓ = −log p̄_c − β log σ(log odds(p̄_c) − log odds(p̄_r)),   log odds(p) = log p − log(1 − p)
+
+    (Hong et al. 2024; β is the paper's λ and TRL's ``beta``). log(1 − p) is formed as
+    log(−expm1(log p)), exact as log p → 0, in float64."""
+    mean = (policy.double() / lengths.to(policy.device, torch.float64)).clamp(max=-1e-12)  # (P, 2), log p̄ < 0
+    log_odds = mean - torch.log(-torch.expm1(mean))
+    losses = -mean[:, 0] - beta * F.logsigmoid(log_odds[:, 0] - log_odds[:, 1])
+    return losses.to(policy.dtype), beta * mean.detach()
 
 
 def answer_lengths(pairs: Sequence[PreferencePair]) -> torch.Tensor:

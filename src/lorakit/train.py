@@ -74,6 +74,7 @@ from lorakit.preference import (
     dpo_loss,
     load_pairs,
     load_reference,
+    orpo_loss,
     policy_logprobs,
     reference_logprobs,
     save_reference,
@@ -193,7 +194,7 @@ class Trainer:
         self.flat_multiple = TOKEN_MULTIPLE if onednn and self.device.type == "cpu" else 1
         device_type = self.device.type
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if self.bf16 else None
-        self.dpo = config.objective == "dpo"
+        self.pairs = config.objective != "sft"  # dpo / orpo: the data are preference pairs
         self.reference: dict[str, torch.Tensor] = {}  # DPO: the reference log-probabilities (P, 2) per split
         self._load_data()
         if self.lora is not None:
@@ -239,7 +240,7 @@ class Trainer:
     def _load_data(self) -> None:
         d = self.config.data
         self.opts = self.config.data_options()
-        load, split = (load_pairs, split_pairs) if self.dpo else (load_examples, split_eval)
+        load, split = (load_pairs, split_pairs) if self.pairs else (load_examples, split_eval)
         self.train_examples = load(d.train, self.tokenizer, self.opts)
         stats = dict(self.opts.stats)
         if d.eval:
@@ -250,10 +251,10 @@ class Trainer:
             self.eval_examples = []
         if stats["truncated"] or stats["dropped"]:
             verb = "truncated" if d.overlong == "truncate" else "dropped"
-            what = "pairs with a side" if self.dpo else "examples"
+            what = "pairs with a side" if self.pairs else "examples"
             self.log(f"data: {stats['truncated'] + stats['dropped']} training {what} over max_seq_len="
                      f"{d.max_seq_len} or with nothing to train were {verb}")
-        if self.dpo:
+        if self.pairs:
             self.rows = self.train_examples  # a pair is a row: its two sides always share a micro-batch
             return
         mixers = sequence_mixers(self.model) if d.packing else []
@@ -322,7 +323,7 @@ class Trainer:
     def step(self, group: Sequence[Sequence[Sequence[Example]]]) -> tuple[float, float, int]:
         """One optimizer step over micro-batches ``group`` (each the global micro-batch of all ranks;
         this rank takes rows rank, rank+W, …): returns (mean loss, grad norm, tokens)."""
-        if self.dpo:
+        if self.pairs:
             return self._preference_step(group)  # type: ignore[arg-type]
         world = self.world
         n_total = sum(e.n_supervised for mb in group for row in mb for e in row)
@@ -344,9 +345,10 @@ class Trainer:
         return loss, grad_norm, n_total
 
     def _preference_step(self, group: Sequence[Sequence[PreferencePair]]) -> tuple[float, float, int]:
-        """One DPO step: the mean of ``preference.dpo_loss`` over the step's pairs (all ranks), both
-        sides of a pair in the same micro-batch; the rewards' means land in ``step_metrics``."""
-        world, d = self.world, self.config.dpo
+        """One DPO / ORPO step: the mean of the pairs' losses (``_pair_losses``) over the step's pairs
+        (all ranks), both sides of a pair in the same micro-batch; the rewards' means land in
+        ``step_metrics``."""
+        world = self.world
         n_pairs = sum(len(mb) for mb in group)
         tokens = sum(e.n_supervised for mb in group for pair in mb for e in pair)
         totals = Totals()
@@ -354,13 +356,11 @@ class Trainer:
             mine, weight = list(micro[world.rank::world.size]), float(world.size)
             if not mine:
                 mine, weight = [micro[0]], 0.0
-            reference = self.reference["train"][[p.index for p in mine]]
             with no_sync(self.wrapped, world, last=i == len(group) - 1):
                 with self.autocast() if self.autocast else contextlib.nullcontext():
                     policy = policy_logprobs(self.wrapped, mine, lambda ex: self.collate([[e] for e in ex]),
                                              whole=world.active)
-                losses, rewards = dpo_loss(policy, reference.to(policy.device), d.beta, d.loss_type,
-                                           d.label_smoothing, answer_lengths(mine).to(policy.device), d.rpo_alpha)
+                losses, rewards = self._pair_losses(policy, mine, "train")
                 if not torch.isfinite(losses).all():
                     raise TrainingError(self._nonfinite("loss"))
                 (losses.sum() * (weight / n_pairs)).backward()
@@ -371,6 +371,16 @@ class Trainer:
         self.step_metrics = means
         loss, grad_norm = self._update(loss)
         return loss, grad_norm, tokens
+
+    def _pair_losses(self, policy: torch.Tensor, pairs: Sequence[PreferencePair],
+                     split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair losses and rewards of the run's objective from the policy's log-probabilities (P, 2)."""
+        lengths = answer_lengths(pairs).to(policy.device)
+        if self.config.objective == "orpo":
+            return orpo_loss(policy, lengths, self.config.orpo.beta)
+        d = self.config.dpo
+        reference = self.reference[split][[p.index for p in pairs]].to(policy.device)
+        return dpo_loss(policy, reference, d.beta, d.loss_type, d.label_smoothing, lengths, d.rpo_alpha)
 
     def _update(self, loss: float) -> tuple[float, float]:
         """Clip, step the optimizer and the schedule: (the step's loss, its gradient norm)."""
@@ -439,17 +449,15 @@ class Trainer:
         return self.collate([[e] for e in examples])
 
     def _preference_eval(self, pairs: Sequence[PreferencePair]) -> dict[str, float]:
-        """The DPO loss, rewards and log-probabilities of the eval pairs (``eval_`` + TRL's names)."""
-        d, totals = self.config.dpo, Totals()
+        """The DPO / ORPO loss, rewards and log-probabilities of the eval pairs (``eval_`` + TRL's names)."""
+        totals = Totals()
         flat = padding_free_attention(self.model) if self.padding_free else contextlib.nullcontext()
         with evaluating(self.model), flat:
             for k in range(0, len(pairs), self.config.eval.batch_size):
                 chunk = pairs[k:k + self.config.eval.batch_size]
                 with self.autocast() if self.autocast else contextlib.nullcontext():
                     policy = policy_logprobs(self.model, chunk, self._collate_examples)
-                reference = self.reference["eval"][[p.index for p in chunk]].to(policy.device)
-                losses, rewards = dpo_loss(policy, reference, d.beta, d.loss_type, d.label_smoothing,
-                                           answer_lengths(chunk).to(policy.device), d.rpo_alpha)
+                losses, rewards = self._pair_losses(policy, chunk, "eval")
                 totals.add(losses, rewards, policy)
         return totals.means("eval_")
 
@@ -459,7 +467,7 @@ class Trainer:
         e = self.config.eval
         examples = self.eval_examples[: e.max_examples] if e.max_examples > 0 else self.eval_examples
         with cached_casts(release=self.device.type == "cpu"), onednn_scope():
-            if self.dpo:
+            if self.pairs:
                 metrics = self._preference_eval(examples)
                 examples = [pair[0] for pair in examples]  # generation is scored against the chosen answer
             else:
@@ -492,12 +500,12 @@ class Trainer:
         if self.device.type == "cpu" and not self.bf16 and cpu_native_bf16():
             self.log("this CPU multiplies bf16 natively: train.bf16=true trains about 1.4x faster here "
                      "(the demo: eval loss within seed noise of fp32's; see the README's Precision note)")
-        unit = "pairs" if self.dpo else "examples"
+        unit = "pairs" if self.pairs else "examples"
         self.log(f"data: {len(self.train_examples)} train {unit} in {len(self.rows)} rows, "
                  f"{len(self.eval_examples)} eval; batch {t.batch_size} × accumulation {t.grad_accum}"
                  + (f" × {self.world.size} processes ({self.world.mode})" if self.world.active else "")
                  + f" = {self.rows_per_batch * t.grad_accum} rows per step, {self.total_steps} steps")
-        if self.dpo:
+        if self.config.objective == "dpo":
             self._compute_reference(resumed)
         start, final_eval, interrupted = time.perf_counter(), {}, False
         self.last_loss = None

@@ -110,6 +110,12 @@ class DpoSection:
 
 
 @dataclass
+class OrpoSection:
+    # objective: orpo — lorakit.preference.orpo_loss
+    beta: float = 0.1  # the weight of the log-odds-ratio term (the paper's λ; TRL's beta)
+
+
+@dataclass
 class RouterSection:
     # method: router — adapter name → adapter directory; the router learns per-token weights over them
     adapters: dict[str, str] = field(default_factory=dict)
@@ -124,12 +130,13 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     lora: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LORA))
     method: str = "lora"  # lora | full | router: what trains
-    objective: str = "sft"  # sft (next-token loss on answers) | dpo (preference pairs): what it learns from
+    objective: str = "sft"  # sft (next-token loss on answers) | dpo | orpo (preference pairs): what it learns from
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     router: RouterSection = field(default_factory=RouterSection)
     dpo: DpoSection = field(default_factory=DpoSection)
+    orpo: OrpoSection = field(default_factory=OrpoSection)
     output_dir: str = "runs/lorakit"
     seed: int = 0
 
@@ -160,10 +167,10 @@ class RunConfig:
         if self.method == "router" and len(self.router.adapters) < 2:
             raise ConfigError("method: router needs router.adapters: a mapping of at least two adapter names to "
                               "their directories")
-        if self.objective not in ("sft", "dpo"):
-            raise ConfigError(f"objective must be 'sft' or 'dpo', got {self.objective!r}")
-        if self.objective == "dpo":
-            self._validate_dpo()
+        if self.objective not in ("sft", "dpo", "orpo"):
+            raise ConfigError(f"objective must be 'sft', 'dpo' or 'orpo', got {self.objective!r}")
+        if self.objective != "sft":
+            self._validate_preference()
         if not self.data.train:
             raise ConfigError("data.train is not set: give a .jsonl/.json/.csv/.parquet file or a directory")
         t = self.train
@@ -198,18 +205,19 @@ class RunConfig:
                 raise ConfigError("model.quantize needs method: lora (a quantized base cannot be fully fine-tuned)")
 
 
-    def _validate_dpo(self) -> None:
-        d = self.dpo
+    def _validate_preference(self) -> None:
+        d, name = self.dpo, self.objective
         checks = [
+            (self.orpo.beta > 0, f"orpo.beta must be > 0, got {self.orpo.beta}"),
             (d.beta > 0, f"dpo.beta must be > 0, got {d.beta}"),
             (d.loss_type in ("sigmoid", "ipo"), f"dpo.loss_type must be sigmoid or ipo, got {d.loss_type!r}"),
             (0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}"),
             (d.label_smoothing == 0 or d.loss_type == "sigmoid", "dpo.label_smoothing applies to loss_type: sigmoid"),
             (d.rpo_alpha >= 0, f"dpo.rpo_alpha must be >= 0 (0 turns the likelihood term off), got {d.rpo_alpha}"),
-            (not self.data.packing, "data.packing: objective dpo keeps each answer in its own row (padding-free "
-                                    "batches already skip the padding); set data.packing=false"),
-            (not self.data.train_on_inputs, "data.train_on_inputs: DPO compares the answers given the prompt; set "
-                                            "data.train_on_inputs=false"),
+            (not self.data.packing, f"data.packing: objective {name} keeps each answer in its own row (padding-free "
+                                    f"batches already skip the padding); set data.packing=false"),
+            (not self.data.train_on_inputs, f"data.train_on_inputs: {name} compares the answers given the prompt; "
+                                            f"set data.train_on_inputs=false"),
         ]
         for ok, message in checks:
             if not ok:
@@ -217,7 +225,7 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection,
-            "router": RouterSection, "dpo": DpoSection}
+            "router": RouterSection, "dpo": DpoSection, "orpo": OrpoSection}
 SCALARS = ("method", "objective", "output_dir", "seed")
 
 
