@@ -154,3 +154,18 @@ def test_show_example_marks_trained_tokens(tokenizer):
     ex = tokenize_row(R({"prompt": "Hi", "completion": "Yo"}, "f.jsonl:1"), tokenizer, DataOptions())
     text = show_example(ex, tokenizer)
     assert text.startswith("f.jsonl:1:") and text.endswith("[Y][o][<|im_end|>]") and "·Hi·" in text
+
+
+def test_prompt_of_any_row_for_generation():
+    Row = R
+    from lorakit.data import prompt_of
+
+    chat = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"}]
+    assert prompt_of(Row({"prompt": "P", "completion": "C"}, "f:1")) == "P"
+    assert prompt_of(Row({"messages": [*chat, {"role": "assistant", "content": "A"}]}, "f:2")) == chat
+    sharegpt = [{"from": "system", "value": "S"}, {"from": "human", "value": "U"}, {"from": "gpt", "value": "A"}]
+    assert prompt_of(Row({"conversations": sharegpt}, "f:3")) == chat
+    with pytest.raises(DataError, match="f:4: a prompt row needs 'prompt', 'messages' or 'conversations'"):
+        prompt_of(Row({"text": "T"}, "f:4"))
+    with pytest.raises(DataError, match="f:5: 'messages' has no turn before"):
+        prompt_of(Row({"messages": [{"role": "assistant", "content": "A"}]}, "f:5"))

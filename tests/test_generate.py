@@ -53,15 +53,18 @@ def test_sampling_with_a_seed_is_reproducible(smollm):
 def test_generate_file_writes_jsonl(tmp_path, smollm):
     model, tokenizer = smollm
     prompts = tmp_path / "p.jsonl"
+    sharegpt = {"conversations": [{"from": "human", "value": "Say hi."}, {"from": "gpt", "value": "Hello!"}]}
     prompts.write_text(json.dumps({"prompt": "What is the capital of France?"}) + "\n" +
-                       json.dumps({"messages": [{"role": "user", "content": "Say hi."}]}) + "\n")
+                       json.dumps({"messages": [{"role": "user", "content": "Say hi."}]}) + "\n" +
+                       json.dumps(sharegpt) + "\n")
     out = subprocess.run([*CLI, "generate", "--file", str(prompts), "--max-new-tokens", "12"],
                          capture_output=True, text=True, check=True).stdout
     rows = [json.loads(line) for line in out.splitlines()]
-    assert [r.get("prompt") for r in rows] == ["What is the capital of France?", None]
+    assert [r.get("prompt") for r in rows] == ["What is the capital of France?", None, None]
     second = generate(model, tokenizer, chat_input_ids(tokenizer, [{"role": "user", "content": "Say hi."}]),
                       SamplingOptions(max_new_tokens=12))
-    assert rows[1]["completion"] == second
+    assert rows[1]["completion"] == second != "Hello!"
+    assert rows[2]["completion"] == second  # the ShareGPT row's own answer is dropped, its user turn kept
 
 
 def test_chat_keeps_history_until_reset(smollm):

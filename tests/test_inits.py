@@ -210,6 +210,13 @@ def test_refusals_name_the_problem(tmp_path):
     with pytest.raises(ValueError, match="'eva' needs activations from data"):
         get_lora_model(tiny_llama(), LoraConfig(r=4, init_lora_weights="eva", **LLAMA))
 
+    tied = tiny_llama()
+    tied.lm_head.weight = tied.model.embed_tokens.weight  # tied input and output embeddings
+    with pytest.raises(ValueError, match=r"init_lora_weights='pissa': module 'lm_head' shares its weight with "
+                                         r"'model.embed_tokens' \(tied weights\)"):
+        get_lora_model(tied, LoraConfig(r=4, init_lora_weights="pissa", target_modules=["lm_head"]))
+    get_lora_model(tied, LoraConfig(r=4, target_modules=["lm_head"]))  # the default init leaves W alone
+
     from lorakit.quant import quantize_model
 
     quantized = tiny_llama()

@@ -197,12 +197,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
                  options, on_text=_write)
         _write("\n")
         return 0
-    from lorakit.data import read_rows
+    from lorakit.data import prompt_of, read_rows
 
     for row in read_rows(args.file):
-        prompt = row.data.get("messages") or row.data.get("prompt")
-        if prompt is None:
-            raise ValueError(f"{row.source}: a prompt row needs 'prompt' or 'messages'")
+        prompt = prompt_of(row)
         text = generate(model, tokenizer, prompt_ids(tokenizer, prompt, chat=not args.raw, system=args.system),
                         options)
         print(json.dumps({**row.data, "completion": text}), flush=True)
@@ -339,7 +337,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate text (streamed) for a prompt or a JSONL file of prompts")
     _add_sampling(p)
     p.add_argument("--prompt", help="the prompt (a user turn for chat models)")
-    p.add_argument("--file", help="JSONL rows with 'prompt' or 'messages'; prints rows with 'completion'")
+    p.add_argument("--file", help="JSONL rows with 'prompt', 'messages' or 'conversations' (a trailing assistant "
+                                  "turn is dropped); prints rows with 'completion'")
     p.add_argument("--raw", action="store_true", help="do not apply the chat template")
     p.set_defaults(func=cmd_generate)
 

@@ -183,6 +183,28 @@ def conversation_turns(row: Row) -> list[tuple[dict[str, str], bool]]:
     return out
 
 
+def prompt_of(row: Row) -> str | list[dict[str, str]]:
+    """What to generate from: a row's ``prompt`` (text, or messages as in preference rows), or its
+    ``messages`` / ShareGPT ``conversations`` without the assistant turns that end it (an eval row's
+    answer), so any training or eval row can be fed to ``lorakit generate --file``."""
+    d = row.data
+    if "prompt" in d:
+        return d["prompt"]
+    if "messages" not in d and "conversations" not in d:
+        raise DataError(f"{row.source}: a prompt row needs 'prompt', 'messages' or 'conversations'")
+    key, role_key, content_key = ("messages", "role", "content") if "messages" in d else ("conversations", "from", "value")
+    turns = d[key]
+    if not isinstance(turns, list) or not all(isinstance(t, dict) and role_key in t and content_key in t for t in turns):
+        raise DataError(f"{row.source}: '{key}' must be a list of {{'{role_key}', '{content_key}'}} objects")
+    roles = SHAREGPT_ROLES if key == "conversations" else {r: r for r in ("system", "user", "assistant")}
+    messages = [{"role": roles.get(str(t[role_key]), str(t[role_key])), "content": str(t[content_key])} for t in turns]
+    while messages and messages[-1]["role"] == "assistant":
+        messages.pop()
+    if not messages:
+        raise DataError(f"{row.source}: '{key}' has no turn before the assistant's to generate from")
+    return messages
+
+
 def as_messages(row: Row, fmt: str, system_prompt: str | None) -> list[dict[str, str]]:
     """The row as chat turns (prompt/completion and alpaca become user/assistant)."""
     d = row.data

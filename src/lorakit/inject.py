@@ -247,12 +247,22 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
 def _check_targets(model: nn.Module, targets: list[str], use_dora: bool, init: bool | str, adapter_name: str) -> None:
     """Refuse, before anything is wrapped, a target DoRA cannot go on (``layers.dora_refusal``) or a
     linear one the initialisation cannot (``layers.init_refusal``: PiSSA/OLoRA and other adapters)."""
+    owners: dict[int, list[str]] = {}  # a weight's id → the modules holding it (tied weights: several)
+    if inits.mutates_base(init):
+        for owner, sub in model.named_modules():
+            weight = sub._parameters.get("weight")
+            if weight is not None:
+                owners.setdefault(id(weight), []).append(owner)
     for name in targets:
         module = model.get_submodule(name)
         reason = dora_refusal(module) if use_dora else None
         if reason:
             raise ValueError(f"use_dora: module {name!r} {reason}")
         reason = init_refusal(module, init) if isinstance(module, (nn.Linear, Conv1D)) else None
+        tied = [o for o in owners.get(id(module._parameters.get("weight")), []) if o != name]
+        if reason is None and tied:
+            reason = (f"shares its weight with {tied[0]!r} (tied weights), which the residual base would change too; "
+                      f"leave it out of target_modules or use the default init")
         if reason:
             what = f"init_lora_weights={init!r}" if inits.mutates_base(init) else f"adapter {adapter_name!r}"
             raise ValueError(f"{what}: module {name!r} {reason}")
