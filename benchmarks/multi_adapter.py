@@ -38,7 +38,7 @@ from lorakit.layers import lora_layers
 from lorakit.plain import inference_on_onednn
 
 sys.path.insert(0, str(Path(__file__).parent))
-from results import add_random_adapters, append_entry, machine, random_llama
+from results import add_random_adapters, machine, random_llama, report
 
 
 def build_model(name: str, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
@@ -247,10 +247,7 @@ def main() -> None:
         lines += ["", "lorakit mixed (triton) vs PEFT mixed: " + versus("lorakit mixed %d (triton)") + ". "
                   + " ".join(notes)]
     lines.append("")
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_save:
-        append_entry(text)
+    report(lines, save=not args.no_save)
 
 
 if __name__ == "__main__":

@@ -76,3 +76,11 @@ def append_entry(text: str) -> None:
     text = text.strip("\n") + "\n"
     RESULTS.write_text(content[:i].rstrip("\n") + "\n\n" + text + content[i:] if i >= 0
                        else content.rstrip("\n") + "\n\n" + text)
+
+
+def report(lines: list[str], save: bool) -> None:
+    """Print a result section (its lines) and, with ``save``, append it to RESULTS.md."""
+    text = "\n".join(lines)
+    print(text)
+    if save:
+        append_entry(text)

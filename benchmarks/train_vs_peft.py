@@ -299,7 +299,7 @@ def main() -> None:
     import transformers
 
     sys.path.insert(0, str(HERE))
-    from results import append_entry, machine
+    from results import machine, report
 
     anon = bool(p["peak_anon_bytes"] and o["peak_anon_bytes"])
     lines = [f"## {time.strftime('%Y-%m-%d')} — training, lorakit vs PEFT + Trainer ({variant}), {args.model} on {machine()}",
@@ -321,10 +321,7 @@ def main() -> None:
                   + (f" ({args.repeats} runs a side in ABBA order: median throughput, largest peak memory; "
                      f"each pair's throughput ratio: "
                      f"{', '.join(f'{x:.2f}×' for x in pairs)})" if args.repeats > 1 else "") + ".", ""]
-    text = "\n".join(lines)
-    print(text)
-    if not args.no_save:
-        append_entry(text)
+    report(lines, save=not args.no_save)
 
 
 if __name__ == "__main__":
