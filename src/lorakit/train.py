@@ -358,8 +358,7 @@ class Trainer:
                 mine, weight = [micro[0]], 0.0
             with no_sync(self.wrapped, world, last=i == len(group) - 1):
                 with self.autocast() if self.autocast else contextlib.nullcontext():
-                    policy = policy_logprobs(self.wrapped, mine, lambda ex: self.collate([[e] for e in ex]),
-                                             whole=world.active)
+                    policy = policy_logprobs(self.wrapped, mine, self._collate_examples, whole=world.active)
                 losses, rewards = self._pair_losses(policy, mine, "train")
                 if not torch.isfinite(losses).all():
                     raise TrainingError(self._nonfinite("loss"))
