@@ -110,16 +110,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         from lorakit.models import load_model
 
         _, tokenizer = load_model(config.model.name)
-        if config.objective != "sft":
-            from lorakit.preference import build_pairs
+        from lorakit.preference import build_pairs
 
-            examples = load_examples(config.data.train, tokenizer, config.data_options(), build=build_pairs)
-        else:
-            examples = load_examples(config.data.train, tokenizer, config.data_options())
+        pairs = config.objective != "sft"
+        examples = load_examples(config.data.train, tokenizer, config.data_options(),
+                                 build=build_pairs if pairs else None)
         if not 0 <= args.show_example < len(examples):
             raise ValueError(f"--show-example must be in 0..{len(examples) - 1}")
         shown = examples[args.show_example]
-        sides = zip(("chosen", "rejected"), shown) if config.objective != "sft" else [("", shown)]
+        sides = zip(("chosen", "rejected"), shown) if pairs else [("", shown)]
         print("\n\n".join((f"[{name}]\n" if name else "") + show_example(e, tokenizer) for name, e in sides))
         return 0
     if args.nproc and args.nproc > 1:

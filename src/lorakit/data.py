@@ -155,11 +155,12 @@ def detect_format(row: Row) -> str:
     raise DataError(f"{row.source}: row matches no format (keys: {', '.join(sorted(d)) or 'none'}); accepted: {FORMATS}")
 
 
-def conversation_turns(row: Row) -> list[tuple[dict[str, str], bool]]:
+def conversation_turns(row: Row, trained: bool = True) -> list[tuple[dict[str, str], bool]]:
     """A ``messages`` or ShareGPT ``conversations`` row as ``({role, content}, trains)`` turns.
 
     ShareGPT's ``from``/``value`` turns map through ``SHAREGPT_ROLES`` (human → user, gpt → assistant).
-    An assistant turn trains unless it carries ``"weight": 0``; other turns never train.
+    An assistant turn trains unless it carries ``"weight": 0``; other turns never train. With
+    ``trained``, a row without a turn to train on is an error (a prompt row needs none).
     """
     sharegpt = "messages" not in row.data
     key, role_key, content_key = ("conversations", "from", "value") if sharegpt else ("messages", "role", "content")
@@ -178,7 +179,7 @@ def conversation_turns(row: Row) -> list[tuple[dict[str, str], bool]]:
             raise DataError(f"{row.source}: '{key}'[{i}] has weight {weight!r}; use 0 (context) or 1 (trained)")
         role = roles[t[role_key]]
         out.append(({"role": role, "content": str(t[content_key])}, role == "assistant" and weight == 1))
-    if not any(trains for _, trains in out):
+    if trained and not any(trains for _, trains in out):
         raise DataError(f"{row.source}: '{key}' has no assistant turn to train on")
     return out
 
@@ -192,15 +193,11 @@ def prompt_of(row: Row) -> str | list[dict[str, str]]:
         return d["prompt"]
     if "messages" not in d and "conversations" not in d:
         raise DataError(f"{row.source}: a prompt row needs 'prompt', 'messages' or 'conversations'")
-    key, role_key, content_key = ("messages", "role", "content") if "messages" in d else ("conversations", "from", "value")
-    turns = d[key]
-    if not isinstance(turns, list) or not all(isinstance(t, dict) and role_key in t and content_key in t for t in turns):
-        raise DataError(f"{row.source}: '{key}' must be a list of {{'{role_key}', '{content_key}'}} objects")
-    roles = SHAREGPT_ROLES if key == "conversations" else {r: r for r in ("system", "user", "assistant")}
-    messages = [{"role": roles.get(str(t[role_key]), str(t[role_key])), "content": str(t[content_key])} for t in turns]
+    messages = [m for m, _ in conversation_turns(row, trained=False)]
     while messages and messages[-1]["role"] == "assistant":
         messages.pop()
     if not messages:
+        key = "messages" if "messages" in d else "conversations"
         raise DataError(f"{row.source}: '{key}' has no turn before the assistant's to generate from")
     return messages
 

@@ -213,11 +213,12 @@ def policy_logprobs(model: nn.Module, pairs: Sequence[PreferencePair],
     return sequence_logprobs(model, collate(examples), len(examples), whole=whole).view(-1, 2)
 
 
-def reference_logprobs(model: nn.Module, pairs: Sequence[PreferencePair],
-                       collate: Callable[[list[Example]], dict[str, Any]], batch_size: int,
-                       whole: bool = False) -> torch.Tensor:
+def scored_logprobs(model: nn.Module, pairs: Sequence[PreferencePair],
+                    collate: Callable[[list[Example]], dict[str, Any]], batch_size: int,
+                    whole: bool = False) -> torch.Tensor:
     """(P, 2) float64: the model's log-probabilities of every pair's answers as it is now, in eval mode
-    (no dropout) without gradients, ``batch_size`` pairs at a time."""
+    (no dropout) without gradients, ``batch_size`` pairs at a time: DPO's reference before the first
+    step, and the policy at evaluation."""
     out = torch.empty(len(pairs), 2, dtype=torch.float64)
     with evaluating(model):
         for k in range(0, len(pairs), batch_size):

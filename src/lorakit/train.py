@@ -61,7 +61,7 @@ from lorakit.kernels.gemm import TOKEN_MULTIPLE, cpu_flags, onednn_scope, uses_o
 from lorakit.loss import causal_lm_loss
 from lorakit.memory import HeapGuard, keep_freed_memory, peak_memory_bytes, stop_keeping_freed_memory
 from lorakit.mlp import fused_mlp
-from lorakit.models import empty_model, enable_checkpointing, evaluating, load_model, sequence_mixers
+from lorakit.models import empty_model, enable_checkpointing, load_model, sequence_mixers
 from lorakit.neftune import NoisyEmbeddings, noisy_embeddings
 from lorakit.norm import fused_norms
 from lorakit.optim import build_optimizer, loraplus_scales, lr_lambda
@@ -76,8 +76,8 @@ from lorakit.preference import (
     load_reference,
     orpo_loss,
     policy_logprobs,
-    reference_logprobs,
     save_reference,
+    scored_logprobs,
     split_pairs,
 )
 from lorakit.report import MetricsLog, plot_loss, write_model_card
@@ -323,53 +323,39 @@ class Trainer:
     def step(self, group: Sequence[Sequence[Sequence[Example]]]) -> tuple[float, float, int]:
         """One optimizer step over micro-batches ``group`` (each the global micro-batch of all ranks;
         this rank takes rows rank, rank+W, …): returns (mean loss, grad norm, tokens)."""
-        if self.pairs:
-            return self._preference_step(group)  # type: ignore[arg-type]
         world = self.world
-        n_total = sum(e.n_supervised for mb in group for row in mb for e in row)
+        tokens = sum(e.n_supervised for mb in group for row in mb for e in row)  # a pair's row: its two answers
+        # the loss is a mean over the step's supervised tokens (SFT) or pairs (DPO / ORPO)
+        count = sum(len(mb) for mb in group) if self.pairs else tokens
+        totals = Totals() if self.pairs else None
         loss_total = 0.0
         for i, micro in enumerate(group):
             mine, weight = list(micro[world.rank::world.size]), float(world.size)
             if not mine:  # fewer rows than ranks at an epoch's end: run a row with weight 0 (exact, no hang)
                 mine, weight = [micro[0]], 0.0
-            batch = self.collate(mine)
             with no_sync(self.wrapped, world, last=i == len(group) - 1):
-                with self.autocast() if self.autocast else contextlib.nullcontext():
-                    loss_sum, _ = causal_lm_loss(self.wrapped, batch, whole=world.active)
+                loss_sum = self._micro_loss(mine, totals, weight / world.size)
                 if not torch.isfinite(loss_sum):
                     raise TrainingError(self._nonfinite("loss"))
-                # DDP / FSDP average gradients over ranks: × W makes the result Σ token grads / global count
-                (loss_sum * (weight / n_total)).backward()
+                # DDP / FSDP average gradients over ranks: × W makes the result Σ grads / global count
+                (loss_sum * (weight / count)).backward()
             loss_total += float(loss_sum.detach()) * (weight / world.size)
-        loss, grad_norm = self._update(world.sum(loss_total) / n_total)
-        return loss, grad_norm, n_total
-
-    def _preference_step(self, group: Sequence[Sequence[PreferencePair]]) -> tuple[float, float, int]:
-        """One DPO / ORPO step: the mean of the pairs' losses (``_pair_losses``) over the step's pairs
-        (all ranks), both sides of a pair in the same micro-batch; the rewards' means land in
-        ``step_metrics``."""
-        world = self.world
-        n_pairs = sum(len(mb) for mb in group)
-        tokens = sum(e.n_supervised for mb in group for pair in mb for e in pair)
-        totals = Totals()
-        for i, micro in enumerate(group):
-            mine, weight = list(micro[world.rank::world.size]), float(world.size)
-            if not mine:
-                mine, weight = [micro[0]], 0.0
-            with no_sync(self.wrapped, world, last=i == len(group) - 1):
-                with self.autocast() if self.autocast else contextlib.nullcontext():
-                    policy = policy_logprobs(self.wrapped, mine, self._collate_examples, whole=world.active)
-                losses, rewards = self._pair_losses(policy, mine, "train")
-                if not torch.isfinite(losses).all():
-                    raise TrainingError(self._nonfinite("loss"))
-                (losses.sum() * (weight / n_pairs)).backward()
-            totals.add(losses, rewards, policy, weight / world.size)
-        totals.pairs, totals.sums = world.sum(totals.pairs), {k: world.sum(v) for k, v in totals.sums.items()}
-        means = totals.means()
-        loss = means.pop("loss")
-        self.step_metrics = means
-        loss, grad_norm = self._update(loss)
+        if totals is not None:
+            totals.pairs, totals.sums = world.sum(totals.pairs), {k: world.sum(v) for k, v in totals.sums.items()}
+            self.step_metrics = {k: v for k, v in totals.means().items() if k != "loss"}
+        loss, grad_norm = self._update(world.sum(loss_total) / count)
         return loss, grad_norm, tokens
+
+    def _micro_loss(self, rows: Sequence[Sequence[Example]], totals: Totals | None, weight: float) -> torch.Tensor:
+        """The summed loss of this rank's ``rows`` of a micro-batch: the supervised tokens'
+        cross-entropies, or (DPO / ORPO) the pairs' losses, whose rewards go into ``totals`` at ``weight``."""
+        with self.autocast() if self.autocast else contextlib.nullcontext():
+            if totals is None:
+                return causal_lm_loss(self.wrapped, self.collate(rows), whole=self.world.active)[0]
+            policy = policy_logprobs(self.wrapped, rows, self._collate_examples, whole=self.world.active)
+        losses, rewards = self._pair_losses(policy, rows, "train")  # type: ignore[arg-type]
+        totals.add(losses, rewards, policy, weight)
+        return losses.sum()
 
     def _pair_losses(self, policy: torch.Tensor, pairs: Sequence[PreferencePair],
                      split: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -436,8 +422,8 @@ class Trainer:
         tick = time.perf_counter()
         with self.fast_paths(), self.autocast() if self.autocast else contextlib.nullcontext():
             for key in counts:
-                self.reference[key] = reference_logprobs(self.wrapped, splits[key], self._collate_examples,
-                                                         self.config.eval.batch_size, whole=self.world.active)
+                self.reference[key] = scored_logprobs(self.wrapped, splits[key], self._collate_examples,
+                                                      self.config.eval.batch_size, whole=self.world.active)
         if self.world.main:
             save_reference(path, self.reference, self.state.fingerprint)
         self.world.barrier()
@@ -449,15 +435,11 @@ class Trainer:
 
     def _preference_eval(self, pairs: Sequence[PreferencePair]) -> dict[str, float]:
         """The DPO / ORPO loss, rewards and log-probabilities of the eval pairs (``eval_`` + TRL's names)."""
-        totals = Totals()
         flat = padding_free_attention(self.model) if self.padding_free else contextlib.nullcontext()
-        with evaluating(self.model), flat:
-            for k in range(0, len(pairs), self.config.eval.batch_size):
-                chunk = pairs[k:k + self.config.eval.batch_size]
-                with self.autocast() if self.autocast else contextlib.nullcontext():
-                    policy = policy_logprobs(self.model, chunk, self._collate_examples)
-                losses, rewards = self._pair_losses(policy, chunk, "eval")
-                totals.add(losses, rewards, policy)
+        with flat, self.autocast() if self.autocast else contextlib.nullcontext():
+            policy = scored_logprobs(self.model, pairs, self._collate_examples, self.config.eval.batch_size)
+        totals = Totals()
+        totals.add(*self._pair_losses(policy, pairs, "eval"), policy)
         return totals.means("eval_")
 
     def evaluate(self) -> dict[str, float]:
