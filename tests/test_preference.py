@@ -290,6 +290,39 @@ def test_full_fine_tuning_with_dpo_uses_the_starting_model_as_reference(dpo_conf
     assert (result.output_dir / "model" / "config.json").exists()
 
 
+def test_dpo_from_a_saved_adapter_takes_that_model_as_its_reference(dpo_config, tiny_model_dir, tmp_path):
+    """DPO after SFT (``model.adapter``): the reference is base + SFT adapter, the same as for a run
+    on that adapter merged into a new base (LoRA or full), and unlike the plain base's."""
+    from safetensors.torch import load_file
+
+    from conftest import randomize_adapters
+    from lorakit import LoraConfig, get_lora_model, save_adapter
+    from lorakit.export import merge_to_directory
+
+    model, _ = load_model(str(tiny_model_dir))
+    get_lora_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model, std=0.05)
+    sft = save_adapter(model, tmp_path / "sft")
+    merge_to_directory(str(tiny_model_dir), [(str(sft), 1.0)], tmp_path / "merged")
+
+    def reference(name: str, adapter: bool = False, **sections) -> dict:
+        cfg = dpo_config(train={"max_steps": 1}, output_dir=str(tmp_path / name), **sections)
+        if adapter:
+            cfg["model"]["adapter"], cfg["lora"] = str(sft), {}
+        result = train(cfg, progress=False)
+        assert abs(metrics(result.output_dir)[0]["loss"] - math.log(2)) < 1e-6  # the policy starts as the reference
+        return load_file(result.output_dir / REFERENCE_FILE)
+
+    ours = reference("continued", adapter=True)
+    merged = reference("merged", model={"name": str(tmp_path / "merged")})
+    full = reference("full", adapter=True, method="full")
+    base = reference("base")
+    for key in ours:
+        torch.testing.assert_close(ours[key], merged[key], atol=1e-5, rtol=0)
+        torch.testing.assert_close(full[key], merged[key], atol=1e-5, rtol=0)
+        assert (ours[key] - base[key]).abs().max() > 0.01  # 1000× the tolerance above
+
+
 def test_dpo_config_errors_name_the_key(dpo_config):
     for change, message in [({"objective": "rlhf"}, "objective must be 'sft', 'dpo' or 'orpo'"),
                             ({"dpo": {"beta": 0}}, "dpo.beta must be > 0"),

@@ -328,6 +328,64 @@ def test_full_fine_tuning_saves_a_plain_model(run_config, tiny_model_dir):
     assert not torch.equal(tuned.model.layers[0].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
 
 
+def continuing(cfg: dict, adapter, **lora) -> dict:
+    """``cfg`` starting from the saved ``adapter`` (model.adapter), with only the ``lora`` keys given."""
+    cfg = copy.deepcopy(cfg)
+    cfg["model"]["adapter"] = str(adapter)
+    cfg["lora"] = lora
+    return cfg
+
+
+def test_a_run_trains_a_saved_adapter_further(run_config, tmp_path):
+    """``model.adapter``: the run starts from the saved adapter exactly (its tensors, its r and
+    alpha from adapter_config.json, its eval loss), takes a new dropout, and trains it on."""
+    first = train(run_config(train={"epochs": 1}), progress=False)
+    cfg = continuing(run_config(output_dir=str(tmp_path / "more"), train={"epochs": 1}), first.output_dir,
+                     lora_dropout=0.0)
+    trainer = Trainer(build_config(cfg), progress=False)
+    params, _ = adapter_state_dict(trainer.model)
+    assert_identical({k: p.detach() for k, p in params.items()}, adapter_tensors(first.output_dir))
+    assert (trainer.lora.r, trainer.lora.lora_alpha, trainer.lora.lora_dropout) == (4, 8, 0.0)
+    assert all(p.requires_grad for p in params.values())
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(first.metrics["eval_loss"], rel=1e-6)
+
+    more = train(cfg, progress=False)
+    assert more.metrics["eval_loss"] < first.metrics["eval_loss"]
+    saved = json.loads((more.output_dir / "adapter_config.json").read_text())
+    assert (saved["r"], saved["lora_alpha"], saved["lora_dropout"]) == (4, 8, 0.0)
+    assert adapter_tensors(more.output_dir).keys() == adapter_tensors(first.output_dir).keys()
+
+
+def test_full_fine_tuning_from_an_adapter_starts_from_the_merged_weights(run_config, tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    first = train(run_config(train={"epochs": 1}), progress=False)
+    cfg = continuing(run_config(method="full", output_dir=str(tmp_path / "full")), first.output_dir)
+    trainer = Trainer(build_config(cfg), progress=False)
+    merged = lorakit.merge_and_unload(lorakit.load_adapter(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                                                           first.output_dir))
+    assert_identical(trainer.model.state_dict(), merged.state_dict())
+    assert trainer.evaluate()["eval_loss"] == pytest.approx(first.metrics["eval_loss"], rel=1e-5)
+
+
+def test_model_adapter_errors_name_the_problem(run_config, tmp_path):
+    first = train(run_config(train={"max_steps": 1}), progress=False)
+    with pytest.raises(ConfigError, match=r"adapter_config.json sets the LoRA; remove lora.lora_alpha, lora.r "
+                                          r"\(only lora.lora_dropout may change\)"):
+        build_config(continuing(run_config(), first.output_dir, r=8, lora_alpha=8))
+    with pytest.raises(ConfigError, match="model.adapter: adapter directory .*nowhere does not exist"):
+        build_config(continuing(run_config(), tmp_path / "nowhere"))
+    with pytest.raises(ConfigError, match="method router takes its adapters from router.adapters"):
+        build_config(continuing(run_config(method="router", router={"adapters": {"a": "x", "b": "y"}}),
+                                first.output_dir))
+    residual = tmp_path / "pissa"  # as PEFT saves a PiSSA adapter unconverted, or lorakit a checkpoint
+    residual.mkdir()
+    config = json.loads((first.output_dir / "adapter_config.json").read_text())
+    (residual / "adapter_config.json").write_text(json.dumps({**config, "init_lora_weights": "pissa"}))
+    with pytest.raises(ConfigError, match="needs the residual base it was trained on"):
+        build_config(continuing(run_config(), residual))
+
+
 def test_unknown_key_names_the_nearest_valid_one(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown config key 'train\.lrr' \(did you mean 'train\.lr'\?\)"):
         build_config({"train": {"lrr": 1}})

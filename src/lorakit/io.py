@@ -189,6 +189,20 @@ def _atomic_write(path: Path, write: callable) -> None:  # type: ignore[valid-ty
             os.unlink(tmp)
 
 
+def read_adapter_config(directory: str | os.PathLike) -> LoraConfig:
+    """An adapter directory's ``adapter_config.json`` as a ``LoraConfig`` (errors name the file)."""
+    directory = Path(directory)
+    config_path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise AdapterLoadError(f"adapter directory {directory} does not exist")
+    if not config_path.exists():
+        raise AdapterLoadError(f"{directory} has no {CONFIG_NAME}")
+    try:
+        return LoraConfig.from_dict(json.loads(config_path.read_text()))
+    except (json.JSONDecodeError, TypeError, ValueError) as err:
+        raise AdapterLoadError(f"{config_path}: {err}") from None
+
+
 def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Read and check an adapter directory: its config and tensors (no model needed)."""
     directory = Path(directory)
@@ -203,13 +217,7 @@ def read_adapter(directory: str | os.PathLike) -> tuple[LoraConfig, dict[str, to
                 f"{WEIGHTS_NAME} only. Re-save it with PEFT's save_pretrained(safe_serialization=True)."
             )
         raise AdapterLoadError(f"{directory} has no {WEIGHTS_NAME}")
-    config_path = directory / CONFIG_NAME
-    if not config_path.exists():
-        raise AdapterLoadError(f"{directory} has no {CONFIG_NAME}")
-    try:
-        config = LoraConfig.from_dict(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, TypeError, ValueError) as err:
-        raise AdapterLoadError(f"{config_path}: {err}") from None
+    config = read_adapter_config(directory)
     try:
         tensors = load_file(str(weights))
     except (SafetensorError, OSError) as err:
@@ -242,13 +250,17 @@ def load_adapter(
     adapter_name: str = "default",
     is_trainable: bool = False,
     activate: bool = True,
+    config: LoraConfig | None = None,
 ) -> nn.Module:
     """Load a PEFT-format adapter onto ``model`` (in place) as ``adapter_name``.
 
     Keys are checked strictly: a missing or unexpected key, or a shape mismatch, raises
     ``AdapterLoadError`` naming the module and shapes, and leaves the model as it was.
+    ``config`` replaces the file's config (a run that trains the adapter further with another
+    dropout); its shapes must be the file's.
     """
-    config, tensors = read_adapter(directory)
+    saved, tensors = read_adapter(directory)
+    config = dataclasses.replace(config if config is not None else saved)
     if adapter_name in adapter_configs(model):
         raise AdapterLoadError(f"adapter {adapter_name!r} is already loaded; pick another adapter_name")
     config.inference_mode = not is_trainable

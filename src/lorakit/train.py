@@ -55,11 +55,12 @@ from lorakit.errors import LorakitError
 from lorakit.evaluate import eval_loss, exact_match
 from lorakit.inits import mutates_base
 from lorakit.inject import count_parameters, get_lora_model
-from lorakit.io import adapter_state_dict, read_adapter, save_adapter
+from lorakit.io import adapter_state_dict, load_adapter, read_adapter, save_adapter
 from lorakit.kernels.cast import cached_casts
 from lorakit.kernels.gemm import TOKEN_MULTIPLE, cpu_flags, onednn_scope, uses_onednn
 from lorakit.loss import causal_lm_loss
 from lorakit.memory import HeapGuard, keep_freed_memory, peak_memory_bytes, stop_keeping_freed_memory
+from lorakit.merge import merge_and_unload
 from lorakit.mlp import fused_mlp
 from lorakit.models import empty_model, enable_checkpointing, load_model, sequence_mixers
 from lorakit.neftune import NoisyEmbeddings, noisy_embeddings
@@ -170,6 +171,7 @@ class Trainer:
         # decompose the base weights: both need them at injection.
         self.lora = config.lora_config() if config.method == "lora" else None
         needs_base = self.lora is not None and (self.lora.use_dora or mutates_base(self.lora.init_lora_weights))
+        needs_base |= config.method == "full" and config.model.adapter is not None  # merged into the weights
         empty = (empty_model(config.model.name, dtype=dtype) if self.world.mode == "fsdp"
                  and config.method in ("lora", "full") and not config.model.quantize and not needs_base else None)
         if empty is not None:
@@ -197,16 +199,20 @@ class Trainer:
         self.pairs = config.objective != "sft"  # dpo / orpo: the data are preference pairs
         self.reference: dict[str, torch.Tensor] = {}  # DPO: the reference log-probabilities (P, 2) per split
         self._load_data()
-        if self.lora is not None:
+        if self.lora is not None and config.model.adapter:  # train a saved adapter further
+            load_adapter(self.model, config.model.adapter, is_trainable=True, config=self.lora)
+        elif self.lora is not None:
             get_lora_model(self.model, self.lora)
         elif config.method == "router":  # frozen adapters, trainable gates
-            from lorakit.io import load_adapter
             from lorakit.router import add_router
 
             for name, path in config.router.adapters.items():
                 load_adapter(self.model, path, adapter_name=name, activate=False)
             add_router(self.model, list(config.router.adapters))
         else:
+            if config.model.adapter:  # full fine-tuning from base + adapter, merged
+                load_adapter(self.model, config.model.adapter)
+                self.model = merge_and_unload(self.model)
             for p in self.model.parameters():
                 p.requires_grad_(True)
         if config.train.gradient_checkpointing:
@@ -472,7 +478,10 @@ class Trainer:
             (self.out / "config.yaml").write_text(dump_config(cfg))
         quant = f", {cfg.model.quantize} base" if cfg.model.quantize else ""
         quant += ", bf16 autocast" if self.bf16 else ""
-        self.log(f"lorakit train: {cfg.method} on {cfg.model.name} ({self.device}{quant}), "
+        start = ""
+        if cfg.model.adapter:  # trained further (lora) or merged into the weights (full)
+            start = f" + adapter {cfg.model.adapter}" + (" merged" if cfg.method == "full" else f" (r={self.lora.r})")
+        self.log(f"lorakit train: {cfg.method} on {cfg.model.name}{start} ({self.device}{quant}), "
                  f"trainable {self.trainable:,d} / {self.total:,d} params ({100 * self.trainable / self.total:.2f}%), "
                  f"base weights {self.base_weight_bytes / 2**20:.1f} MiB")
         if self.lora is not None and mutates_base(self.lora.init_lora_weights) and t.lr > 1e-3:

@@ -43,6 +43,10 @@ class ModelSection:
     double_quant: bool = True
     compute_dtype: str = "auto"  # dtype of 4-bit matmuls: auto = the model dtype
     blocksize: int = 64
+    # an adapter directory to start from (axolotl's lora_model_dir): method lora trains it further (its
+    # adapter_config.json sets the LoRA; only lora.lora_dropout may be given), method full merges it into the
+    # weights first; e.g. DPO from an SFT adapter, whose model is then also the reference
+    adapter: str | None = None
 
 
 @dataclass
@@ -121,6 +125,9 @@ class RouterSection:
     adapters: dict[str, str] = field(default_factory=dict)
 
 
+# The LoRA fields a run may change when it continues an adapter (model.adapter): the rest shape the adapter.
+ADAPTER_OVERRIDES = ("lora_dropout",)
+
 # The default LoRA recipe; chosen by the sweep recorded in the README.
 DEFAULT_LORA: dict[str, Any] = {"r": 16, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": "all-linear"}
 
@@ -141,7 +148,22 @@ class RunConfig:
     seed: int = 0
 
     def lora_config(self) -> LoraConfig:
-        return LoraConfig(**self.lora)
+        """The adapter this run trains: the ``lora`` section, or ``model.adapter``'s own config."""
+        if self.model.adapter is None:
+            return LoraConfig(**self.lora)
+        from lorakit.inits import mutates_base
+        from lorakit.io import AdapterLoadError, read_adapter_config
+
+        try:
+            config = read_adapter_config(self.model.adapter)
+        except AdapterLoadError as err:
+            raise ConfigError(f"model.adapter: {err}") from None
+        if mutates_base(config.init_lora_weights):
+            raise ConfigError(f"model.adapter: {self.model.adapter} was saved with init_lora_weights="
+                              f"{config.init_lora_weights!r} and needs the residual base it was trained on; save it "
+                              f"as a plain LoRA first (lorakit's final adapters are, its checkpoints are not)")
+        extra = {k: v for k, v in self.lora.items() if k in ADAPTER_OVERRIDES}
+        return dataclasses.replace(config, inference_mode=False, **extra)
 
     def data_options(self) -> DataOptions:
         d = self.data
@@ -196,6 +218,11 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        if self.model.adapter is not None:
+            if self.method == "router":
+                raise ConfigError("model.adapter: method router takes its adapters from router.adapters")
+            if self.method == "full":  # merged into the weights: only that the adapter is readable
+                self.lora_config()
         if self.method == "lora":
             self.lora_config()  # LoraConfig validates itself
         if self.model.quantize is not None:
@@ -298,11 +325,21 @@ def build_config(raw: dict[str, Any]) -> RunConfig:
             for sub in value:
                 if sub not in names:
                     raise _unknown(f"lora.{sub}")
-            kwargs["lora"] = {**DEFAULT_LORA, **value}
+            kwargs["lora"] = value
         elif key in SCALARS:
             kwargs[key] = value
         else:
             raise _unknown(key)
+    lora = kwargs.pop("lora", {})
+    if kwargs.get("model") is not None and kwargs["model"].adapter is not None:
+        shaping = sorted(set(lora) - set(ADAPTER_OVERRIDES))
+        if shaping:
+            raise ConfigError(f"model.adapter continues {kwargs['model'].adapter}, whose adapter_config.json sets "
+                              f"the LoRA; remove lora.{', lora.'.join(shaping)} (only "
+                              f"lora.{', lora.'.join(ADAPTER_OVERRIDES)} may change)")
+        kwargs["lora"] = lora
+    else:
+        kwargs["lora"] = {**DEFAULT_LORA, **lora}
     config = RunConfig(**kwargs)
     config.validate()
     return config
