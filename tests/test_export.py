@@ -102,7 +102,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
 
 def test_dora_adapter_merges_to_a_plain_model_and_refuses_a_weight(tiny_model_dir, tmp_path):
     from lorakit.errors import LorakitError
-    from lorakit.export import merge_to_directory
+    from lorakit.export import export_merged
 
     adapted = base(tiny_model_dir)
     lorakit.get_lora_model(adapted, lorakit.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], use_dora=True))
@@ -113,10 +113,10 @@ def test_dora_adapter_merges_to_a_plain_model_and_refuses_a_weight(tiny_model_di
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
             layer.lora_magnitude_vector["default"].mul_(1.2)
     lorakit.save_adapter(adapted, tmp_path / "d")
-    report = merge_to_directory(str(tiny_model_dir), [(str(tmp_path / "d"), 1.0)], tmp_path / "m")
+    report = export_merged(str(tiny_model_dir), [(str(tmp_path / "d"), 1.0)], tmp_path / "m")
     assert report.max_abs_diff < 1e-4
     out = merged(tmp_path / "m")
     assert (logits(out) - logits(base(tiny_model_dir))).abs().max() > 1e-2  # the adapter does something
     torch.testing.assert_close(logits(out), logits(adapted), atol=1e-4, rtol=0)
     with pytest.raises(LorakitError, match="is a DoRA adapter.*weight 1"):
-        merge_to_directory(str(tiny_model_dir), [(str(tmp_path / "d"), 0.5)], tmp_path / "w")
+        export_merged(str(tiny_model_dir), [(str(tmp_path / "d"), 0.5)], tmp_path / "w")

@@ -297,13 +297,13 @@ def test_dpo_from_a_saved_adapter_takes_that_model_as_its_reference(dpo_config, 
 
     from conftest import randomize_adapters
     from lorakit import LoraConfig, get_lora_model, save_adapter
-    from lorakit.export import merge_to_directory
+    from lorakit.export import export_merged
 
     model, _ = load_model(str(tiny_model_dir))
     get_lora_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     randomize_adapters(model, std=0.05)
     sft = save_adapter(model, tmp_path / "sft")
-    merge_to_directory(str(tiny_model_dir), [(str(sft), 1.0)], tmp_path / "merged")
+    export_merged(str(tiny_model_dir), [(str(sft), 1.0)], tmp_path / "merged")
 
     def reference(name: str, adapter: bool = False, **sections) -> dict:
         cfg = dpo_config(train={"max_steps": 1}, output_dir=str(tmp_path / name), **sections)

@@ -238,14 +238,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    """Merge weighted adapters into the base and write a plain model directory."""
-    from lorakit.export import merge_to_directory, parse_adapter_arg
+    """Merge weighted adapters into the base and write a plain model directory or a GGUF file."""
+    from lorakit.export import export_merged, parse_adapter_arg
 
-    report = merge_to_directory(args.model, [parse_adapter_arg(a) for a in args.adapter], args.out,
-                                dtype=args.dtype, safe=args.safe)
+    report = export_merged(args.model, [parse_adapter_arg(a) for a in args.adapter], args.out,
+                           dtype=args.dtype, safe=args.safe, tokenizer_pre=args.tokenizer_pre)
     weights = ", ".join(f"{p} × {w:g}" for p, w in report.adapters)
     base = f"dequantized {report.quantization['method']} base" if report.quantization else "base"
     print(f"merged {weights} into the {base} of {args.model}; wrote {report.out} ({report.dtype})")
+    if report.gguf is not None:
+        g = report.gguf
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(g.types.items()))
+        print(f"gguf: architecture {g.architecture}, {g.tensors} tensors ({kinds}), {g.bytes / 2**20:.1f} MiB")
     print(f"max |logit difference| unmerged vs merged (fp32, probe batch): {report.max_abs_diff:.3g}")
     return 0
 
@@ -345,12 +349,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling(p)
     p.set_defaults(func=cmd_chat)
 
-    p = sub.add_parser("merge", help="merge adapters into the base and save a plain model directory")
+    p = sub.add_parser("merge", help="merge adapters into the base and save a plain model directory or GGUF file")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--adapter", action="append", required=True, help="DIR or DIR:WEIGHT (repeatable)")
-    p.add_argument("--out", required=True, help="output model directory")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"])
+    p.add_argument("--out", required=True, help="output model directory, or FILE.gguf for llama.cpp / Ollama")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16", "q8_0", "q4_0"],
+                   help="weights' type (q8_0 and q4_0: ggml block quantizations, for a .gguf --out)")
     p.add_argument("--safe", action="store_true", help="refuse NaN/Inf merged weights")
+    p.add_argument("--tokenizer-pre", help="GGUF: llama.cpp's pre-tokenizer name (smollm, llama-bpe, qwen2, ...); "
+                   "default: the base GGUF's own")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("combine", help="combine weighted adapters into one new adapter (cat, linear or svd)")

@@ -1,4 +1,5 @@
-"""Merged export: base + weighted adapters → a plain model directory that transformers loads.
+"""Merged export: base + weighted adapters → a plain model directory that transformers loads, or
+one GGUF file for llama.cpp / Ollama (``lorakit.gguf_export``).
 
 For adapters a with weights w_a the exported weight is W + Σ_a w_a · s_a · B_a A_a (a DoRA
 adapter, weight 1 only, rescales the rows as well: ``lorakit.dora``). An adapter
@@ -15,13 +16,15 @@ from pathlib import Path
 import torch
 
 from lorakit.errors import LorakitError
+from lorakit.gguf_export import GgufReport, source_pre_tokenizer, write_gguf
 from lorakit.inject import adapter_configs
 from lorakit.io import adapter_quantization, load_adapters
 from lorakit.layers import lora_layers
 from lorakit.merge import merge_and_unload
-from lorakit.models import load_model
+from lorakit.models import load_model, source_gguf
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+GGUF_ONLY = ("q8_0", "q4_0")  # ggml block quantizations, for a .gguf output
 
 
 @dataclass
@@ -31,6 +34,7 @@ class MergeReport:
     quantization: dict | None
     max_abs_diff: float  # |logits(unmerged) − logits(merged)| on a probe batch, fp32
     dtype: str
+    gguf: GgufReport | None = None  # set when ``out`` is a .gguf file
 
 
 def parse_adapter_arg(text: str) -> tuple[str, float]:
@@ -44,11 +48,16 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
     return text, 1.0
 
 
-def merge_to_directory(model_name: str, adapters: list[tuple[str, float]], out: str | Path, *,
-                       dtype: str = "fp32", safe: bool = False) -> MergeReport:
-    """Load ``model_name``, apply the weighted adapters, merge, and save a full model to ``out``."""
-    if dtype not in DTYPES:
-        raise LorakitError(f"--dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+def export_merged(model_name: str, adapters: list[tuple[str, float]], out: str | Path, *,
+                  dtype: str = "fp32", safe: bool = False, tokenizer_pre: str | None = None) -> MergeReport:
+    """Load ``model_name``, apply the weighted adapters, merge, and save the full model to ``out``: a
+    Hugging Face directory, or one GGUF file when ``out`` ends in ``.gguf`` (``tokenizer_pre``: see
+    ``gguf_export.write_gguf``; by default the base's own GGUF file's)."""
+    gguf = str(out).endswith(".gguf")
+    allowed = (*DTYPES, *GGUF_ONLY) if gguf else tuple(DTYPES)
+    if dtype not in allowed:
+        hint = f"; {', '.join(GGUF_ONLY)} are for a .gguf --out" if dtype in GGUF_ONLY else ""
+        raise LorakitError(f"--dtype must be one of {', '.join(allowed)}; got {dtype!r}{hint}")
     if not adapters:
         raise LorakitError("give at least one --adapter DIR[:WEIGHT]")
     quants = {str(q) for q in (adapter_quantization(path) for path, _ in adapters)}
@@ -75,6 +84,10 @@ def merge_to_directory(model_name: str, adapters: list[tuple[str, float]], out: 
     with torch.no_grad():
         diff = float((merged(probe).logits.float() - unmerged).abs().max())
     out = Path(out)
+    if gguf:
+        pre = tokenizer_pre or source_pre_tokenizer(source_gguf(model_name))
+        written = write_gguf(merged, tokenizer, out, dtype=dtype, tokenizer_pre=pre)
+        return MergeReport(out, adapters, quant, diff, dtype, written)
     merged.to(DTYPES[dtype]).save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return MergeReport(out, adapters, quant, diff, dtype)

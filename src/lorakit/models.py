@@ -83,6 +83,15 @@ def resolve_model_dir(name_or_path: str) -> tuple[Path, str | None]:
     )
 
 
+def source_gguf(name_or_path: str) -> Path | None:
+    """The GGUF file a base model comes from: the embedded model's, a ``.gguf`` path, else None."""
+    key = ALIASES.get(name_or_path.lower(), name_or_path.lower())
+    if key in EMBEDDED:
+        return embedded_gguf(key)
+    path = Path(name_or_path).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
 def ensure_converted(name: str) -> Path:
     """The cache directory of embedded model ``name``, converting its GGUF once (atomically)."""
     target = lorakit_home() / "models" / name

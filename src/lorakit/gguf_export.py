@@ -1,0 +1,245 @@
+"""A merged model as one GGUF file, the format llama.cpp, Ollama and LM Studio run.
+
+``lorakit merge --out model.gguf`` writes the merged weights (``lorakit.export``) straight to GGUF
+instead of a Hugging Face directory, so a fine-tune reaches llama.cpp without its conversion
+script. What goes in:
+
+* the architecture's hyper-parameters under llama.cpp's keys (``llama.block_count``, …);
+* every weight under its GGUF name (``blk.3.attn_q.weight``; the ``gguf`` package's name map),
+  1-D tensors (norms, biases) in F32 and matrices in the chosen type: F32, F16, BF16, or the
+  block quantizations Q8_0 / Q4_0 (a row whose length is not a multiple of the 32-wide block
+  falls back to F16);
+* for the ``llama`` architecture the rows of ``q_proj`` and ``k_proj`` interleaved per head
+  (``rope_interleave``): transformers rotates the dimension pairs (i, i + d/2) of each head,
+  ggml's rope the adjacent pairs (2i, 2i + 1);
+* the tokenizer: a byte-level BPE vocabulary (``tokenizer.ggml.model = gpt2``) with its merges,
+  token types, special token ids and chat template. llama.cpp also needs the pre-tokenizer's
+  name (``tokenizer.ggml.pre``): taken from the GGUF file the base came from (the embedded model)
+  or given (``--tokenizer-pre``).
+
+The output head is left out when it is tied to the embeddings (llama.cpp reuses
+``token_embd.weight``). The file is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from lorakit.errors import LorakitError
+
+# Hugging Face model_type → GGUF architecture (llama.cpp runs Mistral's dense models as llama)
+ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+INTERLEAVED = {"llama"}  # GGUF architectures whose q/k rows llama.cpp stores per rope pair
+TYPES = ("fp32", "fp16", "bf16", "q8_0", "q4_0")
+# pre-tokenizer names llama.cpp knows, for the error message (its list is longer)
+KNOWN_PRE = ("smollm", "llama-bpe", "qwen2", "gpt-2", "deepseek-llm", "olmo", "tekken")
+
+
+class GgufExportError(LorakitError, ValueError):
+    """A model or tokenizer this exporter cannot write to GGUF (message says what to do instead)."""
+
+
+@dataclass
+class GgufReport:
+    path: Path
+    architecture: str
+    tensors: int
+    types: dict[str, int]  # GGML type name → number of tensors
+    bytes: int
+
+
+def rope_interleave(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Reorder the rows of a (n_heads·d, …) q or k projection from transformers' rope layout to ggml's.
+
+    Within each head, transformers pairs row i with row i + d/2; ggml pairs rows 2i and 2i + 1.
+    Row h·d + 2i + j of the result is row h·d + j·d/2 + i of ``weight`` (j ∈ {0, 1}, i < d/2).
+    """
+    d = weight.shape[0] // n_heads
+    return weight.reshape(n_heads, 2, d // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
+
+
+def _qtype(kind: str):
+    from gguf import GGMLQuantizationType as Q
+
+    return {"fp32": Q.F32, "fp16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[kind]
+
+
+def _file_type(kind: str):
+    from gguf import LlamaFileType as F
+
+    return {"fp32": F.ALL_F32, "fp16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
+            "q4_0": F.MOSTLY_Q4_0}[kind]
+
+
+def source_pre_tokenizer(gguf_file: Path | None) -> str | None:
+    """``tokenizer.ggml.pre`` of the GGUF file a base model was loaded from, if any."""
+    if gguf_file is None:
+        return None
+    from gguf import GGUFReader
+
+    field = GGUFReader(gguf_file).fields.get("tokenizer.ggml.pre")
+    return field.contents() if field is not None else None
+
+
+def _encode(tensor: torch.Tensor, kind: str) -> tuple[np.ndarray, object]:
+    """(array to write, GGML type) for one tensor: 1-D in F32, matrices in ``kind`` where its blocks fit."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
+
+    array = tensor.detach().to("cpu", torch.float32).contiguous().numpy()
+    qtype = _qtype(kind) if array.ndim > 1 else GGMLQuantizationType.F32
+    blocks = qtype in (GGMLQuantizationType.Q8_0, GGMLQuantizationType.Q4_0)
+    if blocks and array.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+        qtype = GGMLQuantizationType.F16
+    if qtype == GGMLQuantizationType.F32:
+        return array, qtype
+    if qtype == GGMLQuantizationType.F16:
+        return array.astype(np.float16), qtype
+    return quants.quantize(array, qtype), qtype
+
+
+def _tokenizer_fields(tokenizer, n_vocab: int) -> dict:
+    """The GGUF tokenizer metadata of a byte-level BPE ``tokenizer`` (transformers fast tokenizer)."""
+    import json
+
+    from gguf import TokenType
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    model = spec.get("model") or {}
+    byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(spec.get("decoder"))
+    if model.get("type") != "BPE" or not byte_level:
+        raise GgufExportError(
+            "GGUF export writes byte-level BPE tokenizers (SmolLM, Llama 3, Qwen, GPT-2); this one is "
+            f"{model.get('type') or type(tokenizer).__name__}. Merge to a directory (lorakit merge --out DIR) "
+            f"and convert it with llama.cpp's convert_hf_to_gguf.py")
+    size = len(tokenizer)
+    if size > n_vocab:
+        raise GgufExportError(f"the tokenizer has {size} tokens but the model's embeddings only {n_vocab} rows")
+    tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
+    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
+    types = [TokenType.NORMAL] * size
+    for i, token in added.items():
+        types[i] = TokenType.CONTROL if token.special else TokenType.USER_DEFINED
+    tokens += [f"[PAD{i}]" for i in range(size, n_vocab)]  # embedding rows past the tokenizer (padded vocab)
+    types += [TokenType.UNUSED] * (n_vocab - size)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    byte_levels = [p for p in _components(spec.get("pre_tokenizer")) if p.get("type") == "ByteLevel"]
+    probe = tokenizer("a")["input_ids"]
+    special = {name: getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "unk", "pad")}
+    return {"tokens": tokens, "types": [int(t) for t in types], "merges": merges, "special": special,
+            "add_bos": bool(probe) and special["bos"] is not None and probe[0] == special["bos"],
+            "add_space_prefix": any(p.get("add_prefix_space", False) for p in byte_levels),
+            "chat_template": tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None}
+
+
+def _components(node: dict | None) -> list[dict]:
+    """A tokenizers pipeline step and, for a Sequence, its steps, flattened."""
+    if not node:
+        return []
+    return [node] + [c for step in node.get("pretokenizers", []) for c in _components(step)]
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or {}
+    scaling = getattr(config, "rope_scaling", None) or {}
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type != "default":
+        raise GgufExportError(f"GGUF export writes models with plain rope; this one has rope_type {rope_type!r}. "
+                              f"Merge to a directory and convert it with llama.cpp's convert_hf_to_gguf.py")
+    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
+    return float(theta if theta is not None else 10000.0)
+
+
+def write_gguf(model: nn.Module, tokenizer, path: str | Path, *, dtype: str = "fp16",
+               tokenizer_pre: str | None = None, name: str | None = None) -> GgufReport:
+    """Write a plain (merged) causal LM and its tokenizer to one GGUF file at ``path``.
+
+    ``dtype``: the matrices' type (``fp32``, ``fp16``, ``bf16``, ``q8_0``, ``q4_0``); ``tokenizer_pre``:
+    llama.cpp's name for the tokenizer's pre-tokenizer (``smollm``, ``llama-bpe``, ``qwen2`` …).
+    """
+    import gguf
+
+    if dtype not in TYPES:
+        raise GgufExportError(f"GGUF --dtype must be one of {', '.join(TYPES)}; got {dtype!r}")
+    config = model.config
+    model_type = getattr(config, "model_type", None)
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise GgufExportError(f"GGUF export writes {', '.join(sorted(ARCHITECTURES))} models; this one is "
+                              f"{model_type!r}. Merge to a directory (lorakit merge --out DIR) and convert it with "
+                              f"llama.cpp's convert_hf_to_gguf.py")
+    if not tokenizer_pre:
+        raise GgufExportError(f"GGUF export needs llama.cpp's name for this tokenizer's pre-tokenizer (e.g. "
+                              f"{', '.join(KNOWN_PRE)}): give --tokenizer-pre NAME (a base loaded from a .gguf "
+                              f"file or the embedded model brings its own)")
+    theta = _rope_theta(config)
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    n_vocab = model.get_input_embeddings().weight.shape[0]
+    fields = _tokenizer_fields(tokenizer, n_vocab)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    types: dict[str, int] = {}
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name)
+        writer.add_context_length(config.max_position_embeddings)
+        writer.add_embedding_length(config.hidden_size)
+        writer.add_block_count(config.num_hidden_layers)
+        writer.add_feed_forward_length(config.intermediate_size)
+        writer.add_head_count(n_heads)
+        writer.add_head_count_kv(n_kv)
+        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+        writer.add_rope_freq_base(theta)
+        writer.add_rope_dimension_count(head_dim)
+        if head_dim != config.hidden_size // n_heads:
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+        writer.add_vocab_size(n_vocab)
+        writer.add_file_type(_file_type(dtype))
+        writer.add_tokenizer_model("gpt2")
+        writer.add_tokenizer_pre(tokenizer_pre)
+        writer.add_token_list(fields["tokens"])
+        writer.add_token_types(fields["types"])
+        writer.add_token_merges(fields["merges"])
+        for key, value in fields["special"].items():
+            if value is not None:
+                getattr(writer, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "unk": "add_unk_token_id",
+                                 "pad": "add_pad_token_id"}[key])(value)
+        writer.add_add_bos_token(fields["add_bos"])
+        writer.add_add_space_prefix(fields["add_space_prefix"])
+        if fields["chat_template"]:
+            writer.add_chat_template(fields["chat_template"])
+        for key, tensor in model.state_dict().items():
+            if key == "lm_head.weight" and tied:
+                continue
+            gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+            if gguf_name is None:
+                raise GgufExportError(f"{key} has no GGUF name for architecture {arch}; "
+                                      f"convert the merged directory with llama.cpp's convert_hf_to_gguf.py")
+            if arch in INTERLEAVED and (".q_proj." in key or ".k_proj." in key):
+                tensor = rope_interleave(tensor, n_heads if ".q_proj." in key else n_kv)
+            array, qtype = _encode(tensor, dtype)
+            writer.add_tensor(gguf_name, array, raw_dtype=qtype)
+            types[qtype.name] = types.get(qtype.name, 0) + 1
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return GgufReport(path, arch, sum(types.values()), types, path.stat().st_size)

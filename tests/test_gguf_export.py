@@ -1,0 +1,153 @@
+"""GGUF export: the file loads back (transformers' GGUF reader) to the merged model, and the embedded
+model written by lorakit equals the llama.cpp-made GGUF it ships as, tensor by tensor."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import lorakit
+from conftest import randomize_adapters
+from lorakit.gguf_export import GgufExportError, rope_interleave, write_gguf
+
+CLI = [sys.executable, "-m", "lorakit", "merge"]
+
+
+def test_interleaved_rows_under_ggml_rope_give_transformers_rope_float64():
+    """q = W x rotated the transformers way (pairs i, i + d/2) equals, up to the same row order,
+    (rope_interleave(W) x) rotated the ggml way (pairs 2i, 2i + 1): the order the GGUF stores."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    heads, d, pos = 3, 8, 5
+    g = torch.Generator().manual_seed(0)
+    w, x = torch.randn(heads * d, 12, generator=g, dtype=torch.float64), torch.randn(12, generator=g, dtype=torch.float64)
+    angles = pos / 10000 ** (torch.arange(d // 2, dtype=torch.float64) * 2 / d)  # one angle per pair
+    q = (w @ x).view(heads, d)
+    cos, sin = torch.cat([angles.cos()] * 2), torch.cat([angles.sin()] * 2)
+    hf = q * cos + rotate_half(q) * sin  # (heads, d)
+    p = (rope_interleave(w, heads) @ x).view(heads, d // 2, 2)
+    ggml = torch.stack([p[..., 0] * angles.cos() - p[..., 1] * angles.sin(),
+                        p[..., 0] * angles.sin() + p[..., 1] * angles.cos()], dim=-1)  # (heads, d/2, 2)
+    torch.testing.assert_close(ggml, hf.view(heads, 2, d // 2).transpose(1, 2), atol=1e-12, rtol=0)
+
+
+def _adapter(model_dir, tmp_path, name="a"):
+    model, _ = lorakit.models.load_model(str(model_dir))
+    lorakit.get_lora_model(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    randomize_adapters(model, std=0.1)
+    return lorakit.save_adapter(model, tmp_path / name), model
+
+
+def _load_gguf(path, with_tokenizer: bool = False):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    return model, (AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name) if with_tokenizer else None)
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_merge_to_gguf_loads_back_as_the_merged_model_with_its_tokenizer(tiny_model_dir, tokenizer, tmp_path):
+    from gguf import GGUFReader
+
+    adapter, adapted = _adapter(tiny_model_dir, tmp_path)
+    ids = torch.randint(0, len(tokenizer), (2, 14), generator=torch.Generator().manual_seed(1))
+    want = _logits(adapted.eval(), ids)
+    out = tmp_path / "m.gguf"
+    proc = subprocess.run([*CLI, "--model", str(tiny_model_dir), "--adapter", str(adapter), "--out", str(out),
+                           "--tokenizer-pre", "smollm"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "gguf: architecture llama, 20 tensors (20 F32)" in proc.stdout  # 2 × 9 a block, embeddings, norm
+    model, tok = _load_gguf(out, with_tokenizer=True)
+    torch.testing.assert_close(_logits(model, ids), want, atol=1e-5, rtol=0)
+    text = "<|im_start|>user\nWhat is 12 + 30?  Tabs\tand ünïcode — ok<|im_end|>\n"
+    assert tok(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert tok.chat_template == tokenizer.chat_template and tok.eos_token_id == tokenizer.eos_token_id
+
+    merged = lorakit.merge_and_unload(adapted)
+    errors = []  # measured: 4e-4, 0.014, 0.27 (logits up to ≈ 1.3)
+    for dtype, kind, atol in [("fp16", "F16", 1e-3), ("q8_0", "Q8_0", 0.03), ("q4_0", "Q4_0", 0.4)]:
+        report = write_gguf(merged, tokenizer, tmp_path / f"m-{dtype}.gguf", dtype=dtype, tokenizer_pre="smollm")
+        kinds = {t.name: t.tensor_type.name for t in GGUFReader(report.path).tensors}
+        assert {k for n, k in kinds.items() if n.endswith("norm.weight")} == {"F32"}
+        assert {k for n, k in kinds.items() if not n.endswith("norm.weight")} == {kind}
+        got = _logits(_load_gguf(report.path)[0], ids)
+        errors.append(float((got - want).abs().max()))
+        assert errors[-1] < atol, dtype
+    assert 0 < errors[0] < errors[1] < errors[2]  # 16, 8.5, 4.5 bits a weight
+
+
+@pytest.mark.parametrize("family", ["llama-untied", "qwen2"])
+def test_an_untied_head_and_qwen2_biases_round_trip_exactly(family, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    common = dict(vocab_size=len(tokenizer) + 3, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+    config = LlamaConfig(**common) if family == "llama-untied" else Qwen2Config(**common, rope_theta=1e6)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    if family == "qwen2":  # its q/k/v biases start at zero: give them values
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.bias.normal_()
+                layer.self_attn.k_proj.bias.normal_()
+    report = write_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="fp32", tokenizer_pre="smollm")
+    assert report.architecture == family.split("-")[0] and report.types == {"F32": report.tensors}
+    back, _ = _load_gguf(tmp_path / "m.gguf")
+    ids = torch.randint(0, config.vocab_size, (2, 9))
+    torch.testing.assert_close(_logits(back, ids), _logits(model, ids), atol=1e-5, rtol=0)
+
+
+def test_the_embedded_model_written_by_lorakit_equals_llama_cpps_file():
+    """SmolLM2's shipped GGUF was made by llama.cpp's converter; lorakit's fp32 export of the same
+    (de-quantized) weights must hold each of its tensors under the same name with the same values,
+    and the same architecture and tokenizer metadata."""
+    import tempfile
+    from pathlib import Path
+
+    from gguf import GGUFReader, dequantize
+
+    from lorakit.models import DEFAULT_MODEL, load_model, source_gguf
+
+    model, tokenizer = load_model(DEFAULT_MODEL)
+    theirs = GGUFReader(source_gguf(DEFAULT_MODEL))
+    with tempfile.TemporaryDirectory() as tmp:
+        report = write_gguf(model, tokenizer, Path(tmp) / "m.gguf", dtype="fp32", tokenizer_pre="smollm")
+        ours = GGUFReader(report.path)
+        mine = {t.name: t for t in ours.tensors}
+        assert sorted(mine) == sorted(t.name for t in theirs.tensors)
+        for t in theirs.tensors:
+            assert np.array_equal(np.asarray(mine[t.name].data), dequantize(t.data, t.tensor_type)), t.name
+        for key, field in theirs.fields.items():
+            if key.startswith(("llama.", "tokenizer.")) or key == "general.architecture":
+                assert key in ours.fields, key
+                a, b = ours.fields[key], field
+                if key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"):
+                    assert [a.contents(i) for i in range(len(a.data))] == [b.contents(i) for i in range(len(b.data))]
+                else:
+                    assert a.contents() == pytest.approx(b.contents()), key
+
+
+def test_gguf_errors_name_the_problem(tiny_model_dir, tokenizer, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lorakit.errors import LorakitError
+    from lorakit.export import export_merged
+
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).eval()
+    with pytest.raises(GgufExportError, match="writes llama, mistral, qwen2, qwen3 models; this one is 'gpt2'"):
+        write_gguf(gpt2, tokenizer, tmp_path / "g.gguf", tokenizer_pre="gpt-2")
+    adapter, _ = _adapter(tiny_model_dir, tmp_path)
+    with pytest.raises(GgufExportError, match="give --tokenizer-pre NAME"):
+        export_merged(str(tiny_model_dir), [(str(adapter), 1.0)], tmp_path / "m.gguf")
+    with pytest.raises(LorakitError, match="q8_0, q4_0 are for a .gguf --out"):
+        export_merged(str(tiny_model_dir), [(str(adapter), 1.0)], tmp_path / "dir", dtype="q8_0")
+    assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written left behind
