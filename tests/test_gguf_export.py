@@ -151,3 +151,66 @@ def test_gguf_errors_name_the_problem(tiny_model_dir, tokenizer, tmp_path):
     with pytest.raises(LorakitError, match="q8_0, q4_0 are for a .gguf --out"):
         export_merged(str(tiny_model_dir), [(str(adapter), 1.0)], tmp_path / "dir", dtype="q8_0")
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written left behind
+
+
+def _gguf_arrays(path) -> tuple[dict[str, np.ndarray], dict]:
+    from gguf import GGUFReader
+
+    reader = GGUFReader(path)
+    return ({t.name: np.asarray(t.data, dtype=np.float64) for t in reader.tensors},
+            {k: f.contents() for k, f in reader.fields.items() if k.startswith(("general.", "adapter."))})
+
+
+@pytest.mark.parametrize("patterns", [False, True])
+def test_adapter_gguf_applied_as_llama_cpp_applies_it_gives_the_merged_gguf(tiny_model_dir, tokenizer, tmp_path,
+                                                                            patterns):
+    """llama.cpp adds (α / r)·B·A (r = B's columns) to each base tensor the adapter file names; on
+    lorakit's base GGUF that gives lorakit's merged GGUF, q/k reordering included. With rank and
+    alpha patterns and rsLoRA each B carries its own scale and α is 1."""
+    from lorakit.models import load_model, model_config
+
+    model, _ = load_model(str(tiny_model_dir))
+    write_gguf(model, tokenizer, tmp_path / "base.gguf", dtype="fp32", tokenizer_pre="smollm")
+    extra = dict(rank_pattern={"k_proj": 2}, alpha_pattern={"down_proj": 3.0}, use_rslora=True) if patterns else {}
+    lorakit.get_lora_model(model, lorakit.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", **extra))
+    randomize_adapters(model, std=0.2)
+    lorakit.save_adapter(model, tmp_path / "a")
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "export-adapter", "--model", str(tiny_model_dir),
+                           "--adapter", str(tmp_path / "a"), "--out", str(tmp_path / "a.gguf"), "--dtype", "fp32"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "llama.cpp LoRA adapter for a llama base, 28 tensors (28 F32)" in proc.stdout  # 2 × 7 pairs
+    write_gguf(lorakit.merge_and_unload(model), tokenizer, tmp_path / "merged.gguf", dtype="fp32",
+               tokenizer_pre="smollm")
+
+    base, _ = _gguf_arrays(tmp_path / "base.gguf")
+    merged, _ = _gguf_arrays(tmp_path / "merged.gguf")
+    lora, meta = _gguf_arrays(tmp_path / "a.gguf")
+    assert meta["general.type"] == "adapter" and meta["adapter.type"] == "lora"
+    assert meta["general.architecture"] == "llama" and meta["adapter.lora.alpha"] == (1.0 if patterns else 8.0)
+    assert model_config(str(tiny_model_dir)).num_hidden_layers == 2
+    adapted = {n.removesuffix(".lora_a") for n in lora if n.endswith(".lora_a")}
+    assert len(adapted) == 14 and adapted <= set(base)
+    for name, weight in base.items():
+        if name in adapted:
+            a, b = lora[f"{name}.lora_a"], lora[f"{name}.lora_b"]  # (r, in), (out, r)
+            weight = weight + meta["adapter.lora.alpha"] / b.shape[1] * (b @ a)
+        np.testing.assert_allclose(weight, merged[name], atol=1e-5, rtol=0, err_msg=name)
+    assert lora["blk.0.attn_k.weight.lora_a"].shape[0] == (2 if patterns else 4)
+
+
+def test_adapter_gguf_refuses_what_llama_cpp_cannot_apply(tiny_model_dir, tmp_path):
+    from lorakit.gguf_export import write_gguf_adapter
+    from lorakit.models import load_model, model_config
+
+    config = model_config(str(tiny_model_dir))
+    for name, extra, message in [("dora", dict(use_dora=True), "is a DoRA adapter"),
+                                 ("embed", dict(target_modules=["embed_tokens", "q_proj"]), "an embedding adapter"),
+                                 ("bias", dict(bias="lora_only"), "trains biases")]:
+        model, _ = load_model(str(tiny_model_dir))
+        lorakit.get_lora_model(model, lorakit.LoraConfig(**{"r": 4, "target_modules": ["q_proj"], **extra}))
+        lorakit.save_adapter(model, tmp_path / name)
+        with pytest.raises(GgufExportError, match=f"{message}.*merge it instead: lorakit merge --adapter"):
+            write_gguf_adapter(tmp_path / name, config, tmp_path / f"{name}.gguf")
+    with pytest.raises(GgufExportError, match="must be one of fp32, fp16, bf16"):
+        write_gguf_adapter(tmp_path / "dora", config, tmp_path / "x.gguf", dtype="q4_0")

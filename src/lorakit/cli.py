@@ -254,6 +254,19 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export_adapter(args: argparse.Namespace) -> int:
+    """Write an adapter as llama.cpp's adapter GGUF, for a GGUF of its base model."""
+    from lorakit.gguf_export import write_gguf_adapter
+    from lorakit.models import model_config
+
+    report = write_gguf_adapter(args.adapter, model_config(args.model), args.out, dtype=args.dtype)
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(report.types.items()))
+    print(f"wrote {report.path}: llama.cpp LoRA adapter for a "
+          f"{report.architecture} base, {report.tensors} tensors ({kinds}), {report.bytes / 2**20:.1f} MiB")
+    print(f"use it with a GGUF of {args.model}: llama-cli -m BASE.gguf --lora {report.path}")
+    return 0
+
+
 def cmd_combine(args: argparse.Namespace) -> int:
     """Combine weighted adapters into one new adapter (cat / linear / svd) saved in PEFT format."""
     from lorakit.compose import combine_adapters
@@ -359,6 +372,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer-pre", help="GGUF: llama.cpp's pre-tokenizer name (smollm, llama-bpe, qwen2, ...); "
                    "default: the base GGUF's own")
     p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("export-adapter", help="write an adapter as llama.cpp's LoRA GGUF (llama-cli --lora, "
+                       "Ollama ADAPTER)")
+    p.add_argument("--model", default=DEFAULT_MODEL, help="the adapter's base (for its architecture and shapes)")
+    p.add_argument("--adapter", required=True, help="adapter directory")
+    p.add_argument("--out", required=True, help="output FILE.gguf")
+    p.add_argument("--dtype", default="fp16", choices=["fp32", "fp16", "bf16"])
+    p.set_defaults(func=cmd_export_adapter)
 
     p = sub.add_parser("combine", help="combine weighted adapters into one new adapter (cat, linear or svd)")
     p.add_argument("--model", default=DEFAULT_MODEL)

@@ -19,6 +19,13 @@ script. What goes in:
 
 The output head is left out when it is tied to the embeddings (llama.cpp reuses
 ``token_embd.weight``). The file is written under a temporary name and renamed when complete.
+
+``write_gguf_adapter`` writes a LoRA adapter on its own as llama.cpp's adapter GGUF (``llama-cli
+--lora``, ``llama-server`` with per-request adapter scales, Ollama's ``ADAPTER``), for a base GGUF
+of the same model: ``blk.N.attn_q.weight.lora_a`` holds A (r × in) and ``….lora_b`` holds B
+(out × r), ``adapter.lora.alpha`` the α that llama.cpp divides by each B's r; B's rows take the
+base's q/k reordering. Where the scale is not one α/r for every module (rank or alpha patterns,
+rsLoRA), each B carries its own s·r and α is written as 1, which llama.cpp scales back to s.
 """
 
 from __future__ import annotations
@@ -157,6 +164,39 @@ def _rope_theta(config) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
+def _open_writer(path: Path, arch: str):
+    """A GGUFWriter on a temporary file beside ``path`` (renamed to ``path`` by ``_finish``)."""
+    import gguf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    return gguf.GGUFWriter(tmp, arch), Path(tmp)
+
+
+def _finish(writer, tmp: Path, path: Path) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+
+
+def _architecture(config) -> str:
+    model_type = getattr(config, "model_type", None)
+    arch = ARCHITECTURES.get(model_type)
+    if arch is None:
+        raise GgufExportError(f"GGUF export writes {', '.join(sorted(ARCHITECTURES))} models; this one is "
+                              f"{model_type!r}. Merge to a directory (lorakit merge --out DIR) and convert it with "
+                              f"llama.cpp's convert_hf_to_gguf.py")
+    return arch
+
+
+def _heads(config) -> tuple[int, int]:
+    """(attention heads, key/value heads)."""
+    return config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+
+
 def write_gguf(model: nn.Module, tokenizer, path: str | Path, *, dtype: str = "fp16",
                tokenizer_pre: str | None = None, name: str | None = None) -> GgufReport:
     """Write a plain (merged) causal LM and its tokenizer to one GGUF file at ``path``.
@@ -169,18 +209,13 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, *, dtype: str = "f
     if dtype not in TYPES:
         raise GgufExportError(f"GGUF --dtype must be one of {', '.join(TYPES)}; got {dtype!r}")
     config = model.config
-    model_type = getattr(config, "model_type", None)
-    arch = ARCHITECTURES.get(model_type)
-    if arch is None:
-        raise GgufExportError(f"GGUF export writes {', '.join(sorted(ARCHITECTURES))} models; this one is "
-                              f"{model_type!r}. Merge to a directory (lorakit merge --out DIR) and convert it with "
-                              f"llama.cpp's convert_hf_to_gguf.py")
+    arch = _architecture(config)
     if not tokenizer_pre:
         raise GgufExportError(f"GGUF export needs llama.cpp's name for this tokenizer's pre-tokenizer (e.g. "
                               f"{', '.join(KNOWN_PRE)}): give --tokenizer-pre NAME (a base loaded from a .gguf "
                               f"file or the embedded model brings its own)")
     theta = _rope_theta(config)
-    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    n_heads, n_kv = _heads(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     n_vocab = model.get_input_embeddings().weight.shape[0]
     fields = _tokenizer_fields(tokenizer, n_vocab)
@@ -188,12 +223,9 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, *, dtype: str = "f
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
+    writer, tmp = _open_writer(path, arch)
     types: dict[str, int] = {}
     try:
-        writer = gguf.GGUFWriter(tmp, arch)
         writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name)
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)
@@ -234,12 +266,74 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, *, dtype: str = "f
             array, qtype = _encode(tensor, dtype)
             writer.add_tensor(gguf_name, array, raw_dtype=qtype)
             types[qtype.name] = types.get(qtype.name, 0) + 1
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, path)
+        _finish(writer, tmp, path)
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        tmp.unlink(missing_ok=True)
+    return GgufReport(path, arch, sum(types.values()), types, path.stat().st_size)
+
+
+ADAPTER_TYPES = ("fp32", "fp16", "bf16")
+
+
+def write_gguf_adapter(directory: str | Path, base_config, path: str | Path, *, dtype: str = "fp16",
+                       name: str | None = None) -> GgufReport:
+    """Write the LoRA adapter in ``directory`` (PEFT format) as a llama.cpp adapter GGUF at ``path``.
+
+    ``base_config``: the base model's transformers config (architecture, heads, layer count).
+    Adapters llama.cpp cannot apply as A and B pairs on linear weights are refused by name: DoRA,
+    ``modules_to_save``, trained biases, embedding adapters.
+    """
+    import gguf
+
+    from lorakit.io import PREFIX, read_adapter
+
+    if dtype not in ADAPTER_TYPES:
+        raise GgufExportError(f"an adapter GGUF's --dtype must be one of {', '.join(ADAPTER_TYPES)}; got {dtype!r}")
+    config, tensors = read_adapter(directory)
+    arch = _architecture(base_config)
+    refusals = [(config.use_dora, "is a DoRA adapter (llama.cpp applies plain B·A products only)"),
+                (bool(config.modules_to_save), f"trains modules_to_save {config.modules_to_save} in full"),
+                (config.bias != "none", f"trains biases (bias={config.bias!r})")]
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        module, _, leaf = key.removeprefix(PREFIX).rpartition(".lora_")
+        if leaf not in ("A.weight", "B.weight"):
+            refusals.append((True, f"has {key.removeprefix(PREFIX)} (an embedding adapter or a module trained in "
+                                   f"full), which llama.cpp's adapter format does not hold"))
+            break
+        pairs.setdefault(module, {})[leaf[0]] = value
+    for refused, why in refusals:
+        if refused:
+            raise GgufExportError(f"{directory} {why}; merge it instead: lorakit merge --adapter {directory} "
+                                  f"--out model.gguf")
+    n_heads, n_kv = _heads(base_config)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], base_config.num_hidden_layers)
+    scales = {m: (config.rank_for(m), config.scaling(config.rank_for(m), config.alpha_for(m))) for m in pairs}
+    uniform = not config.use_rslora and len({(r, config.alpha_for(m)) for m, (r, _) in scales.items()}) == 1
+    alpha = float(config.alpha_for(next(iter(pairs)))) if uniform else 1.0  # 1: each B carries s·r
+    path = Path(path)
+    writer, tmp = _open_writer(path, arch)
+    types: dict[str, int] = {}
+    try:
+        writer.add_type("adapter")
+        writer.add_string("adapter.type", "lora")
+        writer.add_float32("adapter.lora.alpha", alpha)
+        writer.add_name(name or Path(directory).name)
+        for module in sorted(pairs):
+            a, b = pairs[module]["A"].float(), pairs[module]["B"].float()
+            gguf_name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+            if gguf_name is None:
+                raise GgufExportError(f"{module} has no GGUF name for architecture {arch}")
+            rank, scale = scales[module]
+            if not uniform:
+                b = b * (scale * rank)  # llama.cpp multiplies by α / r = 1 / r
+            if arch in INTERLEAVED and module.endswith((".q_proj", ".k_proj")):
+                b = rope_interleave(b, n_heads if module.endswith(".q_proj") else n_kv)
+            for suffix, tensor in (("lora_a", a), ("lora_b", b)):
+                array, qtype = _encode(tensor, dtype)
+                writer.add_tensor(f"{gguf_name}.{suffix}", array, raw_dtype=qtype)
+                types[qtype.name] = types.get(qtype.name, 0) + 1
+        _finish(writer, tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return GgufReport(path, arch, sum(types.values()), types, path.stat().st_size)

@@ -258,6 +258,14 @@ def weight_files(directory: Path) -> dict[str, Path]:
     return files
 
 
+def model_config(name_or_path: str = DEFAULT_MODEL) -> Any:
+    """The transformers config of a base model (no weights are read beyond a GGUF file's header)."""
+    from transformers import AutoConfig
+
+    directory, gguf_file = resolve_model_dir(name_or_path)
+    return AutoConfig.from_pretrained(directory, **({"gguf_file": gguf_file} if gguf_file else {}))
+
+
 def empty_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.float32
                 ) -> tuple[nn.Module, object, dict[str, Path]] | None:
     """``(model, tokenizer, weight files)`` with every parameter on the meta device, or ``None``
