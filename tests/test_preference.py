@@ -19,7 +19,7 @@ from lorakit.collate import collate, collate_flat
 from lorakit.data import IGNORE, DataError, DataOptions, Row, load_examples
 from lorakit.loss import sequence_logprobs
 from lorakit.models import load_model
-from lorakit.preference import REFERENCE_FILE, build_pairs, dpo_loss, load_pairs, orpo_loss
+from lorakit.preference import REFERENCE_FILE, build_pairs, dpo_loss, load_pairs, orpo_loss, simpo_loss
 from lorakit.train import Trainer, train
 from lorakit.train_config import ConfigError, build_config
 
@@ -145,6 +145,14 @@ def test_dpo_losses_equal_their_float64_formulas():
         want = -pc / nc + beta * math.log(1 + math.exp(-(odds[0] - odds[1])))
         assert abs(float(losses[i]) - want) < 1e-12
         assert rewards[i].tolist() == pytest.approx([beta * pc / nc, beta * pr / nr], abs=1e-15)
+    gamma = 0.4
+    losses, rewards = simpo_loss(policy.double(), lengths, beta, gamma, eps, cpo_alpha=0.7)
+    for i in range(5):
+        (pc, pr), (nc, nr) = policy[i].tolist(), lengths[i].tolist()
+        u = beta * (pc / nc - pr / nr) - gamma
+        want = -(1 - eps) * math.log(1 / (1 + math.exp(-u))) - eps * math.log(1 / (1 + math.exp(u))) - 0.7 * pc / nc
+        assert abs(float(losses[i]) - want) < 1e-12
+        assert rewards[i].tolist() == pytest.approx([beta * pc / nc, beta * pr / nr], abs=1e-15)
     near_one, _ = orpo_loss(torch.tensor([[-1e-9, -3.0]], dtype=torch.float64), torch.ones(1, 2), beta)
     assert torch.isfinite(near_one).all()  # log(1 − p) as p → 1
     with pytest.raises(ValueError, match="pass lengths"):
@@ -173,15 +181,18 @@ def test_sequence_logprobs_equal_each_examples_own_float64_sum(tiny_model_dir, t
 
 
 @pytest.mark.parametrize(("padding_free", "loss_type", "rpo_alpha"),
-                         [(True, "sigmoid", 0.0), (False, "sigmoid", 0.5), (True, "ipo", 0.5), (True, "orpo", 0.0)])
+                         [(True, "sigmoid", 0.0), (False, "sigmoid", 0.5), (True, "ipo", 0.5), (True, "orpo", 0.0),
+                          (False, "simpo", 0.5)])
 def test_a_trainer_step_has_the_gradient_of_plain_dpo(dpo_config, padding_free, loss_type, rpo_alpha):
     """Two micro-batches of an accumulated step through the trainer's fast paths: the gradient of every
     adapter parameter equals that of DPO written out plainly (each answer run alone, float64 sums)."""
-    orpo = loss_type == "orpo"  # ORPO: no reference, β the odds ratio's weight
-    dpo = {"beta": 0.7, "loss_type": "sigmoid" if orpo else loss_type,
+    orpo, simpo = loss_type == "orpo", loss_type == "simpo"  # no reference; ORPO: β the odds ratio's weight
+    dpo = {"beta": 0.7, "loss_type": "sigmoid" if orpo or simpo else loss_type,
            "label_smoothing": 0.1 if loss_type == "sigmoid" else 0.0, "rpo_alpha": rpo_alpha}
+    objective = loss_type if orpo or simpo else "dpo"
     cfg = build_config(dpo_config(dpo=dpo, data={"padding_free": padding_free}, train={"grad_accum": 2},
-                                  objective="orpo" if orpo else "dpo", orpo={"beta": 0.7}))
+                                  objective=objective, orpo={"beta": 0.7},
+                                  simpo={"beta": 2.5, "gamma": 0.3, "label_smoothing": 0.1, "cpo_alpha": rpo_alpha}))
     trainer = Trainer(cfg, progress=False, log=lambda _: None)
     trainer._compute_reference(resumed=False)
     randomize_adapters(trainer.model, std=0.2)  # the policy moves away from the reference
@@ -214,7 +225,10 @@ def test_a_trainer_step_has_the_gradient_of_plain_dpo(dpo_config, padding_free, 
         ref = trainer.reference["train"][pair.index]
         rc, rr = logps[0] - ref[0], logps[1] - ref[1]
         beta = dpo["beta"]
-        if orpo:
+        if simpo:
+            u = 2.5 * (logps[0] / counts[0] - logps[1] / counts[1]) - 0.3
+            loss = -0.9 * torch.log(torch.sigmoid(u)) - 0.1 * torch.log(torch.sigmoid(-u))
+        elif orpo:
             mc, mr = logps[0] / counts[0], logps[1] / counts[1]
             odds = (mc - torch.log(1 - torch.exp(mc))) - (mr - torch.log(1 - torch.exp(mr)))
             loss = -mc - beta * torch.log(torch.sigmoid(odds))
@@ -324,13 +338,15 @@ def test_dpo_from_a_saved_adapter_takes_that_model_as_its_reference(dpo_config, 
 
 
 def test_dpo_config_errors_name_the_key(dpo_config):
-    for change, message in [({"objective": "rlhf"}, "objective must be 'sft', 'dpo' or 'orpo'"),
+    for change, message in [({"objective": "rlhf"}, "objective must be 'sft', 'dpo', 'orpo' or 'simpo'"),
                             ({"dpo": {"beta": 0}}, "dpo.beta must be > 0"),
                             ({"dpo": {"loss_type": "hinge"}}, "dpo.loss_type must be sigmoid or ipo"),
                             ({"dpo": {"loss_type": "ipo", "label_smoothing": 0.1}}, "label_smoothing applies to"),
                             ({"dpo": {"rpo_alpha": -1}}, "dpo.rpo_alpha must be >= 0"),
                             ({"objective": "orpo", "orpo": {"beta": -0.1}}, "orpo.beta must be > 0"),
                             ({"objective": "orpo", "data": {"packing": True}}, "data.packing: objective orpo"),
+                            ({"objective": "simpo", "simpo": {"gamma": -1}}, "simpo.gamma must be >= 0"),
+                            ({"objective": "simpo", "simpo": {"cpo_alpha": -1}}, "simpo.cpo_alpha must be >= 0"),
                             ({"data": {"packing": True}}, "data.packing: objective dpo"),
                             ({"data": {"train_on_inputs": True}}, "data.train_on_inputs: dpo compares")]:
         with pytest.raises(ConfigError, match=message):
@@ -369,10 +385,11 @@ def test_cli_shows_both_sides_of_a_pair(dpo_config, tmp_path, capsys):
     assert trained_text(rejected.split("\n", 2)[2]) == row["rejected"]
 
 
-def test_orpo_run_needs_no_reference_and_learns_the_preference(dpo_config, tmp_path):
-    out = tmp_path / "orpo"
-    trainer = Trainer(build_config(dpo_config(objective="orpo", orpo={"beta": 1.0}, output_dir=str(out))),
-                      progress=False, log=lambda _: None)
+@pytest.mark.parametrize("objective", ["orpo", "simpo"])
+def test_reference_free_runs_learn_the_preference(dpo_config, tmp_path, objective):
+    out = tmp_path / objective
+    cfg = dpo_config(objective=objective, orpo={"beta": 1.0}, simpo={"cpo_alpha": 1.0}, output_dir=str(out))
+    trainer = Trainer(build_config(cfg), progress=False, log=lambda _: None)
     before = trainer.evaluate()
     final = trainer.run().metrics
     assert not (out / REFERENCE_FILE).exists()
@@ -380,4 +397,4 @@ def test_orpo_run_needs_no_reference_and_learns_the_preference(dpo_config, tmp_p
     assert steps[-1]["loss"] < steps[0]["loss"] and final["eval_loss"] < before["eval_loss"]
     assert before["eval_rewards/accuracies"] < 1.0 == final["eval_rewards/accuracies"]
     assert final["eval_rewards/margins"] > before["eval_rewards/margins"]
-    assert final["eval_logps/chosen"] > before["eval_logps/chosen"]  # the SFT term raised the chosen answers
+    assert final["eval_logps/chosen"] > before["eval_logps/chosen"]  # the likelihood term raised the chosen answers

@@ -25,8 +25,9 @@ the likelihood term does. The implicit rewards β[log π(y|x) − log π_ref(y|x
 margin and how often the chosen one's is higher. The reference's log-probabilities are computed
 once before the first step (TRL's ``precompute_ref_log_probs``): no second model in memory, for
 LoRA and full fine-tuning alike, and saved beside the run so that a resumed run reads the same
-values. ORPO (``orpo_loss``) needs no reference: an SFT term on the chosen answer plus a log-odds
-ratio between the two answers.
+values. ORPO (``orpo_loss``) and SimPO (``simpo_loss``) need no reference: ORPO adds to an SFT term
+on the chosen answer a log-odds ratio between the two answers; SimPO asks the answers' mean
+per-token log-probabilities to differ by a margin.
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from lorakit.loss import sequence_logprobs
 from lorakit.models import evaluating
 
 LOSS_TYPES = ("sigmoid", "ipo")
-OBJECTIVES = ("dpo", "orpo")
+OBJECTIVES = ("dpo", "orpo", "simpo")
 PREFERENCE_KEYS = ("chosen", "rejected")
 REFERENCE_FILE = "reference_logps.safetensors"
 
@@ -174,6 +175,22 @@ def orpo_loss(policy: torch.Tensor, lengths: torch.Tensor, beta: float) -> tuple
     log_odds = mean - torch.log(-torch.expm1(mean))
     losses = -mean[:, 0] - beta * F.logsigmoid(log_odds[:, 0] - log_odds[:, 1])
     return losses.to(policy.dtype), beta * mean.detach()
+
+
+def simpo_loss(policy: torch.Tensor, lengths: torch.Tensor, beta: float, gamma: float,
+               label_smoothing: float = 0.0, cpo_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """SimPO's per-pair losses (P,) and rewards β·log p̄ (P, 2) (no gradient), with no reference:
+    from the mean per-token log-probabilities log p̄ = log π(y|x) / |y| (P, 2),
+
+        u = β (log p̄_c − log p̄_r) − γ,   ℓ = −(1−ε) log σ(u) − ε log σ(−u) + α · (−log p̄_c)
+
+    (Meng et al. 2024: the reward is the length-normalised likelihood and γ a target margin; TRL's
+    CPOTrainer with ``loss_type="simpo"``, whose ``cpo_alpha`` α adds the chosen answer's per-token
+    NLL, CPO-SimPO; ε: label smoothing as in DPO)."""
+    mean = policy / lengths.to(policy.device, policy.dtype)
+    u = beta * (mean[:, 0] - mean[:, 1]) - gamma
+    losses = -(1 - label_smoothing) * F.logsigmoid(u) - label_smoothing * F.logsigmoid(-u) - cpo_alpha * mean[:, 0]
+    return losses, beta * mean.detach()
 
 
 def answer_lengths(pairs: Sequence[PreferencePair]) -> torch.Tensor:

@@ -79,6 +79,7 @@ from lorakit.preference import (
     policy_logprobs,
     save_reference,
     scored_logprobs,
+    simpo_loss,
     split_pairs,
 )
 from lorakit.report import MetricsLog, plot_loss, write_model_card
@@ -369,6 +370,9 @@ class Trainer:
         lengths = answer_lengths(pairs).to(policy.device)
         if self.config.objective == "orpo":
             return orpo_loss(policy, lengths, self.config.orpo.beta)
+        if self.config.objective == "simpo":
+            m = self.config.simpo
+            return simpo_loss(policy, lengths, m.beta, m.gamma, m.label_smoothing, m.cpo_alpha)
         d = self.config.dpo
         reference = self.reference[split][[p.index for p in pairs]].to(policy.device)
         return dpo_loss(policy, reference, d.beta, d.loss_type, d.label_smoothing, lengths, d.rpo_alpha)

@@ -120,6 +120,15 @@ class OrpoSection:
 
 
 @dataclass
+class SimpoSection:
+    # objective: simpo — lorakit.preference.simpo_loss; defaults from the paper (γ/β = 0.5)
+    beta: float = 2.0  # scale of the length-normalised reward
+    gamma: float = 1.0  # target reward margin (TRL's simpo_gamma)
+    label_smoothing: float = 0.0
+    cpo_alpha: float = 0.0  # + α × the chosen answer's per-token NLL (CPO-SimPO; TRL's name)
+
+
+@dataclass
 class RouterSection:
     # method: router — adapter name → adapter directory; the router learns per-token weights over them
     adapters: dict[str, str] = field(default_factory=dict)
@@ -137,13 +146,14 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     lora: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LORA))
     method: str = "lora"  # lora | full | router: what trains
-    objective: str = "sft"  # sft (next-token loss on answers) | dpo | orpo (preference pairs): what it learns from
+    objective: str = "sft"  # sft (next-token loss on answers) | dpo | orpo | simpo (preference pairs): what it learns from
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
     router: RouterSection = field(default_factory=RouterSection)
     dpo: DpoSection = field(default_factory=DpoSection)
     orpo: OrpoSection = field(default_factory=OrpoSection)
+    simpo: SimpoSection = field(default_factory=SimpoSection)
     output_dir: str = "runs/lorakit"
     seed: int = 0
 
@@ -189,8 +199,8 @@ class RunConfig:
         if self.method == "router" and len(self.router.adapters) < 2:
             raise ConfigError("method: router needs router.adapters: a mapping of at least two adapter names to "
                               "their directories")
-        if self.objective not in ("sft", "dpo", "orpo"):
-            raise ConfigError(f"objective must be 'sft', 'dpo' or 'orpo', got {self.objective!r}")
+        if self.objective not in ("sft", "dpo", "orpo", "simpo"):
+            raise ConfigError(f"objective must be 'sft', 'dpo', 'orpo' or 'simpo', got {self.objective!r}")
         if self.objective != "sft":
             self._validate_preference()
         if not self.data.train:
@@ -233,14 +243,23 @@ class RunConfig:
 
 
     def _validate_preference(self) -> None:
-        d, name = self.dpo, self.objective
-        checks = [
-            (self.orpo.beta > 0, f"orpo.beta must be > 0, got {self.orpo.beta}"),
-            (d.beta > 0, f"dpo.beta must be > 0, got {d.beta}"),
-            (d.loss_type in ("sigmoid", "ipo"), f"dpo.loss_type must be sigmoid or ipo, got {d.loss_type!r}"),
-            (0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}"),
-            (d.label_smoothing == 0 or d.loss_type == "sigmoid", "dpo.label_smoothing applies to loss_type: sigmoid"),
-            (d.rpo_alpha >= 0, f"dpo.rpo_alpha must be >= 0 (0 turns the likelihood term off), got {d.rpo_alpha}"),
+        d, o, m, name = self.dpo, self.orpo, self.simpo, self.objective
+        checks = {  # the objective's own section only
+            "dpo": [
+                (d.beta > 0, f"dpo.beta must be > 0, got {d.beta}"),
+                (d.loss_type in ("sigmoid", "ipo"), f"dpo.loss_type must be sigmoid or ipo, got {d.loss_type!r}"),
+                (0 <= d.label_smoothing < 0.5, f"dpo.label_smoothing must be in [0, 0.5), got {d.label_smoothing}"),
+                (d.label_smoothing == 0 or d.loss_type == "sigmoid", "dpo.label_smoothing applies to loss_type: sigmoid"),
+                (d.rpo_alpha >= 0, f"dpo.rpo_alpha must be >= 0 (0 turns the likelihood term off), got {d.rpo_alpha}"),
+            ],
+            "orpo": [(o.beta > 0, f"orpo.beta must be > 0, got {o.beta}")],
+            "simpo": [
+                (m.beta > 0, f"simpo.beta must be > 0, got {m.beta}"),
+                (m.gamma >= 0, f"simpo.gamma must be >= 0 (the target margin), got {m.gamma}"),
+                (0 <= m.label_smoothing < 0.5, f"simpo.label_smoothing must be in [0, 0.5), got {m.label_smoothing}"),
+                (m.cpo_alpha >= 0, f"simpo.cpo_alpha must be >= 0 (0 turns the likelihood term off), got {m.cpo_alpha}"),
+            ],
+        }[name] + [
             (not self.data.packing, f"data.packing: objective {name} keeps each answer in its own row (padding-free "
                                     f"batches already skip the padding); set data.packing=false"),
             (not self.data.train_on_inputs, f"data.train_on_inputs: {name} compares the answers given the prompt; "
@@ -252,7 +271,7 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection,
-            "router": RouterSection, "dpo": DpoSection, "orpo": OrpoSection}
+            "router": RouterSection, "dpo": DpoSection, "orpo": OrpoSection, "simpo": SimpoSection}
 SCALARS = ("method", "objective", "output_dir", "seed")
 
 
