@@ -295,6 +295,35 @@ def test_dpo_run_learns_the_preference_resumes_exactly_and_saves_a_peft_adapter(
         train(cfg, progress=False)
 
 
+def test_cli_eval_scores_pairs_as_the_runs_own_evaluation(dpo_config, tiny_model_dir, tmp_path):
+    """``lorakit eval`` on preference rows: with the base as reference, DPO's rewards, accuracy and
+    loss equal the trained run's final evaluation (whose reference was the same base); the ranking
+    accuracies follow the mean log-probabilities of the reference file and the run's policy."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    cfg = dpo_config(train={"epochs": 1}, dpo={"beta": 0.5})
+    result = train(cfg, progress=False)
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "eval", "--model", str(tiny_model_dir), "--adapter",
+                           str(result.output_dir), "--data", cfg["data"]["eval"], "--beta", "0.5",
+                           "--batch-size", "4"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got = {k: float(v) for k, v in (line.split(": ") for line in proc.stdout.strip().splitlines())}
+    final = result.metrics
+    assert got["pairs"] == 6
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "logps/chosen", "logps/rejected"):
+        assert got[key] == pytest.approx(final[f"eval_{key}"], abs=2e-4), key  # printed to 4 places
+    base = load_file(result.output_dir / REFERENCE_FILE)["eval"]
+    tokenizer = load_model(str(tiny_model_dir))[1]
+    lengths = torch.tensor([[sum(t != IGNORE for t in e.labels) for e in p]
+                            for p in load_pairs(cfg["data"]["eval"], tokenizer, DataOptions(max_seq_len=96))])
+    mean = base / lengths
+    assert got["base_accuracy"] == pytest.approx(float((mean[:, 0] > mean[:, 1]).double().mean()), abs=1e-4)  # printed to 4 places
+    assert got["accuracy"] == 1.0 > got["base_accuracy"]
+
+
 def test_full_fine_tuning_with_dpo_uses_the_starting_model_as_reference(dpo_config, tmp_path):
     """``method: full`` has no adapter to switch off: the precomputed reference is the only one."""
     result = train(dpo_config(method="full", train={"epochs": 1, "lr": 1e-3}, output_dir=str(tmp_path / "full")),

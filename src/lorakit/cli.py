@@ -148,12 +148,13 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """Eval loss, perplexity and exact match of a model (with optional adapters) on a data file."""
+    """Eval loss, perplexity and exact match of a model (with optional adapters) on a data file, or
+    preference pairs' ranking accuracy and rewards against the base."""
     from lorakit.evaluate import evaluate_file
 
     metrics = evaluate_file(args.model, args.data, adapters=args.adapter or [], generate=not args.no_generate,
                             max_new_tokens=args.max_new_tokens, batch_size=args.batch_size,
-                            max_examples=args.max_examples)
+                            max_examples=args.max_examples, beta=args.beta)
     for key, value in metrics.items():
         print(f"{key}: {value:.4f}" if isinstance(value, float) else f"{key}: {value}")
     return 0
@@ -348,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-examples", type=int, default=0)
+    p.add_argument("--beta", type=float, default=0.1, help="preference pairs: DPO's beta for the rewards against "
+                   "the base")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text (streamed) for a prompt or a JSONL file of prompts")

@@ -90,16 +90,27 @@ def exact_match(model: nn.Module, tokenizer: Any, examples: Sequence[Example], *
 
 def evaluate_file(model_name: str, data: str, *, adapters: Sequence[str] = (), generate: bool = True,
                   max_new_tokens: int = 64, batch_size: int = 16, max_examples: int = 0,
-                  system_prompt: str | None = None, max_seq_len: int = 1024) -> dict[str, float]:
-    """Evaluate a base model (plus adapters) on a data file: the standalone form of training's eval."""
-    from lorakit.data import DataOptions, load_examples
+                  system_prompt: str | None = None, max_seq_len: int = 1024, beta: float = 0.1) -> dict[str, float]:
+    """Evaluate a base model (plus adapters) on a data file: the standalone form of training's eval.
+    Preference rows (prompt/chosen/rejected) are scored as pairs (``preference.evaluate_pairs``, DPO's
+    rewards at ``beta`` against the base), not by loss and generation."""
+    from lorakit.data import DataOptions, load_examples, read_rows
     from lorakit.io import load_adapters
     from lorakit.models import load_model
 
     model, tokenizer = load_model(model_name)
     load_adapters(model, adapters)
     model.requires_grad_(False)  # inference only: every weight frozen, so frozen layers' fast paths apply
-    examples = load_examples(data, tokenizer, DataOptions(max_seq_len=max_seq_len, system_prompt=system_prompt))
+    opts = DataOptions(max_seq_len=max_seq_len, system_prompt=system_prompt)
+    rows = read_rows(data)
+    if rows and "chosen" in rows[0].data and "rejected" in rows[0].data:
+        from lorakit.collate import collate
+        from lorakit.preference import evaluate_pairs, load_pairs
+
+        pairs = load_pairs(data, tokenizer, opts)[:max_examples or None]
+        return evaluate_pairs(model, pairs, lambda ex: collate([[e] for e in ex], tokenizer.pad_token_id),
+                              batch_size, beta)
+    examples = load_examples(data, tokenizer, opts)
     if max_examples > 0:
         examples = examples[:max_examples]
     # as the trainer's eval loss: fp32 CPU products on oneDNN where it applies, token counts rounded

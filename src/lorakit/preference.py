@@ -244,6 +244,31 @@ def scored_logprobs(model: nn.Module, pairs: Sequence[PreferencePair],
     return out
 
 
+def evaluate_pairs(model: nn.Module, pairs: Sequence[PreferencePair],
+                   collate: Callable[[list[Example]], dict[str, Any]], batch_size: int,
+                   beta: float = 0.1) -> dict[str, float]:
+    """Score held-out pairs with ``model`` (its active adapters) against its base (adapters off).
+
+    ``accuracy``: the share of pairs whose chosen answer has the higher mean per-token log-probability
+    under the model (``base_accuracy``: under the base), a ranking that needs no reference. With the
+    base as reference, DPO's implicit rewards β[log π(y|x) − log π_base(y|x)], their accuracy and
+    margin, the DPO loss at β and the log-probabilities, under TRL's names."""
+    from lorakit.merge import disable_adapter
+
+    policy = scored_logprobs(model, pairs, collate, batch_size)
+    with disable_adapter(model):
+        base = scored_logprobs(model, pairs, collate, batch_size)
+    lengths = answer_lengths(pairs).double()
+    totals = Totals()
+    totals.add(*dpo_loss(policy, base, beta), policy)
+    metrics = totals.means()
+    for key, logps in (("accuracy", policy), ("base_accuracy", base)):
+        mean = logps / lengths
+        metrics[key] = float((mean[:, 0] > mean[:, 1]).double().mean())
+    metrics["pairs"] = len(pairs)
+    return metrics
+
+
 def save_reference(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -> None:
     """Write atomically (a temporary file renamed into place)."""
     tmp = path.with_suffix(".tmp")
