@@ -84,23 +84,24 @@ def test_merge_to_gguf_loads_back_as_the_merged_model_with_its_tokenizer(tiny_mo
     assert 0 < errors[0] < errors[1] < errors[2]  # 16, 8.5, 4.5 bits a weight
 
 
-@pytest.mark.parametrize("family", ["llama-untied", "qwen2"])
-def test_an_untied_head_and_qwen2_biases_round_trip_exactly(family, tokenizer, tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+@pytest.mark.parametrize("family", ["llama-untied", "mistral", "qwen2", "qwen3"])
+def test_an_untied_head_mistral_qwen2_biases_and_qwen3_norms_round_trip_exactly(family, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(vocab_size=len(tokenizer) + 3, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                   tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
-    config = LlamaConfig(**common) if family == "llama-untied" else Qwen2Config(**common, rope_theta=1e6)
+    config = {"llama-untied": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config,
+              "qwen3": Qwen3Config}[family](**common)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
-    if family == "qwen2":  # its q/k/v biases start at zero: give them values
-        with torch.no_grad():
-            for layer in model.model.layers:
-                layer.self_attn.q_proj.bias.normal_()
-                layer.self_attn.k_proj.bias.normal_()
+    with torch.no_grad():  # qwen2's q/k/v biases and qwen3's q/k norms start at 0 and 1: give them values
+        for name, p in model.named_parameters():
+            if name.endswith(("_proj.bias", "q_norm.weight", "k_norm.weight")):
+                p.normal_()
     report = write_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="fp32", tokenizer_pre="smollm")
-    assert report.architecture == family.split("-")[0] and report.types == {"F32": report.tensors}
+    assert report.architecture == {"mistral": "llama"}.get(family, family.split("-")[0])
+    assert report.types == {"F32": report.tensors}
     back, _ = _load_gguf(tmp_path / "m.gguf")
     ids = torch.randint(0, config.vocab_size, (2, 9))
     torch.testing.assert_close(_logits(back, ids), _logits(model, ids), atol=1e-5, rtol=0)

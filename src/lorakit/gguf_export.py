@@ -34,6 +34,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -72,13 +73,13 @@ def rope_interleave(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     return weight.reshape(n_heads, 2, d // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)
 
 
-def _qtype(kind: str):
+def _qtype(kind: str) -> Any:
     from gguf import GGMLQuantizationType as Q
 
     return {"fp32": Q.F32, "fp16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0, "q4_0": Q.Q4_0}[kind]
 
 
-def _file_type(kind: str):
+def _file_type(kind: str) -> Any:
     from gguf import LlamaFileType as F
 
     return {"fp32": F.ALL_F32, "fp16": F.MOSTLY_F16, "bf16": F.MOSTLY_BF16, "q8_0": F.MOSTLY_Q8_0,
@@ -95,7 +96,7 @@ def source_pre_tokenizer(gguf_file: Path | None) -> str | None:
     return field.contents() if field is not None else None
 
 
-def _encode(tensor: torch.Tensor, kind: str) -> tuple[np.ndarray, object]:
+def _encode(tensor: torch.Tensor, kind: str) -> tuple[np.ndarray, Any]:
     """(array to write, GGML type) for one tensor: 1-D in F32, matrices in ``kind`` where its blocks fit."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, quants
 
@@ -111,7 +112,7 @@ def _encode(tensor: torch.Tensor, kind: str) -> tuple[np.ndarray, object]:
     return quants.quantize(array, qtype), qtype
 
 
-def _tokenizer_fields(tokenizer, n_vocab: int) -> dict:
+def _tokenizer_fields(tokenizer: Any, n_vocab: int) -> dict[str, Any]:
     """The GGUF tokenizer metadata of a byte-level BPE ``tokenizer`` (transformers fast tokenizer)."""
     import json
 
@@ -130,9 +131,8 @@ def _tokenizer_fields(tokenizer, n_vocab: int) -> dict:
     if size > n_vocab:
         raise GgufExportError(f"the tokenizer has {size} tokens but the model's embeddings only {n_vocab} rows")
     tokens = tokenizer.convert_ids_to_tokens(list(range(size)))
-    added = {i: t for i, t in tokenizer.added_tokens_decoder.items()}
     types = [TokenType.NORMAL] * size
-    for i, token in added.items():
+    for i, token in tokenizer.added_tokens_decoder.items():
         types[i] = TokenType.CONTROL if token.special else TokenType.USER_DEFINED
     tokens += [f"[PAD{i}]" for i in range(size, n_vocab)]  # embedding rows past the tokenizer (padded vocab)
     types += [TokenType.UNUSED] * (n_vocab - size)
@@ -153,7 +153,7 @@ def _components(node: dict | None) -> list[dict]:
     return [node] + [c for step in node.get("pretokenizers", []) for c in _components(step)]
 
 
-def _rope_theta(config) -> float:
+def _rope_theta(config: Any) -> float:
     params = getattr(config, "rope_parameters", None) or {}
     scaling = getattr(config, "rope_scaling", None) or {}
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
@@ -164,7 +164,7 @@ def _rope_theta(config) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
-def _open_writer(path: Path, arch: str):
+def _open_writer(path: Path, arch: str) -> tuple[Any, Path]:
     """A GGUFWriter on a temporary file beside ``path`` (renamed to ``path`` by ``_finish``)."""
     import gguf
 
@@ -174,7 +174,7 @@ def _open_writer(path: Path, arch: str):
     return gguf.GGUFWriter(tmp, arch), Path(tmp)
 
 
-def _finish(writer, tmp: Path, path: Path) -> None:
+def _finish(writer: Any, tmp: Path, path: Path) -> None:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -182,7 +182,7 @@ def _finish(writer, tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _architecture(config) -> str:
+def _architecture(config: Any) -> str:
     model_type = getattr(config, "model_type", None)
     arch = ARCHITECTURES.get(model_type)
     if arch is None:
@@ -192,12 +192,12 @@ def _architecture(config) -> str:
     return arch
 
 
-def _heads(config) -> tuple[int, int]:
+def _heads(config: Any) -> tuple[int, int]:
     """(attention heads, key/value heads)."""
     return config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
 
 
-def write_gguf(model: nn.Module, tokenizer, path: str | Path, *, dtype: str = "fp16",
+def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, dtype: str = "fp16",
                tokenizer_pre: str | None = None, name: str | None = None) -> GgufReport:
     """Write a plain (merged) causal LM and its tokenizer to one GGUF file at ``path``.
 
@@ -275,7 +275,7 @@ def write_gguf(model: nn.Module, tokenizer, path: str | Path, *, dtype: str = "f
 ADAPTER_TYPES = ("fp32", "fp16", "bf16")
 
 
-def write_gguf_adapter(directory: str | Path, base_config, path: str | Path, *, dtype: str = "fp16",
+def write_gguf_adapter(directory: str | Path, base_config: Any, path: str | Path, *, dtype: str = "fp16",
                        name: str | None = None) -> GgufReport:
     """Write the LoRA adapter in ``directory`` (PEFT format) as a llama.cpp adapter GGUF at ``path``.
 
