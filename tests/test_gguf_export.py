@@ -62,7 +62,7 @@ def test_merge_to_gguf_loads_back_as_the_merged_model_with_its_tokenizer(tiny_mo
     want = _logits(adapted.eval(), ids)
     out = tmp_path / "m.gguf"
     proc = subprocess.run([*CLI, "--model", str(tiny_model_dir), "--adapter", str(adapter), "--out", str(out),
-                           "--tokenizer-pre", "smollm"], capture_output=True, text=True)
+                           "--tokenizer-pre", "smollm", "--dtype", "fp32"], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "gguf: architecture llama, 20 tensors (20 F32)" in proc.stdout  # 2 × 9 a block, embeddings, norm
     model, tok = _load_gguf(out, with_tokenizer=True)
@@ -149,6 +149,9 @@ def test_gguf_errors_name_the_problem(tiny_model_dir, tokenizer, tmp_path):
     adapter, _ = _adapter(tiny_model_dir, tmp_path)
     with pytest.raises(GgufExportError, match="give --tokenizer-pre NAME"):
         export_merged(str(tiny_model_dir), [(str(adapter), 1.0)], tmp_path / "m.gguf")
+    report = export_merged(str(tiny_model_dir), [(str(adapter), 1.0)], tmp_path / "d.gguf", tokenizer_pre="smollm")
+    assert report.dtype == "fp16" and report.gguf.types == {"F16": 15, "F32": 5}  # the default for GGUF
+    (tmp_path / "d.gguf").unlink()
     with pytest.raises(LorakitError, match="q8_0, q4_0 are for a .gguf --out"):
         export_merged(str(tiny_model_dir), [(str(adapter), 1.0)], tmp_path / "dir", dtype="q8_0")
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written left behind

@@ -369,8 +369,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--adapter", action="append", required=True, help="DIR or DIR:WEIGHT (repeatable)")
     p.add_argument("--out", required=True, help="output model directory, or FILE.gguf for llama.cpp / Ollama")
-    p.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16", "q8_0", "q4_0"],
-                   help="weights' type (q8_0 and q4_0: ggml block quantizations, for a .gguf --out)")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16", "q8_0", "q4_0"],
+                   help="weights' type; default fp32 for a directory, fp16 for a .gguf --out (q8_0 and q4_0: ggml "
+                   "block quantizations, for a .gguf --out only)")
     p.add_argument("--safe", action="store_true", help="refuse NaN/Inf merged weights")
     p.add_argument("--tokenizer-pre", help="GGUF: llama.cpp's pre-tokenizer name (smollm, llama-bpe, qwen2, ...); "
                    "default: the base GGUF's own")

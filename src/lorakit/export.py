@@ -49,11 +49,13 @@ def parse_adapter_arg(text: str) -> tuple[str, float]:
 
 
 def export_merged(model_name: str, adapters: list[tuple[str, float]], out: str | Path, *,
-                  dtype: str = "fp32", safe: bool = False, tokenizer_pre: str | None = None) -> MergeReport:
+                  dtype: str | None = None, safe: bool = False, tokenizer_pre: str | None = None) -> MergeReport:
     """Load ``model_name``, apply the weighted adapters, merge, and save the full model to ``out``: a
     Hugging Face directory, or one GGUF file when ``out`` ends in ``.gguf`` (``tokenizer_pre``: see
-    ``gguf_export.write_gguf``; by default the base's own GGUF file's)."""
+    ``gguf_export.write_gguf``; by default the base's own GGUF file's). ``dtype``: fp32 for a
+    directory, fp16 for a GGUF file unless given."""
     gguf = str(out).endswith(".gguf")
+    dtype = dtype or ("fp16" if gguf else "fp32")  # llama.cpp's converter also writes f16 by default
     allowed = (*DTYPES, *GGUF_ONLY) if gguf else tuple(DTYPES)
     if dtype not in allowed:
         hint = f"; {', '.join(GGUF_ONLY)} are for a .gguf --out" if dtype in GGUF_ONLY else ""
