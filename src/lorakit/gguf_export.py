@@ -30,8 +30,7 @@ rsLoRA), each B carries its own s·r and α is written as 1, which llama.cpp sca
 
 from __future__ import annotations
 
-import os
-import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ import torch
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.io import PREFIX, atomic_write, read_adapter
 
 # Hugging Face model_type → GGUF architecture (llama.cpp runs Mistral's dense models as llama)
 ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
@@ -164,22 +164,33 @@ def _rope_theta(config: Any) -> float:
     return float(theta if theta is not None else 10000.0)
 
 
-def _open_writer(path: Path, arch: str) -> tuple[Any, Path]:
-    """A GGUFWriter on a temporary file beside ``path`` (renamed to ``path`` by ``_finish``)."""
-    import gguf
+def _save(writer: Any, path: Path) -> None:
+    """Write out what ``writer`` holds to ``path``, atomically."""
+    def write(tmp: Path) -> None:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    return gguf.GGUFWriter(tmp, arch), Path(tmp)
+    atomic_write(path, write)
 
 
-def _finish(writer: Any, tmp: Path, path: Path) -> None:
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    os.replace(tmp, path)
+def _add_tensor(writer: Any, name: str, tensor: torch.Tensor, dtype: str, types: Counter[str]) -> None:
+    """Add one tensor in ``dtype`` (``_encode``), counting its GGML type in ``types``."""
+    array, qtype = _encode(tensor, dtype)
+    writer.add_tensor(name, array, raw_dtype=qtype)
+    types[qtype.name] += 1
+
+
+def _ggml_rows(module: str, tensor: torch.Tensor, arch: str, config: Any) -> torch.Tensor:
+    """``tensor``, whose rows are ``module``'s outputs, in llama.cpp's row order: the q and k
+    projections of the INTERLEAVED architectures reordered per head for ggml's rope."""
+    leaf = module.rsplit(".", 1)[-1]
+    if arch not in INTERLEAVED or leaf not in ("q_proj", "k_proj"):
+        return tensor
+    n_heads, n_kv = _heads(config)
+    return rope_interleave(tensor, n_heads if leaf == "q_proj" else n_kv)
 
 
 def _architecture(config: Any) -> str:
@@ -222,54 +233,47 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, dtype: str
     tied = bool(getattr(config, "tie_word_embeddings", False))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
 
+    writer = gguf.GGUFWriter(None, arch)
+    writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(n_heads)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(theta)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim != config.hidden_size // n_heads:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    writer.add_vocab_size(n_vocab)
+    writer.add_file_type(_file_type(dtype))
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(tokenizer_pre)
+    writer.add_token_list(fields["tokens"])
+    writer.add_token_types(fields["types"])
+    writer.add_token_merges(fields["merges"])
+    for key, value in fields["special"].items():
+        if value is not None:
+            getattr(writer, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "unk": "add_unk_token_id",
+                             "pad": "add_pad_token_id"}[key])(value)
+    writer.add_add_bos_token(fields["add_bos"])
+    writer.add_add_space_prefix(fields["add_space_prefix"])
+    if fields["chat_template"]:
+        writer.add_chat_template(fields["chat_template"])
+    types: Counter[str] = Counter()
+    for key, tensor in model.state_dict().items():
+        if key == "lm_head.weight" and tied:
+            continue
+        gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise GgufExportError(f"{key} has no GGUF name for architecture {arch}; "
+                                  f"convert the merged directory with llama.cpp's convert_hf_to_gguf.py")
+        _add_tensor(writer, gguf_name, _ggml_rows(key.rsplit(".", 1)[0], tensor, arch, config), dtype, types)
     path = Path(path)
-    writer, tmp = _open_writer(path, arch)
-    types: dict[str, int] = {}
-    try:
-        writer.add_name(name or Path(str(getattr(config, "_name_or_path", "") or "model")).name)
-        writer.add_context_length(config.max_position_embeddings)
-        writer.add_embedding_length(config.hidden_size)
-        writer.add_block_count(config.num_hidden_layers)
-        writer.add_feed_forward_length(config.intermediate_size)
-        writer.add_head_count(n_heads)
-        writer.add_head_count_kv(n_kv)
-        writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-        writer.add_rope_freq_base(theta)
-        writer.add_rope_dimension_count(head_dim)
-        if head_dim != config.hidden_size // n_heads:
-            writer.add_key_length(head_dim)
-            writer.add_value_length(head_dim)
-        writer.add_vocab_size(n_vocab)
-        writer.add_file_type(_file_type(dtype))
-        writer.add_tokenizer_model("gpt2")
-        writer.add_tokenizer_pre(tokenizer_pre)
-        writer.add_token_list(fields["tokens"])
-        writer.add_token_types(fields["types"])
-        writer.add_token_merges(fields["merges"])
-        for key, value in fields["special"].items():
-            if value is not None:
-                getattr(writer, {"bos": "add_bos_token_id", "eos": "add_eos_token_id", "unk": "add_unk_token_id",
-                                 "pad": "add_pad_token_id"}[key])(value)
-        writer.add_add_bos_token(fields["add_bos"])
-        writer.add_add_space_prefix(fields["add_space_prefix"])
-        if fields["chat_template"]:
-            writer.add_chat_template(fields["chat_template"])
-        for key, tensor in model.state_dict().items():
-            if key == "lm_head.weight" and tied:
-                continue
-            gguf_name = names.get_name(key, try_suffixes=(".weight", ".bias"))
-            if gguf_name is None:
-                raise GgufExportError(f"{key} has no GGUF name for architecture {arch}; "
-                                      f"convert the merged directory with llama.cpp's convert_hf_to_gguf.py")
-            if arch in INTERLEAVED and (".q_proj." in key or ".k_proj." in key):
-                tensor = rope_interleave(tensor, n_heads if ".q_proj." in key else n_kv)
-            array, qtype = _encode(tensor, dtype)
-            writer.add_tensor(gguf_name, array, raw_dtype=qtype)
-            types[qtype.name] = types.get(qtype.name, 0) + 1
-        _finish(writer, tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return GgufReport(path, arch, sum(types.values()), types, path.stat().st_size)
+    _save(writer, path)
+    return GgufReport(path, arch, sum(types.values()), dict(types), path.stat().st_size)
 
 
 ADAPTER_TYPES = ("fp32", "fp16", "bf16")
@@ -284,8 +288,6 @@ def write_gguf_adapter(directory: str | Path, base_config: Any, path: str | Path
     ``modules_to_save``, trained biases, embedding adapters.
     """
     import gguf
-
-    from lorakit.io import PREFIX, read_adapter
 
     if dtype not in ADAPTER_TYPES:
         raise GgufExportError(f"an adapter GGUF's --dtype must be one of {', '.join(ADAPTER_TYPES)}; got {dtype!r}")
@@ -306,34 +308,27 @@ def write_gguf_adapter(directory: str | Path, base_config: Any, path: str | Path
         if refused:
             raise GgufExportError(f"{directory} {why}; merge it instead: lorakit merge --adapter {directory} "
                                   f"--out model.gguf")
-    n_heads, n_kv = _heads(base_config)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], base_config.num_hidden_layers)
     scales = {m: (config.rank_for(m), config.scaling(config.rank_for(m), config.alpha_for(m))) for m in pairs}
     uniform = not config.use_rslora and len({(r, config.alpha_for(m)) for m, (r, _) in scales.items()}) == 1
     alpha = float(config.alpha_for(next(iter(pairs)))) if uniform else 1.0  # 1: each B carries s·r
+
+    writer = gguf.GGUFWriter(None, arch)
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_float32("adapter.lora.alpha", alpha)
+    writer.add_name(name or Path(directory).name)
+    types: Counter[str] = Counter()
+    for module in sorted(pairs):
+        a, b = pairs[module]["A"].float(), pairs[module]["B"].float()
+        gguf_name = names.get_name(module + ".weight", try_suffixes=(".weight",))
+        if gguf_name is None:
+            raise GgufExportError(f"{module} has no GGUF name for architecture {arch}")
+        rank, scale = scales[module]
+        if not uniform:
+            b = b * (scale * rank)  # llama.cpp multiplies by α / r = 1 / r
+        _add_tensor(writer, f"{gguf_name}.lora_a", a, dtype, types)
+        _add_tensor(writer, f"{gguf_name}.lora_b", _ggml_rows(module, b, arch, base_config), dtype, types)
     path = Path(path)
-    writer, tmp = _open_writer(path, arch)
-    types: dict[str, int] = {}
-    try:
-        writer.add_type("adapter")
-        writer.add_string("adapter.type", "lora")
-        writer.add_float32("adapter.lora.alpha", alpha)
-        writer.add_name(name or Path(directory).name)
-        for module in sorted(pairs):
-            a, b = pairs[module]["A"].float(), pairs[module]["B"].float()
-            gguf_name = names.get_name(module + ".weight", try_suffixes=(".weight",))
-            if gguf_name is None:
-                raise GgufExportError(f"{module} has no GGUF name for architecture {arch}")
-            rank, scale = scales[module]
-            if not uniform:
-                b = b * (scale * rank)  # llama.cpp multiplies by α / r = 1 / r
-            if arch in INTERLEAVED and module.endswith((".q_proj", ".k_proj")):
-                b = rope_interleave(b, n_heads if module.endswith(".q_proj") else n_kv)
-            for suffix, tensor in (("lora_a", a), ("lora_b", b)):
-                array, qtype = _encode(tensor, dtype)
-                writer.add_tensor(f"{gguf_name}.{suffix}", array, raw_dtype=qtype)
-                types[qtype.name] = types.get(qtype.name, 0) + 1
-        _finish(writer, tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return GgufReport(path, arch, sum(types.values()), types, path.stat().st_size)
+    _save(writer, path)
+    return GgufReport(path, arch, sum(types.values()), dict(types), path.stat().st_size)

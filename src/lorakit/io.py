@@ -16,7 +16,7 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -124,8 +124,8 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike, adapter_name: s
         metadata["lorakit.quantization"] = json.dumps(quant)
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
-    _atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(payload, indent=2, sort_keys=True)))
+    atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), metadata=metadata))
+    atomic_write(directory / CONFIG_NAME, lambda p: p.write_text(json.dumps(payload, indent=2, sort_keys=True)))
     return directory
 
 
@@ -178,7 +178,9 @@ def saved_targets(model: nn.Module, adapter_name: str = "default") -> list[str] 
     return "(?:" + "|".join(re.escape(n) for n in wrapped) + ")"
 
 
-def _atomic_write(path: Path, write: callable) -> None:  # type: ignore[valid-type]
+def atomic_write(path: Path, write: Callable[[Path], object]) -> None:
+    """``write(tmp)`` to a temporary file beside ``path``, then rename it to ``path``: a reader sees the
+    old file or the whole new one, and a failed write leaves no temporary file behind."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:

@@ -32,7 +32,6 @@ per-token log-probabilities to differ by a margin.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,6 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.data import DataError, DataOptions, Example, Row, load_examples, split_eval, tokenize_row
+from lorakit.io import atomic_write
 from lorakit.loss import sequence_logprobs
 from lorakit.models import evaluating
 
@@ -271,9 +271,8 @@ def evaluate_pairs(model: nn.Module, pairs: Sequence[PreferencePair],
 
 def save_reference(path: Path, tensors: dict[str, torch.Tensor], fingerprint: str) -> None:
     """Write atomically (a temporary file renamed into place)."""
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"fingerprint": fingerprint})
-    os.replace(tmp, path)
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata={"fingerprint": fingerprint}))
 
 
 def load_reference(path: Path, fingerprint: str, counts: dict[str, int]) -> dict[str, torch.Tensor]:
