@@ -117,6 +117,18 @@ def with_sections(base: dict, sections: dict) -> dict:
     return cfg
 
 
+def run_configs(tmp_path, model_dir, train_rows: list[dict], eval_rows: list[dict], **sections):
+    """Write the rows to train.jsonl and eval.jsonl in ``tmp_path`` and return ``make(**changes)``: a run
+    config dict on ``model_dir`` with those files and output in ``tmp_path / "out"``, the given
+    ``sections``, updated by ``changes`` (``with_sections``)."""
+    write_jsonl(tmp_path / "train.jsonl", train_rows)
+    write_jsonl(tmp_path / "eval.jsonl", eval_rows)
+    files = {"model": {"name": str(model_dir)}, "output_dir": str(tmp_path / "out"),
+             "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl")}}
+    base = with_sections(files, sections)
+    return lambda **changes: with_sections(base, changes)
+
+
 def write_jsonl(path, rows):
     import json
 

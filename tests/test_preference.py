@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import randomize_adapters, with_sections, write_jsonl
+from conftest import randomize_adapters, run_configs, write_jsonl
 from lorakit.attention import padding_free
 from lorakit.checkpoint import complete_checkpoints
 from lorakit.collate import collate, collate_flat
@@ -36,24 +36,11 @@ def pair_rows(n: int, seed: int = 0) -> list[dict]:
 
 @pytest.fixture
 def dpo_config(tiny_model_dir, tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", pair_rows(16))
-    write_jsonl(tmp_path / "eval.jsonl", pair_rows(6, seed=1))
-
-    def make(**sections) -> dict:
-        cfg = {
-            "model": {"name": str(tiny_model_dir)},
-            "objective": "dpo",
-            "dpo": {"beta": 0.5},
-            "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-            "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_seq_len": 96},
-            "train": {"epochs": 2, "batch_size": 4, "lr": 2e-2, "save_steps": 3, "warmup_ratio": 0.0},
-            "eval": {"steps": 0, "batch_size": 4},
-            "output_dir": str(tmp_path / "out"),
-            "seed": 1,
-        }
-        return with_sections(cfg, sections)
-
-    return make
+    return run_configs(tmp_path, tiny_model_dir, pair_rows(16), pair_rows(6, seed=1),
+                       objective="dpo", dpo={"beta": 0.5}, lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+                       data={"max_seq_len": 96},
+                       train={"epochs": 2, "batch_size": 4, "lr": 2e-2, "save_steps": 3, "warmup_ratio": 0.0},
+                       eval={"steps": 0, "batch_size": 4}, seed=1)
 
 
 # -- rows ------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import lorakit
 import lorakit.optim
-from conftest import with_sections, write_jsonl
+from conftest import run_configs, write_jsonl
 from lorakit.checkpoint import complete_checkpoints
 from lorakit.io import adapter_state_dict
 from lorakit.kernels import gemm
@@ -40,22 +40,10 @@ def rows(n: int, seed: int = 0) -> list[dict]:
 
 @pytest.fixture
 def run_config(tiny_model_dir, tmp_path):
-    write_jsonl(tmp_path / "train.jsonl", rows(24))
-    write_jsonl(tmp_path / "eval.jsonl", rows(6, seed=1))
-
-    def make(**sections) -> dict:
-        cfg = {
-            "model": {"name": str(tiny_model_dir)},
-            "lora": {"r": 4, "lora_alpha": 8, "lora_dropout": 0.1},
-            "data": {"train": str(tmp_path / "train.jsonl"), "eval": str(tmp_path / "eval.jsonl"), "max_seq_len": 96},
-            "train": {"epochs": 2, "batch_size": 4, "lr": 1e-2, "save_steps": 3, "logging_steps": 1},
-            "eval": {"steps": 4, "batch_size": 8},
-            "output_dir": str(tmp_path / "out"),
-            "seed": 3,
-        }
-        return with_sections(cfg, sections)
-
-    return make
+    return run_configs(tmp_path, tiny_model_dir, rows(24), rows(6, seed=1),
+                       lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.1}, data={"max_seq_len": 96},
+                       train={"epochs": 2, "batch_size": 4, "lr": 1e-2, "save_steps": 3, "logging_steps": 1},
+                       eval={"steps": 4, "batch_size": 8}, seed=3)
 
 
 def adapter_tensors(directory):

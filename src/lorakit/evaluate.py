@@ -94,25 +94,24 @@ def evaluate_file(model_name: str, data: str, *, adapters: Sequence[str] = (), g
     """Evaluate a base model (plus adapters) on a data file: the standalone form of training's eval.
     Preference rows (prompt/chosen/rejected) are scored as pairs (``preference.evaluate_pairs``, DPO's
     rewards at ``beta`` against the base), not by loss and generation."""
-    from lorakit.data import DataOptions, load_examples, read_rows
+    from lorakit.collate import collate
+    from lorakit.data import DataOptions, Row, build_examples, load_examples
     from lorakit.io import load_adapters
     from lorakit.models import load_model
+    from lorakit.preference import PreferencePair, build_pairs, evaluate_pairs, is_preference_row
 
     model, tokenizer = load_model(model_name)
     load_adapters(model, adapters)
     model.requires_grad_(False)  # inference only: every weight frozen, so frozen layers' fast paths apply
-    opts = DataOptions(max_seq_len=max_seq_len, system_prompt=system_prompt)
-    rows = read_rows(data)
-    if rows and "chosen" in rows[0].data and "rejected" in rows[0].data:
-        from lorakit.collate import collate
-        from lorakit.preference import evaluate_pairs, load_pairs
 
-        pairs = load_pairs(data, tokenizer, opts)[:max_examples or None]
-        return evaluate_pairs(model, pairs, lambda ex: collate([[e] for e in ex], tokenizer.pad_token_id),
+    def build(rows: Sequence[Row], tokenizer: Any, opts: DataOptions) -> list[Any]:  # preference rows: pairs
+        return (build_pairs if is_preference_row(rows[0].data) else build_examples)(rows, tokenizer, opts)
+
+    opts = DataOptions(max_seq_len=max_seq_len, system_prompt=system_prompt)
+    examples = load_examples(data, tokenizer, opts, build=build)[:max_examples or None]
+    if isinstance(examples[0], PreferencePair):
+        return evaluate_pairs(model, examples, lambda ex: collate([[e] for e in ex], tokenizer.pad_token_id),
                               batch_size, beta)
-    examples = load_examples(data, tokenizer, opts)
-    if max_examples > 0:
-        examples = examples[:max_examples]
     # as the trainer's eval loss: fp32 CPU products on oneDNN where it applies, token counts rounded
     # up so that their shapes come from a bounded set
     weight = next(model.parameters())

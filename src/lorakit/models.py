@@ -67,11 +67,11 @@ def resolve_model_dir(name_or_path: str) -> tuple[Path, str | None]:
 
     Embedded names are converted into the cache on first use.
     """
-    key = ALIASES.get(name_or_path.lower(), name_or_path.lower())
-    if key in EMBEDDED:
+    key = _embedded_key(name_or_path)
+    if key is not None:
         return ensure_converted(key), None
     path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
+    if _is_gguf(path):
         return path.parent, path.name
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -85,11 +85,21 @@ def resolve_model_dir(name_or_path: str) -> tuple[Path, str | None]:
 
 def source_gguf(name_or_path: str) -> Path | None:
     """The GGUF file a base model comes from: the embedded model's, a ``.gguf`` path, else None."""
-    key = ALIASES.get(name_or_path.lower(), name_or_path.lower())
-    if key in EMBEDDED:
+    key = _embedded_key(name_or_path)
+    if key is not None:
         return embedded_gguf(key)
     path = Path(name_or_path).expanduser()
-    return path if path.is_file() and path.suffix == ".gguf" else None
+    return path if _is_gguf(path) else None
+
+
+def _embedded_key(name: str) -> str | None:
+    """The embedded model a name or alias stands for, if any."""
+    key = ALIASES.get(name.lower(), name.lower())
+    return key if key in EMBEDDED else None
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix == ".gguf"
 
 
 def ensure_converted(name: str) -> Path:

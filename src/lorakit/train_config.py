@@ -228,13 +228,10 @@ class RunConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.model.adapter is not None:
-            if self.method == "router":
-                raise ConfigError("model.adapter: method router takes its adapters from router.adapters")
-            if self.method == "full":  # merged into the weights: only that the adapter is readable
-                self.lora_config()
-        if self.method == "lora":
-            self.lora_config()  # LoraConfig validates itself
+        if self.model.adapter is not None and self.method == "router":
+            raise ConfigError("model.adapter: method router takes its adapters from router.adapters")
+        if self.method == "lora" or self.model.adapter is not None:
+            self.lora_config()  # LoraConfig validates itself; model.adapter's is read (method full merges it)
         if self.model.quantize is not None:
             if self.model.quantize not in ("nf4", "fp4", "int8"):
                 raise ConfigError(f"model.quantize must be nf4, fp4 or int8; got {self.model.quantize!r}")
