@@ -197,7 +197,7 @@ class Trainer:
         self.flat_multiple = TOKEN_MULTIPLE if onednn and self.device.type == "cpu" else 1
         device_type = self.device.type
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if self.bf16 else None
-        self.pairs = config.objective != "sft"  # dpo / orpo: the data are preference pairs
+        self.pairs = config.objective != "sft"  # dpo / orpo / simpo: the data are preference pairs
         self.reference: dict[str, torch.Tensor] = {}  # DPO: the reference log-probabilities (P, 2) per split
         self._load_data()
         if self.lora is not None and config.model.adapter:  # train a saved adapter further
