@@ -137,6 +137,139 @@ def test_the_embedded_model_written_by_lorakit_equals_llama_cpps_file():
                     assert a.contents() == pytest.approx(b.contents()), key
 
 
+def _split_like(tokenizer, style: str):
+    """``tokenizer`` (SmolLM2's vocabulary and merges) with the pre-tokenizer of another family."""
+    import copy
+
+    from tokenizers import Regex
+    from tokenizers import pre_tokenizers as pt
+
+    from lorakit.gguf_export import LLAMA3_SPLIT, QWEN2_SPLIT
+
+    def split(regex):
+        return pt.Sequence([pt.Split(Regex(regex), "isolated"), pt.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+    styles = {"gpt-2": lambda: pt.ByteLevel(add_prefix_space=False),
+              "smollm": lambda: pt.Sequence([pt.Digits(individual_digits=True), pt.ByteLevel(add_prefix_space=False)]),
+              "llama-bpe": lambda: split(LLAMA3_SPLIT), "qwen2": lambda: split(QWEN2_SPLIT),
+              "whitespace": lambda: pt.Sequence([pt.WhitespaceSplit(), pt.ByteLevel(use_regex=False)])}
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.backend_tokenizer.pre_tokenizer = styles[style]()
+    return tokenizer
+
+
+SPLIT_TEXT = ("Hello World! It's 2024-11-25, we'VE paid $1234567.89 for 3 items...\n\n  indented\tTab  ÜNÏCODE café "
+              "東京タワー 'S 'll $hello #tag @user foo_bar x=y+z\r\n\r\nEnd   ")
+
+
+def test_the_pre_tokenizer_name_is_detected_from_how_the_tokenizer_splits_text(tiny_model_dir, tokenizer, tmp_path):
+    from gguf import GGUFReader
+
+    from lorakit.export import export_merged
+    from lorakit.gguf_export import detect_pre_tokenizer
+
+    for style in ["gpt-2", "smollm", "llama-bpe", "qwen2"]:
+        assert detect_pre_tokenizer(_split_like(tokenizer, style)) == style
+    assert detect_pre_tokenizer(_split_like(tokenizer, "whitespace")) is None
+    # the tiny model's tokenizer, as transformers rebuilds it from SmolLM2's GGUF, splits with GPT-2's regex alone
+    adapter, _ = _adapter(tiny_model_dir, tmp_path)
+    report = export_merged(str(tiny_model_dir), [(str(adapter), 1.0)], tmp_path / "m.gguf")
+    assert GGUFReader(report.gguf.path).fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    model, _ = lorakit.models.load_model(str(tiny_model_dir))
+    with pytest.raises(GgufExportError, match="splits text in a way lorakit does not know .* give --tokenizer-pre"):
+        write_gguf(model, _split_like(tokenizer, "whitespace"), tmp_path / "w.gguf")
+
+
+@pytest.mark.parametrize("style", ["gpt-2", "smollm", "llama-bpe", "qwen2"])
+def test_llama_cpp_tokenizes_like_transformers_under_the_detected_name(tokenizer, tmp_path, style):
+    """Where llama.cpp is installed (CI skips this): each family's split, detected and written to the GGUF,
+    makes llama.cpp encode a text of contractions, digits, symbols, accents, CJK and blank lines to
+    transformers' ids; the regex families (GPT-2's vs Llama 3's) encode it differently from each other."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tok = _split_like(tokenizer, style)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, tie_word_embeddings=True))
+    want = tok(SPLIT_TEXT, add_special_tokens=False)["input_ids"]
+    other = {"gpt-2": "llama-bpe", "smollm": "qwen2", "llama-bpe": "gpt-2", "qwen2": "smollm"}[style]
+    encoded = {}
+    for name in (None, other):
+        path = write_gguf(model, tok, tmp_path / f"{name}.gguf", dtype="fp32", tokenizer_pre=name).path
+        encoded[name] = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False).tokenize(
+            SPLIT_TEXT.encode(), add_bos=False, special=False)
+    assert encoded[None] == want
+    assert encoded[other] != want
+
+
+ROPE_SCALINGS = {
+    "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 32},
+    "linear": {"rope_type": "linear", "factor": 4.0},
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+}
+
+
+def _scaled_model(tokenizer, rope: str, family: str = "llama"):
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    config = {"llama": LlamaConfig, "qwen2": Qwen2Config}[family](
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, rope_theta=10000.0, rope_scaling=ROPE_SCALINGS[rope],
+        tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():  # larger projections: attention far from uniform, so rope errors show in the logits
+        for name, p in model.named_parameters():
+            if name.endswith("_proj.weight"):
+                p.mul_(3)
+    return model
+
+
+@pytest.mark.parametrize("rope", ["llama3", "linear"])
+def test_scaled_rope_read_as_llama_cpp_reads_it_gives_transformers_frequencies(tokenizer, tmp_path, rope):
+    """llama.cpp rotates pair i at position p by p · s · base^(−2i/d) / f_i, with s = 1/factor for
+    ``linear`` scaling and f = ``rope_freqs.weight`` (1 without it): from the GGUF's keys and tensor
+    this must be the model's own (transformers') inverse frequencies, the original ones being different."""
+    from gguf import GGUFReader
+
+    from lorakit.gguf_export import llama3_rope_factors
+
+    model = _scaled_model(tokenizer, rope)
+    reader = GGUFReader(write_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="fp32", tokenizer_pre="smollm").path)
+    field = {k: f.contents() for k, f in reader.fields.items() if k.startswith("llama.rope")}
+    d = field["llama.rope.dimension_count"]
+    original = field["llama.rope.freq_base"] ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+    scale = 1 / field.get("llama.rope.scaling.factor", 1.0) if field.get("llama.rope.scaling.type") == "linear" else 1
+    tensors = {t.name: torch.from_numpy(np.asarray(t.data, dtype=np.float64)) for t in reader.tensors}
+    divisors = tensors.get("rope_freqs.weight", torch.ones(d // 2, dtype=torch.float64))
+    want = model.model.rotary_emb.inv_freq.double()
+    torch.testing.assert_close(original * scale / divisors, want, rtol=1e-6, atol=0)
+    assert not torch.allclose(original, want)
+    assert ("rope_freqs.weight" in tensors) == (rope == "llama3")
+    if rope == "llama3":  # the divisors run 1 (short wavelengths) … 8 (long ones), smoothly between
+        f = llama3_rope_factors(ROPE_SCALINGS["llama3"] | {"rope_theta": 10000.0}, d)
+        assert f[0] == 1 and f[-1] == 8 and bool((f.diff() >= 0).all()) and bool(((f > 1) & (f < 8)).any())
+
+
+@pytest.mark.parametrize("rope", ["llama3", "linear", "yarn"])
+def test_llama_cpp_runs_a_scaled_rope_export_to_transformers_logits(tokenizer, tmp_path, rope):
+    """Where llama.cpp is installed (llama-cpp-python; not a dependency, so CI skips this): the fp32
+    export of a tiny model with scaled rope gives transformers' logits at all 200 positions, 168 of them
+    past the original context of 32. Measured: ≤ 8e-4 (llama.cpp keeps its KV cache in f16); written as
+    plain rope, 0.5-1.1."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    model = _scaled_model(tokenizer, rope)
+    write_gguf(model, tokenizer, tmp_path / "m.gguf", dtype="fp32", tokenizer_pre="smollm")
+    ids = torch.randint(10, len(tokenizer), (1, 200), generator=torch.Generator().manual_seed(0))
+    llm = llama_cpp.Llama(model_path=str(tmp_path / "m.gguf"), n_ctx=256, n_batch=256, logits_all=True,
+                          verbose=False, n_threads=2)
+    llm.eval(ids[0].tolist())
+    got = torch.from_numpy(np.array(llm.scores[:200]))
+    torch.testing.assert_close(got, _logits(model, ids)[0], atol=3e-3, rtol=0)
+
+
 def test_gguf_errors_name_the_problem(tiny_model_dir, tokenizer, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -146,9 +279,13 @@ def test_gguf_errors_name_the_problem(tiny_model_dir, tokenizer, tmp_path):
     gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tokenizer), n_embd=32, n_layer=1, n_head=2)).eval()
     with pytest.raises(GgufExportError, match="writes llama, mistral, qwen2, qwen3 models; this one is 'gpt2'"):
         write_gguf(gpt2, tokenizer, tmp_path / "g.gguf", tokenizer_pre="gpt-2")
+    with pytest.raises(GgufExportError, match="this qwen2 model has rope_type 'llama3'"):
+        write_gguf(_scaled_model(tokenizer, "llama3", "qwen2"), tokenizer, tmp_path / "q.gguf", tokenizer_pre="qwen2")
+    yarn = _scaled_model(tokenizer, "yarn")
+    yarn.config.rope_scaling = yarn.config.rope_parameters = ROPE_SCALINGS["yarn"] | {"beta_fast": 8.0}
+    with pytest.raises(GgufExportError, match="yarn rope with its default settings; this model sets beta_fast"):
+        write_gguf(yarn, tokenizer, tmp_path / "y.gguf", tokenizer_pre="smollm")
     adapter, _ = _adapter(tiny_model_dir, tmp_path)
-    with pytest.raises(GgufExportError, match="give --tokenizer-pre NAME"):
-        export_merged(str(tiny_model_dir), [(str(adapter), 1.0)], tmp_path / "m.gguf")
     report = export_merged(str(tiny_model_dir), [(str(adapter), 1.0)], tmp_path / "d.gguf", tokenizer_pre="smollm")
     assert report.dtype == "fp16" and report.gguf.types == {"F16": 15, "F32": 5}  # the default for GGUF
     (tmp_path / "d.gguf").unlink()

@@ -374,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "block quantizations, for a .gguf --out only)")
     p.add_argument("--safe", action="store_true", help="refuse NaN/Inf merged weights")
     p.add_argument("--tokenizer-pre", help="GGUF: llama.cpp's pre-tokenizer name (smollm, llama-bpe, qwen2, ...); "
-                   "default: the base GGUF's own")
+                   "default: the base GGUF's own, else detected from the tokenizer's splitting rules")
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser("export-adapter", help="write an adapter as llama.cpp's LoRA GGUF (llama-cli --lora, "

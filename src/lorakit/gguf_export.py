@@ -14,8 +14,11 @@ script. What goes in:
   ggml's rope the adjacent pairs (2i, 2i + 1);
 * the tokenizer: a byte-level BPE vocabulary (``tokenizer.ggml.model = gpt2``) with its merges,
   token types, special token ids and chat template. llama.cpp also needs the pre-tokenizer's
-  name (``tokenizer.ggml.pre``): taken from the GGUF file the base came from (the embedded model)
-  or given (``--tokenizer-pre``).
+  name (``tokenizer.ggml.pre``), which selects its text-splitting regexes: given (``--tokenizer-pre``),
+  taken from the GGUF file the base came from (the embedded model), or detected from the Hugging Face
+  tokenizer's own splitting steps (``detect_pre_tokenizer``: GPT-2, SmolLM, Llama 3 and Qwen2 splits);
+* rope: the base frequency, and ``linear``, ``yarn`` (default β) or Llama 3.1's ``llama3`` scaling; the
+  last as ``rope_freqs.weight``, the per-frequency divisors llama.cpp's llama architecture reads.
 
 The output head is left out when it is tied to the embeddings (llama.cpp reuses
 ``token_embd.weight``). The file is written under a temporary name and renamed when complete.
@@ -30,6 +33,7 @@ rsLoRA), each B carries its own s·r and α is written as 1, which llama.cpp sca
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +52,17 @@ INTERLEAVED = {"llama"}  # GGUF architectures whose q/k rows llama.cpp stores pe
 TYPES = ("fp32", "fp16", "bf16", "q8_0", "q4_0")
 # pre-tokenizer names llama.cpp knows, for the error message (its list is longer)
 KNOWN_PRE = ("smollm", "llama-bpe", "qwen2", "gpt-2", "deepseek-llm", "olmo", "tekken")
+# The text splits of the Hugging Face tokenizers whose llama.cpp name is known: each name selects the
+# same splitting regexes inside llama.cpp. GPT-2's regex is the ByteLevel step's own (use_regex).
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")  # digits one by one
+PRE_TOKENIZERS = {
+    ("gpt-2 regex",): "gpt-2",
+    ("single digits", "gpt-2 regex"): "smollm",
+    (LLAMA3_SPLIT,): "llama-bpe",
+    (QWEN2_SPLIT,): "qwen2",
+}
 
 
 class GgufExportError(LorakitError, ValueError):
@@ -114,8 +129,6 @@ def _encode(tensor: torch.Tensor, kind: str) -> tuple[np.ndarray, Any]:
 
 def _tokenizer_fields(tokenizer: Any, n_vocab: int) -> dict[str, Any]:
     """The GGUF tokenizer metadata of a byte-level BPE ``tokenizer`` (transformers fast tokenizer)."""
-    import json
-
     from gguf import TokenType
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -153,15 +166,103 @@ def _components(node: dict | None) -> list[dict]:
     return [node] + [c for step in node.get("pretokenizers", []) for c in _components(step)]
 
 
-def _rope_theta(config: Any) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    scaling = getattr(config, "rope_scaling", None) or {}
-    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if rope_type != "default":
-        raise GgufExportError(f"GGUF export writes models with plain rope; this one has rope_type {rope_type!r}. "
-                              f"Merge to a directory and convert it with llama.cpp's convert_hf_to_gguf.py")
-    theta = params.get("rope_theta", getattr(config, "rope_theta", None))
-    return float(theta if theta is not None else 10000.0)
+def _splits(pre_tokenizer: dict | None) -> tuple[str, ...]:
+    """The text-splitting steps of a tokenizers pre-tokenizer, in order: a Split's regex, ``single digits``
+    (Digits), ``gpt-2 regex`` (ByteLevel with use_regex); ByteLevel's byte mapping alone splits nothing."""
+    steps = []
+    for step in _components(pre_tokenizer):
+        kind = step.get("type")
+        if kind == "Sequence" or (kind == "ByteLevel" and not step.get("use_regex", True)):
+            continue
+        if kind == "ByteLevel":
+            steps.append("gpt-2 regex")
+        elif kind == "Digits":
+            steps.append("single digits" if step.get("individual_digits") else "digit runs")
+        elif kind == "Split" and step.get("behavior") == "Isolated" and not step.get("invert"):
+            steps.append(str((step.get("pattern") or {}).get("Regex")))
+        else:
+            steps.append(json.dumps(step, sort_keys=True))  # matches no known name
+    return tuple(steps)
+
+
+def detect_pre_tokenizer(tokenizer: Any) -> str | None:
+    """llama.cpp's ``tokenizer.ggml.pre`` name for a Hugging Face fast tokenizer, from how its
+    pre-tokenizer splits text (``PRE_TOKENIZERS``); None when it splits in a way not listed there."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return PRE_TOKENIZERS.get(_splits(json.loads(backend.to_str()).get("pre_tokenizer")))
+
+
+def _rope_parameters(config: Any) -> dict[str, Any]:
+    """The config's rope settings as one dict (transformers ≥ 5 ``rope_parameters``, earlier ``rope_scaling``
+    plus ``rope_theta``), with ``rope_type`` always set."""
+    params = {"rope_theta": getattr(config, "rope_theta", None)}
+    params.update(getattr(config, "rope_scaling", None) or {})
+    params.update(getattr(config, "rope_parameters", None) or {})
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    if params["rope_theta"] is None:
+        params["rope_theta"] = 10000.0
+    return params
+
+
+def llama3_rope_factors(params: dict[str, Any], head_dim: int) -> torch.Tensor:
+    """The (head_dim/2,) divisors of the rope frequencies under Llama 3.1's ``llama3`` rope scaling.
+
+    With θ_i = base^(−2i/d) and wavelength λ_i = 2π/θ_i, against the original context L (``original_
+    max_position_embeddings``), factor f and the low/high frequency factors l, h: frequencies with λ_i < L/h
+    are kept (divisor 1), those with λ_i > L/l are divided by f, and in between the divisor is
+    1 / ((1 − t)/f + t) with t = (L/λ_i − l)/(h − l). ggml's rope divides θ_i by this tensor
+    (``rope_freqs.weight``), which is how llama.cpp runs these models.
+    """
+    base, factor = float(params["rope_theta"]), float(params["factor"])
+    low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
+    context = float(params["original_max_position_embeddings"])
+    theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    wavelength = 2 * torch.pi / theta
+    t = ((context / wavelength - low) / (high - low)).clamp(0, 1)
+    divisor = 1 / ((1 - t) / factor + t)
+    divisor = torch.where(wavelength < context / high, 1.0, divisor)
+    divisor = torch.where(wavelength > context / low, factor, divisor)
+    return divisor.float()
+
+
+# YaRN settings llama.cpp's defaults reproduce (measured against transformers; other values are refused)
+YARN_DEFAULTS = {"beta_fast": 32.0, "beta_slow": 1.0}
+YARN_UNSUPPORTED = ("attention_factor", "mscale", "mscale_all_dim")
+
+
+def _add_rope(writer: Any, config: Any, arch: str, head_dim: int) -> torch.Tensor | None:
+    """Write the rope keys; return the ``rope_freqs.weight`` tensor a ``llama3``-scaled model needs.
+
+    Plain rope, ``linear`` scaling (positions divided by the factor) and ``yarn`` (with its default
+    β_fast = 32, β_slow = 1 and attention scale 0.1·ln(factor) + 1, as Qwen2.5 documents it) are keys every
+    architecture reads; ``llama3`` scaling is the per-frequency divisors llama.cpp's llama architecture
+    loads. Anything else is refused.
+    """
+    from gguf import RopeScalingType
+
+    params = _rope_parameters(config)
+    rope_type = params["rope_type"]
+    custom_yarn = [k for k in YARN_UNSUPPORTED if params.get(k) is not None] + [
+        k for k, v in YARN_DEFAULTS.items() if params.get(k, v) != v]
+    if rope_type == "yarn" and custom_yarn:
+        raise GgufExportError(f"GGUF export writes yarn rope with its default settings; this model sets "
+                              f"{', '.join(custom_yarn)}. Merge to a directory and convert it with llama.cpp's "
+                              f"convert_hf_to_gguf.py")
+    if not (rope_type in ("default", "linear", "yarn") or (rope_type == "llama3" and arch == "llama")):
+        raise GgufExportError(f"GGUF export writes plain, linear, yarn and (for Llama) llama3 rope; this {arch} "
+                              f"model has rope_type {rope_type!r}. Merge to a directory and convert it with "
+                              f"llama.cpp's convert_hf_to_gguf.py")
+    writer.add_rope_freq_base(float(params["rope_theta"]))
+    writer.add_rope_dimension_count(head_dim)
+    if rope_type in ("linear", "yarn"):
+        writer.add_rope_scaling_type(RopeScalingType.LINEAR if rope_type == "linear" else RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+    if rope_type == "yarn":
+        original = params.get("original_max_position_embeddings") or config.max_position_embeddings
+        writer.add_rope_scaling_orig_ctx_len(int(original))
+    return llama3_rope_factors(params, head_dim) if rope_type == "llama3" else None
 
 
 def _save(writer: Any, path: Path) -> None:
@@ -221,11 +322,11 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, dtype: str
         raise GgufExportError(f"GGUF --dtype must be one of {', '.join(TYPES)}; got {dtype!r}")
     config = model.config
     arch = _architecture(config)
+    tokenizer_pre = tokenizer_pre or detect_pre_tokenizer(tokenizer)
     if not tokenizer_pre:
-        raise GgufExportError(f"GGUF export needs llama.cpp's name for this tokenizer's pre-tokenizer (e.g. "
-                              f"{', '.join(KNOWN_PRE)}): give --tokenizer-pre NAME (a base loaded from a .gguf "
-                              f"file or the embedded model brings its own)")
-    theta = _rope_theta(config)
+        raise GgufExportError(f"GGUF export needs llama.cpp's name for this tokenizer's pre-tokenizer, which splits "
+                              f"text in a way lorakit does not know (it knows {', '.join(PRE_TOKENIZERS.values())}): "
+                              f"give --tokenizer-pre NAME (llama.cpp's names include {', '.join(KNOWN_PRE)})")
     n_heads, n_kv = _heads(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     n_vocab = model.get_input_embeddings().weight.shape[0]
@@ -242,8 +343,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, dtype: str
     writer.add_head_count(n_heads)
     writer.add_head_count_kv(n_kv)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_freq_base(theta)
-    writer.add_rope_dimension_count(head_dim)
+    rope_freqs = _add_rope(writer, config, arch, head_dim)
     if head_dim != config.hidden_size // n_heads:
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
@@ -263,6 +363,8 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, dtype: str
     if fields["chat_template"]:
         writer.add_chat_template(fields["chat_template"])
     types: Counter[str] = Counter()
+    if rope_freqs is not None:
+        _add_tensor(writer, gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", rope_freqs, dtype, types)
     for key, tensor in model.state_dict().items():
         if key == "lm_head.weight" and tied:
             continue
