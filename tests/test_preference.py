@@ -19,7 +19,16 @@ from lorakit.collate import collate, collate_flat
 from lorakit.data import IGNORE, DataError, DataOptions, Row, load_examples
 from lorakit.loss import sequence_logprobs
 from lorakit.models import load_model
-from lorakit.preference import REFERENCE_FILE, build_pairs, dpo_loss, load_pairs, orpo_loss, simpo_loss
+from lorakit.preference import (
+    REFERENCE_FILE,
+    build_kto_items,
+    build_pairs,
+    dpo_loss,
+    kto_loss,
+    load_pairs,
+    orpo_loss,
+    simpo_loss,
+)
 from lorakit.train import Trainer, train
 from lorakit.train_config import ConfigError, build_config
 
@@ -278,7 +287,7 @@ def test_dpo_run_learns_the_preference_resumes_exactly_and_saves_a_peft_adapter(
 
     shutil.rmtree(complete_checkpoints(whole.output_dir / "checkpoints")[-1])
     (whole.output_dir / REFERENCE_FILE).unlink()
-    with pytest.raises(DataError, match=f"{REFERENCE_FILE} is missing: a resumed DPO run"):
+    with pytest.raises(DataError, match=f"{REFERENCE_FILE} is missing: a resumed DPO or KTO run"):
         train(cfg, progress=False)
 
 
@@ -354,7 +363,10 @@ def test_dpo_from_a_saved_adapter_takes_that_model_as_its_reference(dpo_config, 
 
 
 def test_dpo_config_errors_name_the_key(dpo_config):
-    for change, message in [({"objective": "rlhf"}, "objective must be 'sft', 'dpo', 'orpo' or 'simpo'"),
+    for change, message in [({"objective": "rlhf"}, "objective must be 'sft', 'dpo', 'orpo', 'simpo' or 'kto'"),
+                            ({"objective": "kto", "kto": {"beta": 0}}, "kto.beta must be > 0"),
+                            ({"objective": "kto", "kto": {"undesirable_weight": 0}}, "kto.desirable_weight and kto"),
+                            ({"objective": "kto", "data": {"packing": True}}, "data.packing: objective kto"),
                             ({"dpo": {"beta": 0}}, "dpo.beta must be > 0"),
                             ({"dpo": {"loss_type": "hinge"}}, "dpo.loss_type must be sigmoid or ipo"),
                             ({"dpo": {"loss_type": "ipo", "label_smoothing": 0.1}}, "label_smoothing applies to"),
@@ -414,3 +426,165 @@ def test_reference_free_runs_learn_the_preference(dpo_config, tmp_path, objectiv
     assert before["eval_rewards/accuracies"] < 1.0 == final["eval_rewards/accuracies"]
     assert final["eval_rewards/margins"] > before["eval_rewards/margins"]
     assert final["eval_logps/chosen"] > before["eval_logps/chosen"]  # the likelihood term raised the chosen answers
+
+
+# -- KTO -------------------------------------------------------------------------------------------
+
+
+def judged_rows(n: int, seed: int = 0) -> list[dict]:
+    """``pair_rows`` as TRL's unpaired rows: each pair's chosen answer desirable, its rejected one not."""
+    return [{"prompt": r["prompt"], "completion": r[side], "label": side == "chosen"}
+            for r in pair_rows(n, seed) for side in ("chosen", "rejected")]
+
+
+def test_kto_loss_equals_its_float64_formula():
+    g = torch.Generator().manual_seed(0)
+    policy, reference = torch.randn(6, 2, generator=g) * 4 - 30, torch.randn(6, 2, generator=g) * 4 - 30
+    desirable = torch.tensor([True, False, True, True, False, False])
+    beta, wd, wu = 0.3, 1.5, 0.8
+    sig = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    for shift in (0.0, 5.0, -5.0):  # the mismatched answers' log-ratio mean: around 0, above, below (z clamps at 0)
+        pol = policy.double() + torch.tensor([0.0, shift], dtype=torch.float64)
+        losses, rewards = kto_loss(pol, reference.double(), desirable, beta, wd, wu)
+        z = max(0.0, sum(pol[i, 1].item() - reference[i, 1].item() for i in range(6)) / 6)
+        assert shift == 0 or (z > 0) == (shift > 0)
+        for i in range(6):
+            r = pol[i, 0].item() - reference[i, 0].item()
+            want = wd * (1 - sig(beta * (r - z))) if desirable[i] else wu * (1 - sig(beta * (z - r)))
+            assert abs(float(losses[i]) - want) < 1e-12
+            assert rewards[i].tolist() == pytest.approx([beta * r, pol[i, 1].item() - reference[i, 1].item()],
+                                                        abs=1e-12)
+    z_grad = policy.double().requires_grad_()
+    kto_loss(z_grad, reference.double(), desirable, beta)[0].sum().backward()
+    assert bool((z_grad.grad[:, 1] == 0).all()) and bool((z_grad.grad[:, 0] != 0).all())  # z is a baseline
+
+
+def test_kto_rows_give_judged_answers_each_with_another_rows_answer(tokenizer, tmp_path):
+    """Unpaired rows (strings or messages) and pair rows (one desirable, one undesirable answer) give
+    items whose first example is the row as SFT would train it, and whose second is the same prompt
+    with another row's answer: every answer is some other item's mismatch exactly once."""
+    opts = DataOptions(max_seq_len=256)
+    rows = [{"prompt": "2+2", "completion": "4", "label": True},
+            {"prompt": [{"role": "user", "content": "3+3"}], "completion": [{"role": "assistant", "content": "7"}],
+             "label": False},
+            {"prompt": "5+5", "chosen": "10", "rejected": "11"}]
+    items = build_kto_items([Row(r, f"f:{i}") for i, r in enumerate(rows)], tokenizer, opts)
+    assert [it.desirable for it in items] == [True, False, True, False] and [it.index for it in items] == [0, 1, 2, 3]
+    prompts = ["2+2", "3+3", "5+5", "5+5"]
+    answers = ["4", "7", "10", "11"]
+    sft = load_examples_from([{"prompt": p, "completion": a} for p, a in zip(prompts, answers)], tokenizer, opts)
+    mismatched = []
+    for it, p, want in zip(items, prompts, sft):
+        assert (it[0].input_ids, it[0].labels) == (want.input_ids, want.labels)
+        trained = tokenizer.decode([t for t in it[1].labels if t != IGNORE])
+        other = next(a for a in answers if trained.startswith(a) and trained[len(a):len(a) + 1] in ("<", ""))
+        mismatched.append(other)
+        assert p in tokenizer.decode(it[1].input_ids) and all(t == IGNORE for t in it[1].labels[:3])
+    assert sorted(mismatched) == sorted(answers) and all(m != a for m, a in zip(mismatched, answers))
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", [rows[0], {"prompt": "x", "completion": "y", "label": "yes"}])
+    with pytest.raises(DataError, match=r"bad.jsonl:2: 'label' must be true .* or false, got 'yes'"):
+        load_pairs(bad, tokenizer, opts, objective="kto")
+    neither = write_jsonl(tmp_path / "neither.jsonl", [rows[0], {"prompt": "x", "completion": "y"}])
+    with pytest.raises(DataError, match=r"neither.jsonl:2: a KTO row needs 'prompt', 'completion' and 'label'"):
+        load_pairs(neither, tokenizer, opts, objective="kto")
+    with pytest.raises(DataError, match=r"bad.jsonl:1: a judged answer .* objective: kto"):
+        load_examples(bad, tokenizer, opts)  # SFT on judged answers would learn the undesirable ones
+
+
+@pytest.fixture
+def kto_config(tiny_model_dir, tmp_path):
+    return run_configs(tmp_path, tiny_model_dir, judged_rows(8), judged_rows(3, seed=1),
+                       objective="kto", kto={"beta": 0.5}, lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
+                       data={"max_seq_len": 96},
+                       train={"epochs": 2, "batch_size": 4, "lr": 2e-2, "save_steps": 3, "warmup_ratio": 0.0},
+                       eval={"steps": 0, "batch_size": 4}, seed=1)
+
+
+def _answer_logprob(model, example):
+    logits = model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1].double()
+    labels = torch.tensor(example.labels[1:])
+    keep = labels != IGNORE
+    return logits.log_softmax(-1)[keep].gather(1, labels[keep, None]).sum()
+
+
+@pytest.mark.parametrize("padding_free", [True, False])
+def test_a_kto_trainer_step_has_the_gradient_of_plain_kto(kto_config, padding_free):
+    """An accumulated step of two micro-batches: the gradient equals that of KTO written out, each
+    answer run alone in float64 sums, z the micro-batch's mean mismatched log-ratio (clamped, no gradient)."""
+    cfg = build_config(kto_config(kto={"beta": 0.7, "desirable_weight": 1.3, "undesirable_weight": 0.6},
+                                  data={"padding_free": padding_free}, train={"grad_accum": 2}))
+    trainer = Trainer(cfg, progress=False, log=lambda _: None)
+    trainer._compute_reference(resumed=False)
+    randomize_adapters(trainer.model, std=0.2)
+    params = dict(trainer.params)
+    got = {}
+
+    def capture(loss):
+        got.update({n: p.grad.clone() for n, p in params.items()})
+        got["loss"] = loss
+        return loss, 0.0
+
+    trainer._update = capture
+    items = trainer.train_examples
+    group = [[items[0], items[1], items[2]], [items[3], items[4]]]
+    assert {it.desirable for it in items[:5]} == {True, False}
+    trainer.model.train()
+    with trainer.fast_paths():
+        trainer.step(group)
+
+    model = trainer.model
+    for p in params.values():
+        p.grad = None
+    total, zs = 0.0, []
+    for micro in group:
+        ref = trainer.reference["train"][[it.index for it in micro]]
+        mismatched = torch.stack([_answer_logprob(model, it[1]) for it in micro]).detach() - ref[:, 1]
+        z = mismatched.mean().clamp(min=0)
+        zs.append(float(z))
+        for it, (r0, _) in zip(micro, ref):
+            r = _answer_logprob(model, it[0]) - r0
+            loss = 1.3 * (1 - torch.sigmoid(0.7 * (r - z))) if it.desirable else 0.6 * (1 - torch.sigmoid(0.7 * (z - r)))
+            total = total + loss / 5
+    total.backward()
+    assert max(zs) > 0  # the KL baseline is live in this step
+    value = float(total.detach())
+    assert abs(got["loss"] - value) < 1e-5 * max(1.0, value)
+    for n, p in params.items():
+        assert float((got[n] - p.grad).norm() / p.grad.norm()) < 1e-4, n
+
+
+def test_kto_run_learns_the_judgements_resumes_exactly_and_lorakit_eval_agrees(kto_config, tiny_model_dir, tmp_path):
+    """From the reference (first loss: 1 − σ(0) = 0.5 whatever the labels), the desirable answers'
+    rewards rise above the undesirable ones' on held-out rows; a resumed run ends bit-identical;
+    ``lorakit eval`` on the judged rows (the base as reference, as the run's) gives its final evaluation."""
+    import subprocess
+    import sys
+
+    trainer = Trainer(build_config(kto_config(eval={"steps": 4})), progress=False, log=lambda _: None)
+    trainer._compute_reference(resumed=False)
+    before = trainer.evaluate()
+    final = trainer.run().metrics
+    out = tmp_path / "out"
+    steps = [r for r in metrics(out) if "loss" in r]
+    assert abs(steps[0]["loss"] - 0.5) < 1e-6 and steps[0]["kl"] == 0.0 and steps[0]["rewards/margins"] == 0.0
+    assert before["eval_rewards/margins"] == 0.0 < final["eval_rewards/margins"]
+    assert final["eval_loss"] < before["eval_loss"] and final["eval_rewards/chosen"] > 0 > final["eval_rewards/rejected"]
+    assert (out / REFERENCE_FILE).exists()
+
+    adapter = (out / "adapter_model.safetensors").read_bytes()
+    shutil.rmtree(complete_checkpoints(out / "checkpoints")[-1])
+    resumed = train(kto_config(eval={"steps": 4}), progress=False)
+    assert resumed.resumed_from is not None and resumed.steps == len(steps)
+    assert (out / "adapter_model.safetensors").read_bytes() == adapter
+    assert [r["loss"] for r in metrics(out) if "loss" in r] == [r["loss"] for r in steps]
+
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "eval", "--model", str(tiny_model_dir), "--adapter",
+                           str(out), "--data", str(tmp_path / "eval.jsonl"), "--beta", "0.5", "--batch-size", "4"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    got = {k: float(v) for k, v in (line.split(": ") for line in proc.stdout.strip().splitlines())}
+    assert got["answers"] == 6
+    for key in ("loss", "kl", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen"):
+        assert got[key] == pytest.approx(final[f"eval_{key}"], abs=2e-4), key  # printed to 4 places
+    assert got["accuracy"] > 0.8  # at least 5 of the 6 rewards have the sign of their label

@@ -110,15 +110,19 @@ def cmd_train(args: argparse.Namespace) -> int:
         from lorakit.models import load_model
 
         _, tokenizer = load_model(config.model.name)
-        from lorakit.preference import build_pairs
+        from lorakit.preference import load_pairs
 
         pairs = config.objective != "sft"
-        examples = load_examples(config.data.train, tokenizer, config.data_options(),
-                                 build=build_pairs if pairs else None)
+        options = config.data_options()
+        examples = (load_pairs(config.data.train, tokenizer, options, config.objective) if pairs
+                    else load_examples(config.data.train, tokenizer, options))
         if not 0 <= args.show_example < len(examples):
             raise ValueError(f"--show-example must be in 0..{len(examples) - 1}")
         shown = examples[args.show_example]
-        sides = zip(("chosen", "rejected"), shown) if pairs else [("", shown)]
+        names = ("chosen", "rejected")
+        if config.objective == "kto":
+            names = ("desirable" if shown.desirable else "undesirable", "mismatched, for the KL estimate")
+        sides = zip(names, shown) if pairs else [("", shown)]
         print("\n\n".join((f"[{name}]\n" if name else "") + show_example(e, tokenizer) for name, e in sides))
         return 0
     if args.nproc and args.nproc > 1:
@@ -149,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Eval loss, perplexity and exact match of a model (with optional adapters) on a data file, or
-    preference pairs' ranking accuracy and rewards against the base."""
+    preference pairs' ranking accuracy and rewards (judged answers: KTO's) against the base."""
     from lorakit.evaluate import evaluate_file
 
     metrics = evaluate_file(args.model, args.data, adapters=args.adapter or [], generate=not args.no_generate,
@@ -349,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-examples", type=int, default=0)
-    p.add_argument("--beta", type=float, default=0.1, help="preference pairs: DPO's beta for the rewards against "
-                   "the base")
+    p.add_argument("--beta", type=float, default=0.1,
+                   help="preference pairs (judged answers): DPO's (KTO's) beta for the rewards against the base")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("generate", help="generate text (streamed) for a prompt or a JSONL file of prompts")

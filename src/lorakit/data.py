@@ -144,6 +144,9 @@ def detect_format(row: Row) -> str:
         conversation_turns(row)  # validates
         return "messages"
     if "prompt" in d and "completion" in d:
+        if isinstance(d.get("label"), bool):  # TRL's unpaired preference row: an SFT run would learn the bad answers
+            raise DataError(f"{row.source}: a judged answer (prompt/completion/label true|false); train on judged "
+                            f"answers with objective: kto")
         return "prompt_completion"
     if "instruction" in d and "output" in d:
         return "alpaca"
@@ -151,7 +154,7 @@ def detect_format(row: Row) -> str:
         return "text"
     if "chosen" in d and "rejected" in d:
         raise DataError(f"{row.source}: a preference row (chosen/rejected); train on preference pairs with "
-                        f"objective: dpo")
+                        f"objective: dpo (or orpo, simpo, kto)")
     raise DataError(f"{row.source}: row matches no format (keys: {', '.join(sorted(d)) or 'none'}); accepted: {FORMATS}")
 
 

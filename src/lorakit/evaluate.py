@@ -93,19 +93,29 @@ def evaluate_file(model_name: str, data: str, *, adapters: Sequence[str] = (), g
                   system_prompt: str | None = None, max_seq_len: int = 1024, beta: float = 0.1) -> dict[str, float]:
     """Evaluate a base model (plus adapters) on a data file: the standalone form of training's eval.
     Preference rows (prompt/chosen/rejected) are scored as pairs (``preference.evaluate_pairs``, DPO's
-    rewards at ``beta`` against the base), not by loss and generation."""
+    rewards at ``beta`` against the base), judged answers (prompt/completion/label) by KTO's; not by
+    loss and generation."""
     from lorakit.collate import collate
     from lorakit.data import DataOptions, Row, build_examples, load_examples
     from lorakit.io import load_adapters
     from lorakit.models import load_model
-    from lorakit.preference import PreferencePair, build_pairs, evaluate_pairs, is_preference_row
+    from lorakit.preference import (
+        PreferencePair,
+        build_kto_items,
+        build_pairs,
+        evaluate_pairs,
+        is_preference_row,
+        is_unpaired_row,
+    )
 
     model, tokenizer = load_model(model_name)
     load_adapters(model, adapters)
     model.requires_grad_(False)  # inference only: every weight frozen, so frozen layers' fast paths apply
 
     def build(rows: Sequence[Row], tokenizer: Any, opts: DataOptions) -> list[Any]:  # preference rows: pairs
-        return (build_pairs if is_preference_row(rows[0].data) else build_examples)(rows, tokenizer, opts)
+        first = rows[0].data
+        kind = build_pairs if is_preference_row(first) else build_kto_items if is_unpaired_row(first) else None
+        return (kind or build_examples)(rows, tokenizer, opts)
 
     opts = DataOptions(max_seq_len=max_seq_len, system_prompt=system_prompt)
     examples = load_examples(data, tokenizer, opts, build=build)[:max_examples or None]

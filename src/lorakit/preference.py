@@ -1,4 +1,4 @@
-"""Preference pairs, Direct Preference Optimization (DPO, Rafailov et al. 2023) and ORPO.
+"""Preference data and the objectives that learn from it: DPO (Rafailov et al. 2023), ORPO, SimPO, KTO.
 
 Rows hold a prompt and two answers, the preferred one first (TRL's keys):
 
@@ -28,6 +28,12 @@ LoRA and full fine-tuning alike, and saved beside the run so that a resumed run 
 values. ORPO (``orpo_loss``) and SimPO (``simpo_loss``) need no reference: ORPO adds to an SFT term
 on the chosen answer a log-odds ratio between the two answers; SimPO asks the answers' mean
 per-token log-probabilities to differ by a margin.
+
+KTO (``kto_loss``) learns from answers judged one at a time, TRL's unpaired rows
+``{"prompt": ..., "completion": ..., "label": true|false}`` (a pair row gives one of each): it raises
+the desirable answers' and lowers the undesirable ones' log-ratio against the reference relative to
+a KL estimate, the log-ratio of each prompt with another row's answer (``KtoItem``: both share a
+micro-batch, as a pair's answers do; the reference's values are computed once, as for DPO).
 """
 
 from __future__ import annotations
@@ -47,8 +53,9 @@ from lorakit.loss import sequence_logprobs
 from lorakit.models import evaluating
 
 LOSS_TYPES = ("sigmoid", "ipo")
-OBJECTIVES = ("dpo", "orpo", "simpo")
+OBJECTIVES = ("dpo", "orpo", "simpo", "kto")
 PREFERENCE_KEYS = ("chosen", "rejected")
+KTO_KEYS = ("completion", "label")  # with "prompt": TRL's unpaired preference rows
 REFERENCE_FILE = "reference_logps.safetensors"
 
 
@@ -59,6 +66,21 @@ class PreferencePair(list):
     def __init__(self, chosen: Example, rejected: Example, index: int) -> None:
         super().__init__([chosen, rejected])
         self.index = index
+
+    def with_index(self, index: int) -> PreferencePair:
+        return PreferencePair(self[0], self[1], index)
+
+
+class KtoItem(PreferencePair):
+    """KTO's unit: ``[answer, mismatched]``, an answer judged ``desirable`` or not, and its prompt with
+    another row's answer (whose log-probabilities estimate the KL term); both always share a micro-batch."""
+
+    def __init__(self, answer: Example, mismatched: Example, index: int, desirable: bool) -> None:
+        super().__init__(answer, mismatched, index)
+        self.desirable = desirable
+
+    def with_index(self, index: int) -> KtoItem:
+        return KtoItem(self[0], self[1], index, self.desirable)
 
 
 def is_preference_row(data: dict[str, Any]) -> bool:
@@ -74,16 +96,15 @@ def _turns(value: Any, role: str, row: Row, key: str) -> list[dict[str, Any]]:
     raise DataError(f"{row.source}: '{key}' must be a string or a list of {{'role', 'content'}} messages")
 
 
-def side_rows(row: Row) -> tuple[Row, Row]:
-    """The row's chosen and rejected sides as SFT rows (prompt/completion or messages) in which only
-    the answer trains."""
+def _sides(row: Row) -> tuple[Any, list[Any]]:
+    """A preference row's prompt (a string or context turns) and its [chosen, rejected] answers."""
     d = row.data
     if not is_preference_row(d):
         raise DataError(f"{row.source}: a preference row needs 'chosen' and 'rejected' (and usually 'prompt'); "
                         f"got keys {', '.join(sorted(d)) or 'none'}")
     prompt = d.get("prompt")
     if all(isinstance(v, str) for v in (prompt, d["chosen"], d["rejected"])):
-        return tuple(Row({"prompt": prompt, "completion": d[k]}, row.source) for k in PREFERENCE_KEYS)  # type: ignore[return-value]
+        return prompt, [d["chosen"], d["rejected"]]
     chosen, rejected = (_turns(d[k], "assistant", row, k) for k in PREFERENCE_KEYS)
     if prompt is None:  # implicit prompt: the turns both conversations share
         n = 0
@@ -93,36 +114,99 @@ def side_rows(row: Row) -> tuple[Row, Row]:
         if not context:
             raise DataError(f"{row.source}: no 'prompt' and 'chosen'/'rejected' share no leading turn; give the "
                             f"prompt as 'prompt'")
-    else:
-        context = _turns(prompt, "user", row, "prompt")
-    # the prompt's own assistant turns are context (weight 0), never trained
-    context = [{**m, "weight": 0} if m.get("role") == "assistant" else m for m in context]
-    return Row({"messages": context + chosen}, row.source), Row({"messages": context + rejected}, row.source)
+        return context, [chosen, rejected]
+    return prompt, [chosen, rejected]
+
+
+def _answer_row(prompt: Any, answer: Any, row: Row) -> Row:
+    """An SFT row in which only ``answer`` trains: prompt/completion when both are strings, else
+    messages (a string prompt a user turn, a string answer an assistant turn; the prompt's own
+    assistant turns are context, weight 0)."""
+    if isinstance(prompt, str) and isinstance(answer, str):
+        return Row({"prompt": prompt, "completion": answer}, row.source)
+    context = [{**m, "weight": 0} if m.get("role") == "assistant" else m for m in _turns(prompt, "user", row, "prompt")]
+    return Row({"messages": context + _turns(answer, "assistant", row, "completion")}, row.source)
+
+
+def side_rows(row: Row) -> tuple[Row, Row]:
+    """The row's chosen and rejected sides as SFT rows (prompt/completion or messages) in which only
+    the answer trains."""
+    prompt, answers = _sides(row)
+    return _answer_row(prompt, answers[0], row), _answer_row(prompt, answers[1], row)
+
+
+def _fit(sides: list[Example], opts: DataOptions) -> tuple[bool, bool]:
+    """(keep, cut): sides over ``max_seq_len`` are cut at their end (``overlong: truncate``) or drop
+    the unit (``drop``), as does a side left with nothing to train on."""
+    cut = any(len(e.input_ids) > opts.max_seq_len for e in sides)
+    if cut and opts.overlong == "truncate":
+        for e in sides:
+            e.input_ids, e.labels = e.input_ids[: opts.max_seq_len], e.labels[: opts.max_seq_len]
+    keep = not (cut and opts.overlong == "drop") and all(e.n_supervised > 0 for e in sides)
+    return keep, cut and keep
 
 
 def build_pairs(rows: Sequence[Row], tokenizer: Any, opts: DataOptions) -> list[PreferencePair]:
-    """Tokenize preference rows; a side over ``max_seq_len`` is cut at its end (``overlong:
-    truncate``) or drops the pair (``drop``), as does a side left with nothing to train on. Counts
-    land in ``opts.stats``."""
+    """Tokenize preference rows (``_fit`` truncates or drops); counts land in ``opts.stats``."""
     pairs: list[PreferencePair] = []
-    truncated = dropped = 0
+    truncated = 0
     for row in rows:
         sides = [tokenize_row(r, tokenizer, opts) for r in side_rows(row)]
-        cut = any(len(e.input_ids) > opts.max_seq_len for e in sides)
-        if cut and opts.overlong == "truncate":
-            for e in sides:
-                e.input_ids, e.labels = e.input_ids[: opts.max_seq_len], e.labels[: opts.max_seq_len]
-        if (cut and opts.overlong == "drop") or any(e.n_supervised == 0 for e in sides):
-            dropped += 1
-            continue
-        truncated += cut
-        pairs.append(PreferencePair(sides[0], sides[1], len(pairs)))
-    opts.stats.update(truncated=truncated, dropped=dropped, kept=len(pairs))
+        keep, cut = _fit(sides, opts)
+        if keep:
+            truncated += cut
+            pairs.append(PreferencePair(sides[0], sides[1], len(pairs)))
+    opts.stats.update(truncated=truncated, dropped=len(rows) - len(pairs), kept=len(pairs))
     return pairs
 
 
-def load_pairs(path: str | Path, tokenizer: Any, opts: DataOptions) -> list[PreferencePair]:
-    return load_examples(path, tokenizer, opts, build=build_pairs)
+def is_unpaired_row(data: dict[str, Any]) -> bool:
+    return all(k in data for k in KTO_KEYS)
+
+
+def _judged(row: Row) -> list[tuple[Any, Any, bool]]:
+    """(prompt, answer, desirable) of a KTO row: one for an unpaired row, two for a preference pair."""
+    d = row.data
+    if is_unpaired_row(d):
+        if not isinstance(d["label"], bool):
+            raise DataError(f"{row.source}: 'label' must be true (a desirable answer) or false, got {d['label']!r}")
+        if "prompt" not in d:
+            raise DataError(f"{row.source}: an unpaired row needs 'prompt' with its 'completion' and 'label'")
+        return [(d["prompt"], d["completion"], d["label"])]
+    if is_preference_row(d):
+        prompt, (chosen, rejected) = _sides(row)
+        return [(prompt, chosen, True), (prompt, rejected, False)]
+    raise DataError(f"{row.source}: a KTO row needs 'prompt', 'completion' and 'label' (true/false), or 'chosen' "
+                    f"and 'rejected'; got keys {', '.join(sorted(d)) or 'none'}")
+
+
+def build_kto_items(rows: Sequence[Row], tokenizer: Any, opts: DataOptions) -> list[KtoItem]:
+    """Tokenize KTO rows (unpaired, or pairs split into a desirable and an undesirable answer); each
+    answer's prompt is also paired with the answer of another row, chosen by a fixed permutation
+    (each answer is some other's mismatch exactly once), for the KL estimate. ``_fit`` truncates or
+    drops; counts land in ``opts.stats``."""
+    judged = [(row, *j) for row in rows for j in _judged(row)]
+    if len(judged) < 2:
+        raise DataError(f"{rows[0].source if rows else 'the dataset'}: KTO needs at least two answers (the KL "
+                        f"estimate pairs each prompt with another row's answer)")
+    order = torch.randperm(len(judged), generator=torch.Generator().manual_seed(0)).tolist()
+    other = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+    items: list[KtoItem] = []
+    truncated = 0
+    for i, (row, prompt, answer, desirable) in enumerate(judged):
+        rows_ = [_answer_row(prompt, answer, row), _answer_row(prompt, judged[other[i]][2], row)]
+        sides = [tokenize_row(r, tokenizer, opts) for r in rows_]
+        keep, cut = _fit(sides, opts)
+        if keep:
+            truncated += cut
+            items.append(KtoItem(sides[0], sides[1], len(items), desirable))
+    opts.stats.update(truncated=truncated, dropped=len(judged) - len(items), kept=len(items))
+    return items
+
+
+def load_pairs(path: str | Path, tokenizer: Any, opts: DataOptions, objective: str = "dpo") -> list[PreferencePair]:
+    """The file's preference pairs, or for ``objective: kto`` its ``KtoItem``s."""
+    return load_examples(path, tokenizer, opts, build=build_kto_items if objective == "kto" else build_pairs)
 
 
 def split_pairs(pairs: list[PreferencePair], fraction: float,
@@ -133,7 +217,7 @@ def split_pairs(pairs: list[PreferencePair], fraction: float,
 
 
 def reindex(pairs: Sequence[PreferencePair]) -> list[PreferencePair]:
-    return [PreferencePair(p[0], p[1], i) for i, p in enumerate(pairs)]
+    return [p.with_index(i) for i, p in enumerate(pairs)]
 
 
 # -- the objective -----------------------------------------------------------------------------------
@@ -193,6 +277,25 @@ def simpo_loss(policy: torch.Tensor, lengths: torch.Tensor, beta: float, gamma: 
     return losses, beta * mean.detach()
 
 
+def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, beta: float,
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """KTO's per-answer losses (N,) and (N, 2) [implicit reward β·r, mismatched log-ratio] (no gradient)
+    (Ethayarajh et al. 2024; TRL's KTOTrainer). ``policy`` and ``reference`` (N, 2): column 0 the judged
+    answer's log π(y|x), column 1 its prompt with another row's answer, log π(y'|x); ``desirable`` (N,) bool.
+
+        r = log π(y|x) − log π_ref(y|x)
+        z = max(0, mean over the batch of log π(y'|x) − log π_ref(y'|x))   (no gradient: a baseline, the KL estimate)
+        ℓ = λ_D (1 − σ(β (r − z)))   for a desirable answer,   λ_U (1 − σ(β (z − r)))   for an undesirable one
+    """
+    ratios = policy - reference.to(policy)
+    z = ratios[:, 1].detach().mean().clamp(min=0)
+    r = ratios[:, 0]
+    wanted = desirable.to(policy.device, torch.bool)
+    losses = torch.where(wanted, desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z - r))))
+    return losses, torch.stack([beta * r.detach(), ratios[:, 1].detach()], dim=1)
+
+
 def answer_lengths(pairs: Sequence[PreferencePair]) -> torch.Tensor:
     """(P, 2) the chosen and rejected answers' supervised token counts."""
     return torch.tensor([[p[0].n_supervised, p[1].n_supervised] for p in pairs], dtype=torch.float64)
@@ -206,7 +309,8 @@ class Totals:
         self.sums = dict.fromkeys(("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
                                    "rewards/margins", "logps/chosen", "logps/rejected"), 0.0)
 
-    def add(self, losses: torch.Tensor, rewards: torch.Tensor, policy: torch.Tensor, weight: float = 1.0) -> None:
+    def add(self, losses: torch.Tensor, rewards: torch.Tensor, policy: torch.Tensor,
+            pairs: Sequence[PreferencePair], weight: float = 1.0) -> None:
         r, p = rewards.double(), policy.detach().double()
         values = {"loss": losses.detach().double().sum(), "rewards/chosen": r[:, 0].sum(),
                   "rewards/rejected": r[:, 1].sum(), "rewards/accuracies": (r[:, 0] > r[:, 1]).double().sum(),
@@ -218,6 +322,44 @@ class Totals:
 
     def means(self, prefix: str = "") -> dict[str, float]:
         return {prefix + k: v / max(self.pairs, 1.0) for k, v in self.sums.items()}
+
+
+class KtoTotals(Totals):
+    """KTO's running sums (TRL's names): the loss per answer; rewards and log-probabilities averaged
+    over the desirable (``chosen``) and the undesirable (``rejected``) answers apart; ``kl``, the
+    mismatched answers' mean log-ratio, clamped at 0. Weighted sums and counts, so that ranks add up."""
+
+    def __init__(self) -> None:
+        self.pairs = 0.0
+        self.sums = dict.fromkeys(("loss", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
+                                   "count/chosen", "count/rejected", "kl"), 0.0)
+
+    def add(self, losses: torch.Tensor, rewards: torch.Tensor, policy: torch.Tensor,
+            pairs: Sequence[PreferencePair], weight: float = 1.0) -> None:
+        good = torch.tensor([bool(getattr(p, "desirable", True)) for p in pairs])
+        r, p = rewards.double().cpu(), policy.detach().double().cpu()
+        for side, mask in (("chosen", good), ("rejected", ~good)):
+            self.sums[f"rewards/{side}"] += float(r[mask, 0].sum()) * weight
+            self.sums[f"logps/{side}"] += float(p[mask, 0].sum()) * weight
+            self.sums[f"count/{side}"] += float(mask.sum()) * weight
+        self.sums["loss"] += float(losses.detach().double().sum()) * weight
+        self.sums["kl"] += float(r[:, 1].sum()) * weight
+        self.pairs += len(losses) * weight
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        s, n = self.sums, max(self.pairs, 1.0)
+        out = {"loss": s["loss"] / n, "kl": max(0.0, s["kl"] / n)}
+        for side in ("chosen", "rejected"):  # a side with no answers in the step has no mean: left out
+            if s[f"count/{side}"] > 0:
+                out[f"rewards/{side}"] = s[f"rewards/{side}"] / s[f"count/{side}"]
+                out[f"logps/{side}"] = s[f"logps/{side}"] / s[f"count/{side}"]
+        if "rewards/chosen" in out and "rewards/rejected" in out:
+            out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
+        return {prefix + k: v for k, v in out.items()}
+
+
+def totals_for(objective: str) -> Totals:
+    return KtoTotals() if objective == "kto" else Totals()
 
 
 # -- the reference ------------------------------------------------------------------------------------
@@ -252,20 +394,36 @@ def evaluate_pairs(model: nn.Module, pairs: Sequence[PreferencePair],
     ``accuracy``: the share of pairs whose chosen answer has the higher mean per-token log-probability
     under the model (``base_accuracy``: under the base), a ranking that needs no reference. With the
     base as reference, DPO's implicit rewards β[log π(y|x) − log π_base(y|x)], their accuracy and
-    margin, the DPO loss at β and the log-probabilities, under TRL's names."""
+    margin, the DPO loss at β and the log-probabilities, under TRL's names. ``KtoItem``s (judged
+    answers) get KTO's loss, rewards and KL at β against the base, and as ``accuracy`` the share of
+    answers whose reward has the sign of their label."""
     from lorakit.merge import disable_adapter
 
     policy = scored_logprobs(model, pairs, collate, batch_size)
     with disable_adapter(model):
         base = scored_logprobs(model, pairs, collate, batch_size)
+    if isinstance(pairs[0], KtoItem):
+        return _evaluate_judged(policy, base, pairs, beta)
     lengths = answer_lengths(pairs).double()
     totals = Totals()
-    totals.add(*dpo_loss(policy, base, beta), policy)
+    totals.add(*dpo_loss(policy, base, beta), policy, pairs)
     metrics = totals.means()
     for key, logps in (("accuracy", policy), ("base_accuracy", base)):
         mean = logps / lengths
         metrics[key] = float((mean[:, 0] > mean[:, 1]).double().mean())
     metrics["pairs"] = len(pairs)
+    return metrics
+
+
+def _evaluate_judged(policy: torch.Tensor, base: torch.Tensor, items: Sequence[PreferencePair],
+                     beta: float) -> dict[str, float]:
+    desirable = torch.tensor([bool(getattr(it, "desirable", True)) for it in items])
+    losses, rewards = kto_loss(policy, base, desirable, beta)
+    totals = KtoTotals()
+    totals.add(losses, rewards, policy, items)
+    metrics = totals.means()
+    metrics["accuracy"] = float(((rewards[:, 0] > 0) == desirable).double().mean())
+    metrics["answers"] = len(items)
     return metrics
 
 
@@ -280,7 +438,7 @@ def load_reference(path: Path, fingerprint: str, counts: dict[str, int]) -> dict
     from safetensors import safe_open
 
     if not path.exists():
-        raise DataError(f"{path} is missing: a resumed DPO run needs the reference log-probabilities its first "
+        raise DataError(f"{path} is missing: a resumed DPO or KTO run needs the reference log-probabilities its first "
                         f"step computed; start over with train.resume=never (or a new output_dir)")
     with safe_open(str(path), "pt") as f:
         saved = (f.metadata() or {}).get("fingerprint")

@@ -18,6 +18,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,7 @@ from lorakit.preference import (
     Totals,
     answer_lengths,
     dpo_loss,
+    kto_loss,
     load_pairs,
     load_reference,
     orpo_loss,
@@ -81,6 +83,7 @@ from lorakit.preference import (
     scored_logprobs,
     simpo_loss,
     split_pairs,
+    totals_for,
 )
 from lorakit.report import MetricsLog, plot_loss, write_model_card
 from lorakit.train_config import ConfigError, RunConfig, build_config, dump_config, load_config
@@ -197,8 +200,8 @@ class Trainer:
         self.flat_multiple = TOKEN_MULTIPLE if onednn and self.device.type == "cpu" else 1
         device_type = self.device.type
         self.autocast = (lambda: torch.autocast(device_type, dtype=torch.bfloat16)) if self.bf16 else None
-        self.pairs = config.objective != "sft"  # dpo / orpo / simpo: the data are preference pairs
-        self.reference: dict[str, torch.Tensor] = {}  # DPO: the reference log-probabilities (P, 2) per split
+        self.pairs = config.objective != "sft"  # dpo / orpo / simpo: preference pairs; kto: judged answers
+        self.reference: dict[str, torch.Tensor] = {}  # DPO / KTO: the reference log-probabilities (P, 2) per split
         self._load_data()
         if self.lora is not None and config.model.adapter:  # train a saved adapter further
             load_adapter(self.model, config.model.adapter, is_trainable=True, config=self.lora)
@@ -247,7 +250,9 @@ class Trainer:
     def _load_data(self) -> None:
         d = self.config.data
         self.opts = self.config.data_options()
-        load, split = (load_pairs, split_pairs) if self.pairs else (load_examples, split_eval)
+        objective = self.config.objective
+        load, split = (partial(load_pairs, objective=objective), split_pairs) if self.pairs else (load_examples,
+                                                                                                   split_eval)
         self.train_examples = load(d.train, self.tokenizer, self.opts)
         stats = dict(self.opts.stats)
         if d.eval:
@@ -334,7 +339,7 @@ class Trainer:
         tokens = sum(e.n_supervised for mb in group for row in mb for e in row)  # a pair's row: its two answers
         # the loss is a mean over the step's supervised tokens (SFT) or pairs (DPO / ORPO)
         count = sum(len(mb) for mb in group) if self.pairs else tokens
-        totals = Totals() if self.pairs else None
+        totals = totals_for(self.config.objective) if self.pairs else None
         loss_total = 0.0
         for i, micro in enumerate(group):
             mine, weight = list(micro[world.rank::world.size]), float(world.size)
@@ -361,7 +366,7 @@ class Trainer:
                 return causal_lm_loss(self.wrapped, self.collate(rows), whole=self.world.active)[0]
             policy = policy_logprobs(self.wrapped, rows, self._collate_examples, whole=self.world.active)
         losses, rewards = self._pair_losses(policy, rows, "train")  # type: ignore[arg-type]
-        totals.add(losses, rewards, policy, weight)
+        totals.add(losses, rewards, policy, rows, weight)  # type: ignore[arg-type]
         return losses.sum()
 
     def _pair_losses(self, policy: torch.Tensor, pairs: Sequence[PreferencePair],
@@ -373,8 +378,12 @@ class Trainer:
         if self.config.objective == "simpo":
             m = self.config.simpo
             return simpo_loss(policy, lengths, m.beta, m.gamma, m.label_smoothing, m.cpo_alpha)
-        d = self.config.dpo
         reference = self.reference[split][[p.index for p in pairs]].to(policy.device)
+        if self.config.objective == "kto":
+            k = self.config.kto
+            desirable = torch.tensor([p.desirable for p in pairs])  # type: ignore[attr-defined]
+            return kto_loss(policy, reference, desirable, k.beta, k.desirable_weight, k.undesirable_weight)
+        d = self.config.dpo
         return dpo_loss(policy, reference, d.beta, d.loss_type, d.label_smoothing, lengths, d.rpo_alpha)
 
     def _update(self, loss: float) -> tuple[float, float]:
@@ -437,8 +446,21 @@ class Trainer:
         if self.world.main:
             save_reference(path, self.reference, self.state.fingerprint)
         self.world.barrier()
-        self.log(f"dpo: the reference log-probabilities of {sum(counts.values())} pairs took "
+        self.log(f"{self.config.objective}: the reference log-probabilities of {sum(counts.values())} "
+                 f"{'answers' if self.config.objective == 'kto' else 'pairs'} took "
                  f"{time.perf_counter() - tick:.1f} s ({path.name})")
+
+    def _kto_balance(self) -> None:
+        """Log the desirable and undesirable answers' counts, and TRL's advice when λ_D·n_D / (λ_U·n_U)
+        is outside [1, 4/3]."""
+        k = self.config.kto
+        n_good = sum(item.desirable for item in self.train_examples)  # type: ignore[attr-defined]
+        n_bad = len(self.train_examples) - n_good
+        ratio = k.desirable_weight * n_good / (k.undesirable_weight * n_bad) if n_bad else float("inf")
+        advice = "" if 1 <= ratio <= 4 / 3 else (
+            f"; λ_D·n_D / (λ_U·n_U) = {ratio:.2f}: the KTO paper advises 1 to 4/3, so set kto.desirable_weight / "
+            f"kto.undesirable_weight accordingly")
+        self.log(f"kto: {n_good} desirable and {n_bad} undesirable training answers{advice}")
 
     def _collate_examples(self, examples: list[Example]) -> dict[str, Any]:
         return self.collate([[e] for e in examples])
@@ -448,8 +470,8 @@ class Trainer:
         flat = padding_free_attention(self.model) if self.padding_free else contextlib.nullcontext()
         with flat, self.autocast() if self.autocast else contextlib.nullcontext():
             policy = scored_logprobs(self.model, pairs, self._collate_examples, self.config.eval.batch_size)
-        totals = Totals()
-        totals.add(*self._pair_losses(policy, pairs, "eval"), policy)
+        totals = totals_for(self.config.objective)
+        totals.add(*self._pair_losses(policy, pairs, "eval"), policy, pairs)
         return totals.means("eval_")
 
     def evaluate(self) -> dict[str, float]:
@@ -460,7 +482,8 @@ class Trainer:
         with cached_casts(release=self.device.type == "cpu"), onednn_scope():
             if self.pairs:
                 metrics = self._preference_eval(examples)
-                examples = [pair[0] for pair in examples]  # generation is scored against the chosen answer
+                # generation is scored against the chosen (KTO: each desirable) answer
+                examples = [pair[0] for pair in examples if getattr(pair, "desirable", True)]
             else:
                 metrics = eval_loss(self.model, examples, self.tokenizer.pad_token_id, e.batch_size, self.autocast,
                                     flat=self.padding_free, multiple=self.flat_multiple)
@@ -494,12 +517,14 @@ class Trainer:
         if self.device.type == "cpu" and not self.bf16 and cpu_native_bf16():
             self.log("this CPU multiplies bf16 natively: train.bf16=true trains about 1.4x faster here "
                      "(the demo: eval loss within seed noise of fp32's; see the README's Precision note)")
-        unit = "pairs" if self.pairs else "examples"
+        unit = {"sft": "examples", "kto": "answers"}.get(cfg.objective, "pairs")
         self.log(f"data: {len(self.train_examples)} train {unit} in {len(self.rows)} rows, "
                  f"{len(self.eval_examples)} eval; batch {t.batch_size} × accumulation {t.grad_accum}"
                  + (f" × {self.world.size} processes ({self.world.mode})" if self.world.active else "")
                  + f" = {self.rows_per_batch * t.grad_accum} rows per step, {self.total_steps} steps")
-        if self.config.objective == "dpo":
+        if cfg.objective == "kto":
+            self._kto_balance()
+        if cfg.objective in ("dpo", "kto"):
             self._compute_reference(resumed)
         start, final_eval, interrupted = time.perf_counter(), {}, False
         self.last_loss = None

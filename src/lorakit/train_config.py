@@ -129,6 +129,14 @@ class SimpoSection:
 
 
 @dataclass
+class KtoSection:
+    # objective: kto — lorakit.preference.kto_loss; answers judged one at a time (TRL's defaults)
+    beta: float = 0.1
+    desirable_weight: float = 1.0  # λ_D; TRL advises λ_D·n_desirable / (λ_U·n_undesirable) in [1, 4/3]
+    undesirable_weight: float = 1.0  # λ_U
+
+
+@dataclass
 class RouterSection:
     # method: router — adapter name → adapter directory; the router learns per-token weights over them
     adapters: dict[str, str] = field(default_factory=dict)
@@ -146,7 +154,7 @@ class RunConfig:
     model: ModelSection = field(default_factory=ModelSection)
     lora: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_LORA))
     method: str = "lora"  # lora | full | router: what trains
-    objective: str = "sft"  # sft (next-token loss on answers) | dpo | orpo | simpo (preference pairs): what it learns from
+    objective: str = "sft"  # sft (next-token loss on answers) | dpo | orpo | simpo (preference pairs) | kto (judged answers)
     data: DataSection = field(default_factory=DataSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
@@ -154,6 +162,7 @@ class RunConfig:
     dpo: DpoSection = field(default_factory=DpoSection)
     orpo: OrpoSection = field(default_factory=OrpoSection)
     simpo: SimpoSection = field(default_factory=SimpoSection)
+    kto: KtoSection = field(default_factory=KtoSection)
     output_dir: str = "runs/lorakit"
     seed: int = 0
 
@@ -199,8 +208,8 @@ class RunConfig:
         if self.method == "router" and len(self.router.adapters) < 2:
             raise ConfigError("method: router needs router.adapters: a mapping of at least two adapter names to "
                               "their directories")
-        if self.objective not in ("sft", "dpo", "orpo", "simpo"):
-            raise ConfigError(f"objective must be 'sft', 'dpo', 'orpo' or 'simpo', got {self.objective!r}")
+        if self.objective not in ("sft", "dpo", "orpo", "simpo", "kto"):
+            raise ConfigError(f"objective must be 'sft', 'dpo', 'orpo', 'simpo' or 'kto', got {self.objective!r}")
         if self.objective != "sft":
             self._validate_preference()
         if not self.data.train:
@@ -240,7 +249,7 @@ class RunConfig:
 
 
     def _validate_preference(self) -> None:
-        d, o, m, name = self.dpo, self.orpo, self.simpo, self.objective
+        d, o, m, k, name = self.dpo, self.orpo, self.simpo, self.kto, self.objective
         checks = {  # the objective's own section only
             "dpo": [
                 (d.beta > 0, f"dpo.beta must be > 0, got {d.beta}"),
@@ -256,6 +265,12 @@ class RunConfig:
                 (0 <= m.label_smoothing < 0.5, f"simpo.label_smoothing must be in [0, 0.5), got {m.label_smoothing}"),
                 (m.cpo_alpha >= 0, f"simpo.cpo_alpha must be >= 0 (0 turns the likelihood term off), got {m.cpo_alpha}"),
             ],
+            "kto": [
+                (k.beta > 0, f"kto.beta must be > 0, got {k.beta}"),
+                (k.desirable_weight > 0 and k.undesirable_weight > 0,
+                 f"kto.desirable_weight and kto.undesirable_weight must be > 0, got {k.desirable_weight} and "
+                 f"{k.undesirable_weight}"),
+            ],
         }[name] + [
             (not self.data.packing, f"data.packing: objective {name} keeps each answer in its own row (padding-free "
                                     f"batches already skip the padding); set data.packing=false"),
@@ -268,7 +283,8 @@ class RunConfig:
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "train": TrainSection, "eval": EvalSection,
-            "router": RouterSection, "dpo": DpoSection, "orpo": OrpoSection, "simpo": SimpoSection}
+            "router": RouterSection, "dpo": DpoSection, "orpo": OrpoSection, "simpo": SimpoSection,
+            "kto": KtoSection}
 SCALARS = ("method", "objective", "output_dir", "seed")
 
 
