@@ -176,6 +176,51 @@ def test_sequence_logprobs_equal_each_examples_own_float64_sum(tiny_model_dir, t
         assert abs(float(got[k]) - float(want)) < 2e-4 * abs(float(want)), k
 
 
+def step_through_trainer(cfg, groups):
+    """A trainer on ``cfg`` with its reference computed and random adapters (the policy moved away from
+    the reference), after one accumulated step over micro-batches of train units ``groups`` (indices)
+    through its fast paths: (trainer, micro-batches, the step's gradients by name and its ``loss``);
+    the parameters' own gradients are cleared for the written-out reference."""
+    trainer = Trainer(cfg, progress=False, log=lambda _: None)
+    trainer._compute_reference(resumed=False)
+    randomize_adapters(trainer.model, std=0.2)
+    params = dict(trainer.params)
+    got = {}
+
+    def capture(loss):
+        got.update({n: p.grad.clone() for n, p in params.items()})
+        got["loss"] = loss
+        return loss, 0.0
+
+    trainer._update = capture
+    group = [[trainer.train_examples[i] for i in micro] for micro in groups]
+    trainer.model.train()
+    with trainer.fast_paths():
+        trainer.step(group)
+    for p in params.values():
+        p.grad = None
+    return trainer, group, got
+
+
+def assert_same_step(trainer, got, total):
+    """``total`` (the written-out loss) has the step's loss, and its gradient the step's gradients."""
+    total.backward()
+    value = float(total.detach())
+    assert abs(got["loss"] - value) < 1e-5 * max(1.0, value)
+    params = dict(trainer.params)
+    assert len(params) > 0
+    for n, p in params.items():
+        assert float((got[n] - p.grad).norm() / p.grad.norm()) < 1e-4, n  # fp32 rounding only
+
+
+def _answer_logprob(model, example):
+    """Σ log π(answer | prompt) of one example run alone, in float64."""
+    logits = model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1].double()
+    labels = torch.tensor(example.labels[1:])
+    keep = labels != IGNORE
+    return logits.log_softmax(-1)[keep].gather(1, labels[keep, None]).sum()
+
+
 @pytest.mark.parametrize(("padding_free", "loss_type", "rpo_alpha"),
                          [(True, "sigmoid", 0.0), (False, "sigmoid", 0.5), (True, "ipo", 0.5), (True, "orpo", 0.0),
                           (False, "simpo", 0.5)])
@@ -189,35 +234,12 @@ def test_a_trainer_step_has_the_gradient_of_plain_dpo(dpo_config, padding_free, 
     cfg = build_config(dpo_config(dpo=dpo, data={"padding_free": padding_free}, train={"grad_accum": 2},
                                   objective=objective, orpo={"beta": 0.7},
                                   simpo={"beta": 2.5, "gamma": 0.3, "label_smoothing": 0.1, "cpo_alpha": rpo_alpha}))
-    trainer = Trainer(cfg, progress=False, log=lambda _: None)
-    trainer._compute_reference(resumed=False)
-    randomize_adapters(trainer.model, std=0.2)  # the policy moves away from the reference
-    params = dict(trainer.params)
-    got = {}
-
-    def capture(loss):
-        got.update({n: p.grad.clone() for n, p in params.items()})
-        got["loss"] = loss
-        return loss, 0.0
-
-    trainer._update = capture
-    pairs = trainer.train_examples
-    trainer.model.train()
-    with trainer.fast_paths():
-        trainer.step([[pairs[0], pairs[1]], [pairs[2]]])
-
+    trainer, (first, second), got = step_through_trainer(cfg, [[0, 1], [2]])
     model = trainer.model
-    for p in params.values():
-        p.grad = None
     total = 0.0
-    for pair in pairs[:3]:
-        logps, counts = [], []
-        for e in pair:
-            logits = model(input_ids=torch.tensor([e.input_ids])).logits[0, :-1].double()
-            labels = torch.tensor(e.labels[1:])
-            keep = labels != IGNORE
-            logps.append(logits.log_softmax(-1)[keep].gather(1, labels[keep, None]).sum())
-            counts.append(int(keep.sum()))
+    for pair in first + second:
+        logps = [_answer_logprob(model, e) for e in pair]
+        counts = [sum(t != IGNORE for t in e.labels[1:]) for e in pair]
         ref = trainer.reference["train"][pair.index]
         rc, rr = logps[0] - ref[0], logps[1] - ref[1]
         beta = dpo["beta"]
@@ -235,12 +257,7 @@ def test_a_trainer_step_has_the_gradient_of_plain_dpo(dpo_config, padding_free, 
             loss = -0.9 * torch.log(torch.sigmoid(u)) - 0.1 * torch.log(torch.sigmoid(-u))
         loss = loss - rpo_alpha * logps[0] / counts[0]
         total = total + loss / 3
-    total.backward()
-    value = float(total.detach())
-    assert abs(got["loss"] - value) < 1e-5 * max(1.0, value)
-    assert len(params) > 0
-    for n, p in params.items():
-        assert float((got[n] - p.grad).norm() / p.grad.norm()) < 1e-4, n  # fp32 rounding only
+    assert_same_step(trainer, got, total)
 
 
 # -- runs ------------------------------------------------------------------------------------------
@@ -501,41 +518,15 @@ def kto_config(tiny_model_dir, tmp_path):
                        eval={"steps": 0, "batch_size": 4}, seed=1)
 
 
-def _answer_logprob(model, example):
-    logits = model(input_ids=torch.tensor([example.input_ids])).logits[0, :-1].double()
-    labels = torch.tensor(example.labels[1:])
-    keep = labels != IGNORE
-    return logits.log_softmax(-1)[keep].gather(1, labels[keep, None]).sum()
-
-
 @pytest.mark.parametrize("padding_free", [True, False])
 def test_a_kto_trainer_step_has_the_gradient_of_plain_kto(kto_config, padding_free):
     """An accumulated step of two micro-batches: the gradient equals that of KTO written out, each
     answer run alone in float64 sums, z the micro-batch's mean mismatched log-ratio (clamped, no gradient)."""
     cfg = build_config(kto_config(kto={"beta": 0.7, "desirable_weight": 1.3, "undesirable_weight": 0.6},
                                   data={"padding_free": padding_free}, train={"grad_accum": 2}))
-    trainer = Trainer(cfg, progress=False, log=lambda _: None)
-    trainer._compute_reference(resumed=False)
-    randomize_adapters(trainer.model, std=0.2)
-    params = dict(trainer.params)
-    got = {}
-
-    def capture(loss):
-        got.update({n: p.grad.clone() for n, p in params.items()})
-        got["loss"] = loss
-        return loss, 0.0
-
-    trainer._update = capture
-    items = trainer.train_examples
-    group = [[items[0], items[1], items[2]], [items[3], items[4]]]
-    assert {it.desirable for it in items[:5]} == {True, False}
-    trainer.model.train()
-    with trainer.fast_paths():
-        trainer.step(group)
-
+    trainer, group, got = step_through_trainer(cfg, [[0, 1, 2], [3, 4]])
+    assert {it.desirable for it in group[0] + group[1]} == {True, False}
     model = trainer.model
-    for p in params.values():
-        p.grad = None
     total, zs = 0.0, []
     for micro in group:
         ref = trainer.reference["train"][[it.index for it in micro]]
@@ -546,12 +537,8 @@ def test_a_kto_trainer_step_has_the_gradient_of_plain_kto(kto_config, padding_fr
             r = _answer_logprob(model, it[0]) - r0
             loss = 1.3 * (1 - torch.sigmoid(0.7 * (r - z))) if it.desirable else 0.6 * (1 - torch.sigmoid(0.7 * (z - r)))
             total = total + loss / 5
-    total.backward()
     assert max(zs) > 0  # the KL baseline is live in this step
-    value = float(total.detach())
-    assert abs(got["loss"] - value) < 1e-5 * max(1.0, value)
-    for n, p in params.items():
-        assert float((got[n] - p.grad).norm() / p.grad.norm()) < 1e-4, n
+    assert_same_step(trainer, got, total)
 
 
 def test_kto_run_learns_the_judgements_resumes_exactly_and_lorakit_eval_agrees(kto_config, tiny_model_dir, tmp_path):
