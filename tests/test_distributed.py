@@ -189,14 +189,17 @@ def test_dora_under_fsdp_trains_like_one_process(make_config):
     assert any(k.endswith("lora_magnitude_vector") for k in adapter(cfg.parent / "fsdp-dora"))
 
 
-@pytest.mark.parametrize("mode, tol", [("ddp", 1e-5), ("fsdp", 1e-4)])
-def test_dpo_on_two_processes_trains_like_one(make_config, mode, tol):
+@pytest.mark.parametrize("mode, objective, tol", [("ddp", "dpo", 1e-5), ("fsdp", "dpo", 1e-4), ("ddp", "kto", 1e-5)])
+def test_preference_on_two_processes_trains_like_one(make_config, mode, objective, tol):
     """``objective: dpo``: every rank computes every pair's reference (an FSDP forward is collective),
     rank 0 saves it, and the run's losses and adapter equal one process's on the same global batch
-    (18 pairs, 4 a step: the last step's 2 split one per rank)."""
-    from test_preference import pair_rows
+    (18 pairs, 4 a step: the last step's 2 split one per rank). ``kto`` (18 judged answers): its KL
+    estimate z is the whole micro-batch's, summed over ranks, as one process computes it."""
+    from test_preference import judged_rows, pair_rows
 
-    pairs = write_jsonl(make_config("probe").parent / "pairs.jsonl", pair_rows(18))
-    one, cfg, _ = one_and_two(make_config, f"{mode}-dpo", mode, "objective=dpo", f"data.train={pairs}")
-    compare(one, cfg.parent / f"{mode}-dpo", tol)
-    assert (cfg.parent / f"{mode}-dpo" / "reference_logps.safetensors").exists()
+    rows = pair_rows(18) if objective == "dpo" else judged_rows(9)
+    data = write_jsonl(make_config("probe").parent / f"{objective}.jsonl", rows)
+    name = f"{mode}-{objective}"
+    one, cfg, _ = one_and_two(make_config, name, mode, f"objective={objective}", f"data.train={data}")
+    compare(one, cfg.parent / name, tol)
+    assert (cfg.parent / name / "reference_logps.safetensors").exists()

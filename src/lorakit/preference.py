@@ -278,7 +278,8 @@ def simpo_loss(policy: torch.Tensor, lengths: torch.Tensor, beta: float, gamma: 
 
 
 def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Tensor, beta: float,
-             desirable_weight: float = 1.0, undesirable_weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+             desirable_weight: float = 1.0, undesirable_weight: float = 1.0,
+             kl: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """KTO's per-answer losses (N,) and (N, 2) [implicit reward β·r, mismatched log-ratio] (no gradient)
     (Ethayarajh et al. 2024; TRL's KTOTrainer). ``policy`` and ``reference`` (N, 2): column 0 the judged
     answer's log π(y|x), column 1 its prompt with another row's answer, log π(y'|x); ``desirable`` (N,) bool.
@@ -286,9 +287,13 @@ def kto_loss(policy: torch.Tensor, reference: torch.Tensor, desirable: torch.Ten
         r = log π(y|x) − log π_ref(y|x)
         z = max(0, mean over the batch of log π(y'|x) − log π_ref(y'|x))   (no gradient: a baseline, the KL estimate)
         ℓ = λ_D (1 − σ(β (r − z)))   for a desirable answer,   λ_U (1 − σ(β (z − r)))   for an undesirable one
+
+    ``kl``: the mean mismatched log-ratio when the batch is larger than these rows (the trainer's
+    micro-batch split over ranks), clamped here as z.
     """
     ratios = policy - reference.to(policy)
-    z = ratios[:, 1].detach().mean().clamp(min=0)
+    mean = ratios[:, 1].detach().mean() if kl is None else ratios.new_tensor(kl)
+    z = mean.clamp(min=0)
     r = ratios[:, 0]
     wanted = desirable.to(policy.device, torch.bool)
     losses = torch.where(wanted, desirable_weight * (1 - torch.sigmoid(beta * (r - z))),
@@ -370,6 +375,17 @@ def policy_logprobs(model: nn.Module, pairs: Sequence[PreferencePair],
     """(P, 2) log π(chosen | x), log π(rejected | x) of ``pairs`` in one batch (with gradients)."""
     examples = [e for pair in pairs for e in pair]  # chosen₀, rejected₀, chosen₁, …
     return sequence_logprobs(model, collate(examples), len(examples), whole=whole).view(-1, 2)
+
+
+def kto_logprobs(model: nn.Module, items: Sequence[PreferencePair],
+                 collate: Callable[[list[Example]], dict[str, Any]], whole: bool = False) -> torch.Tensor:
+    """(N, 2) log π(y | x) of each judged answer (with gradients) and log π(y' | x) of its mismatched one
+    (without: z, the KL estimate, takes no gradient), in two forwards, so that the backward pass runs
+    over the judged answers only (TRL's KTOTrainer also runs the mismatched ones under no_grad)."""
+    own = sequence_logprobs(model, collate([it[0] for it in items]), len(items), whole=whole)
+    with torch.no_grad():
+        mismatched = sequence_logprobs(model, collate([it[1] for it in items]), len(items), whole=whole)
+    return torch.stack([own, mismatched.to(own.dtype)], dim=1)
 
 
 def scored_logprobs(model: nn.Module, pairs: Sequence[PreferencePair],

@@ -74,6 +74,7 @@ from lorakit.preference import (
     Totals,
     answer_lengths,
     dpo_loss,
+    kto_logprobs,
     kto_loss,
     load_pairs,
     load_reference,
@@ -364,14 +365,26 @@ class Trainer:
         with self.autocast() if self.autocast else contextlib.nullcontext():
             if totals is None:
                 return causal_lm_loss(self.wrapped, self.collate(rows), whole=self.world.active)[0]
-            policy = policy_logprobs(self.wrapped, rows, self._collate_examples, whole=self.world.active)
-        losses, rewards = self._pair_losses(policy, rows, "train")  # type: ignore[arg-type]
+            logprobs = kto_logprobs if self.config.objective == "kto" else policy_logprobs
+            policy = logprobs(self.wrapped, rows, self._collate_examples, whole=self.world.active)  # type: ignore[arg-type]
+        kl = self._global_kl(policy, rows, weight) if self.config.objective == "kto" else None
+        losses, rewards = self._pair_losses(policy, rows, "train", kl)  # type: ignore[arg-type]
         totals.add(losses, rewards, policy, rows, weight)  # type: ignore[arg-type]
         return losses.sum()
 
-    def _pair_losses(self, policy: torch.Tensor, pairs: Sequence[PreferencePair],
-                     split: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-pair losses and rewards of the run's objective from the policy's log-probabilities (P, 2)."""
+    def _global_kl(self, policy: torch.Tensor, items: Sequence[PreferencePair], weight: float) -> float:
+        """KTO's KL estimate over the whole micro-batch, all ranks' rows (a rank's weight-0 filler row
+        left out): the mean of log π(y'|x) − log π_ref(y'|x) over the mismatched answers, so that a run
+        on W processes computes the z of one process."""
+        reference = self.reference["train"][[it.index for it in items], 1]
+        ratios = policy[:, 1].detach().double().cpu() - reference
+        live = 1.0 if weight > 0 else 0.0
+        return self.world.sum(float(ratios.sum()) * live) / self.world.sum(len(items) * live)
+
+    def _pair_losses(self, policy: torch.Tensor, pairs: Sequence[PreferencePair], split: str,
+                     kl: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pair losses and rewards of the run's objective from the policy's log-probabilities (P, 2);
+        ``kl``: KTO's batch-wide KL estimate (default: over ``pairs``)."""
         lengths = answer_lengths(pairs).to(policy.device)
         if self.config.objective == "orpo":
             return orpo_loss(policy, lengths, self.config.orpo.beta)
@@ -382,7 +395,7 @@ class Trainer:
         if self.config.objective == "kto":
             k = self.config.kto
             desirable = torch.tensor([p.desirable for p in pairs])  # type: ignore[attr-defined]
-            return kto_loss(policy, reference, desirable, k.beta, k.desirable_weight, k.undesirable_weight)
+            return kto_loss(policy, reference, desirable, k.beta, k.desirable_weight, k.undesirable_weight, kl)
         d = self.config.dpo
         return dpo_loss(policy, reference, d.beta, d.loss_type, d.label_smoothing, lengths, d.rpo_alpha)
 
