@@ -43,13 +43,16 @@ def pair_rows(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+# the small preference runs' settings, beside the objective and its data
+SMALL_RUN = dict(lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0}, data={"max_seq_len": 96},
+                 train={"epochs": 2, "batch_size": 4, "lr": 2e-2, "save_steps": 3, "warmup_ratio": 0.0},
+                 eval={"steps": 0, "batch_size": 4}, seed=1)
+
+
 @pytest.fixture
 def dpo_config(tiny_model_dir, tmp_path):
     return run_configs(tmp_path, tiny_model_dir, pair_rows(16), pair_rows(6, seed=1),
-                       objective="dpo", dpo={"beta": 0.5}, lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-                       data={"max_seq_len": 96},
-                       train={"epochs": 2, "batch_size": 4, "lr": 2e-2, "save_steps": 3, "warmup_ratio": 0.0},
-                       eval={"steps": 0, "batch_size": 4}, seed=1)
+                       objective="dpo", dpo={"beta": 0.5}, **SMALL_RUN)
 
 
 # -- rows ------------------------------------------------------------------------------------------
@@ -512,10 +515,7 @@ def test_kto_rows_give_judged_answers_each_with_another_rows_answer(tokenizer, t
 @pytest.fixture
 def kto_config(tiny_model_dir, tmp_path):
     return run_configs(tmp_path, tiny_model_dir, judged_rows(8), judged_rows(3, seed=1),
-                       objective="kto", kto={"beta": 0.5}, lora={"r": 4, "lora_alpha": 8, "lora_dropout": 0.0},
-                       data={"max_seq_len": 96},
-                       train={"epochs": 2, "batch_size": 4, "lr": 2e-2, "save_steps": 3, "warmup_ratio": 0.0},
-                       eval={"steps": 0, "batch_size": 4}, seed=1)
+                       objective="kto", kto={"beta": 0.5}, **SMALL_RUN)
 
 
 @pytest.mark.parametrize("padding_free", [True, False])

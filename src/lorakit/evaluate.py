@@ -114,8 +114,8 @@ def evaluate_file(model_name: str, data: str, *, adapters: Sequence[str] = (), g
 
     def build(rows: Sequence[Row], tokenizer: Any, opts: DataOptions) -> list[Any]:  # preference rows: pairs
         first = rows[0].data
-        kind = build_pairs if is_preference_row(first) else build_kto_items if is_unpaired_row(first) else None
-        return (kind or build_examples)(rows, tokenizer, opts)
+        kind = build_pairs if is_preference_row(first) else build_kto_items if is_unpaired_row(first) else build_examples
+        return kind(rows, tokenizer, opts)
 
     opts = DataOptions(max_seq_len=max_seq_len, system_prompt=system_prompt)
     examples = load_examples(data, tokenizer, opts, build=build)[:max_examples or None]

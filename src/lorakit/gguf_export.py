@@ -127,12 +127,11 @@ def _encode(tensor: torch.Tensor, kind: str) -> tuple[np.ndarray, Any]:
     return quants.quantize(array, qtype), qtype
 
 
-def _tokenizer_fields(tokenizer: Any, n_vocab: int) -> dict[str, Any]:
-    """The GGUF tokenizer metadata of a byte-level BPE ``tokenizer`` (transformers fast tokenizer)."""
+def _tokenizer_fields(tokenizer: Any, spec: dict[str, Any], n_vocab: int) -> dict[str, Any]:
+    """The GGUF tokenizer metadata of a byte-level BPE ``tokenizer`` (transformers fast tokenizer;
+    ``spec``: its ``_spec``)."""
     from gguf import TokenType
 
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    spec = json.loads(backend.to_str()) if backend is not None else {}
     model = spec.get("model") or {}
     byte_level = "ByteLevel" in json.dumps(spec.get("pre_tokenizer")) or "ByteLevel" in json.dumps(spec.get("decoder"))
     if model.get("type") != "BPE" or not byte_level:
@@ -185,13 +184,18 @@ def _splits(pre_tokenizer: dict | None) -> tuple[str, ...]:
     return tuple(steps)
 
 
-def detect_pre_tokenizer(tokenizer: Any) -> str | None:
-    """llama.cpp's ``tokenizer.ggml.pre`` name for a Hugging Face fast tokenizer, from how its
-    pre-tokenizer splits text (``PRE_TOKENIZERS``); None when it splits in a way not listed there."""
+def _spec(tokenizer: Any) -> dict[str, Any]:
+    """A transformers fast tokenizer's ``tokenizer.json`` as a dict ({} for a slow one)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    return PRE_TOKENIZERS.get(_splits(json.loads(backend.to_str()).get("pre_tokenizer")))
+    return json.loads(backend.to_str()) if backend is not None else {}
+
+
+def detect_pre_tokenizer(tokenizer: Any, spec: dict[str, Any] | None = None) -> str | None:
+    """llama.cpp's ``tokenizer.ggml.pre`` name for a Hugging Face fast tokenizer (``spec``: its
+    ``_spec``, when already read), from how its pre-tokenizer splits text (``PRE_TOKENIZERS``); None
+    when it splits in a way not listed there, or is not a fast tokenizer."""
+    spec = _spec(tokenizer) if spec is None else spec
+    return PRE_TOKENIZERS.get(_splits(spec.get("pre_tokenizer"))) if spec else None
 
 
 def _rope_parameters(config: Any) -> dict[str, Any]:
@@ -322,7 +326,8 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, dtype: str
         raise GgufExportError(f"GGUF --dtype must be one of {', '.join(TYPES)}; got {dtype!r}")
     config = model.config
     arch = _architecture(config)
-    tokenizer_pre = tokenizer_pre or detect_pre_tokenizer(tokenizer)
+    spec = _spec(tokenizer)
+    tokenizer_pre = tokenizer_pre or detect_pre_tokenizer(tokenizer, spec)
     if not tokenizer_pre:
         raise GgufExportError(f"GGUF export needs llama.cpp's name for this tokenizer's pre-tokenizer, which splits "
                               f"text in a way lorakit does not know (it knows {', '.join(PRE_TOKENIZERS.values())}): "
@@ -330,7 +335,7 @@ def write_gguf(model: nn.Module, tokenizer: Any, path: str | Path, *, dtype: str
     n_heads, n_kv = _heads(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
     n_vocab = model.get_input_embeddings().weight.shape[0]
-    fields = _tokenizer_fields(tokenizer, n_vocab)
+    fields = _tokenizer_fields(tokenizer, spec, n_vocab)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], config.num_hidden_layers)
 

@@ -53,7 +53,6 @@ from lorakit.loss import sequence_logprobs
 from lorakit.models import evaluating
 
 LOSS_TYPES = ("sigmoid", "ipo")
-OBJECTIVES = ("dpo", "orpo", "simpo", "kto")
 PREFERENCE_KEYS = ("chosen", "rejected")
 KTO_KEYS = ("completion", "label")  # with "prompt": TRL's unpaired preference rows
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -341,7 +340,7 @@ class KtoTotals(Totals):
 
     def add(self, losses: torch.Tensor, rewards: torch.Tensor, policy: torch.Tensor,
             pairs: Sequence[PreferencePair], weight: float = 1.0) -> None:
-        good = torch.tensor([bool(getattr(p, "desirable", True)) for p in pairs])
+        good = desirable(pairs)
         r, p = rewards.double().cpu(), policy.detach().double().cpu()
         for side, mask in (("chosen", good), ("rejected", ~good)):
             self.sums[f"rewards/{side}"] += float(r[mask, 0].sum()) * weight
@@ -361,6 +360,11 @@ class KtoTotals(Totals):
         if "rewards/chosen" in out and "rewards/rejected" in out:
             out["rewards/margins"] = out["rewards/chosen"] - out["rewards/rejected"]
         return {prefix + k: v for k, v in out.items()}
+
+
+def desirable(items: Sequence[PreferencePair]) -> torch.Tensor:
+    """(N,) bool: each ``KtoItem``'s judgement."""
+    return torch.tensor([bool(getattr(it, "desirable", True)) for it in items])
 
 
 def totals_for(objective: str) -> Totals:
@@ -433,12 +437,12 @@ def evaluate_pairs(model: nn.Module, pairs: Sequence[PreferencePair],
 
 def _evaluate_judged(policy: torch.Tensor, base: torch.Tensor, items: Sequence[PreferencePair],
                      beta: float) -> dict[str, float]:
-    desirable = torch.tensor([bool(getattr(it, "desirable", True)) for it in items])
-    losses, rewards = kto_loss(policy, base, desirable, beta)
+    labels = desirable(items)
+    losses, rewards = kto_loss(policy, base, labels, beta)
     totals = KtoTotals()
     totals.add(losses, rewards, policy, items)
     metrics = totals.means()
-    metrics["accuracy"] = float(((rewards[:, 0] > 0) == desirable).double().mean())
+    metrics["accuracy"] = float(((rewards[:, 0] > 0) == labels).double().mean())
     metrics["answers"] = len(items)
     return metrics
 

@@ -73,6 +73,7 @@ from lorakit.preference import (
     PreferencePair,
     Totals,
     answer_lengths,
+    desirable,
     dpo_loss,
     kto_logprobs,
     kto_loss,
@@ -394,8 +395,7 @@ class Trainer:
         reference = self.reference[split][[p.index for p in pairs]].to(policy.device)
         if self.config.objective == "kto":
             k = self.config.kto
-            desirable = torch.tensor([p.desirable for p in pairs])  # type: ignore[attr-defined]
-            return kto_loss(policy, reference, desirable, k.beta, k.desirable_weight, k.undesirable_weight, kl)
+            return kto_loss(policy, reference, desirable(pairs), k.beta, k.desirable_weight, k.undesirable_weight, kl)
         d = self.config.dpo
         return dpo_loss(policy, reference, d.beta, d.loss_type, d.label_smoothing, lengths, d.rpo_alpha)
 
@@ -467,7 +467,7 @@ class Trainer:
         """Log the desirable and undesirable answers' counts, and TRL's advice when λ_D·n_D / (λ_U·n_U)
         is outside [1, 4/3]."""
         k = self.config.kto
-        n_good = sum(item.desirable for item in self.train_examples)  # type: ignore[attr-defined]
+        n_good = int(desirable(self.train_examples).sum())
         n_bad = len(self.train_examples) - n_good
         ratio = k.desirable_weight * n_good / (k.undesirable_weight * n_bad) if n_bad else float("inf")
         advice = "" if 1 <= ratio <= 4 / 3 else (

@@ -142,6 +142,9 @@ class RouterSection:
     adapters: dict[str, str] = field(default_factory=dict)
 
 
+# What a run learns from: answers (sft), preference pairs (dpo, orpo, simpo) or judged answers (kto)
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")
+
 # The LoRA fields a run may change when it continues an adapter (model.adapter): the rest shape the adapter.
 ADAPTER_OVERRIDES = ("lora_dropout",)
 
@@ -208,8 +211,9 @@ class RunConfig:
         if self.method == "router" and len(self.router.adapters) < 2:
             raise ConfigError("method: router needs router.adapters: a mapping of at least two adapter names to "
                               "their directories")
-        if self.objective not in ("sft", "dpo", "orpo", "simpo", "kto"):
-            raise ConfigError(f"objective must be 'sft', 'dpo', 'orpo', 'simpo' or 'kto', got {self.objective!r}")
+        if self.objective not in OBJECTIVES:
+            names = ", ".join(f"'{o}'" for o in OBJECTIVES[:-1])
+            raise ConfigError(f"objective must be {names} or '{OBJECTIVES[-1]}', got {self.objective!r}")
         if self.objective != "sft":
             self._validate_preference()
         if not self.data.train:
