@@ -21,6 +21,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lorakit.experts import ParamLora
 from lorakit.inject import adapter_configs
 from lorakit.layers import lora_layers
 from lorakit.rows import RowPlan
@@ -38,6 +39,10 @@ def adapter_batch(model: nn.Module, adapter_ids: Sequence[str | None]) -> Iterat
     if unknown:
         raise ValueError(f"no adapter named {unknown[0]!r}; this model has {sorted(known) or 'none'}")
     layers = [m for _, m in lora_layers(model)]
+    experts = sorted({a for m in layers if isinstance(m, ParamLora) for a in m.adapter_names if a in rows})
+    if experts:
+        raise ValueError(f"adapter {experts[0]!r} adapts parameters (target_parameters), which a batch with an "
+                         f"adapter per row cannot mix; run it on its own (set_adapter) or merge it")
     if any(layer.merged_adapters for layer in layers):
         raise ValueError("adapter_batch needs unmerged adapters; call unmerge(model) first")
     saved = [m for _, m in saved_modules(model)]

@@ -39,7 +39,6 @@ DEFAULT_TARGETS: dict[str, list[str]] = {
 UNSUPPORTED_WHEN_SET: dict[str, Any] = {
     "lora_bias": False,
     "layer_replication": None,
-    "target_parameters": None,
     "trainable_token_indices": None,
     "use_qalora": False,
 }
@@ -58,6 +57,13 @@ class LoraConfig:
             name; ``"all-linear"`` wraps every ``nn.Linear``/``Conv1D`` except the output head.
             ``None`` takes the usual default for the model type (e.g. ``q_proj, v_proj`` for Llama).
         exclude_modules: names (same matching rules) never wrapped.
+        target_parameters: parameters to adapt that no linear module holds, chiefly a transformers MoE
+            layer's fused expert weights (``["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]``):
+            an entry matches a parameter whose full name (``model.layers.0.mlp.experts.down_proj``)
+            equals it or ends with ``"." + entry``. Each expert gets its own rank-r pair (see
+            ``lorakit.experts``). As in PEFT: no dropout, DoRA or PiSSA-like init there, and
+            ``layers_to_transform`` / ``exclude_modules`` do not apply to them. With
+            ``target_modules`` unset the model type's default modules are wrapped too; ``[]`` wraps none.
         bias: ``"none"``, ``"all"`` (every bias trains) or ``"lora_only"`` (biases of wrapped layers).
         modules_to_save: modules (e.g. a classifier head) trained in full and saved with the adapter.
         fan_in_fan_out: the base stores its weight as in × out (GPT-2 ``Conv1D``); set automatically
@@ -85,6 +91,7 @@ class LoraConfig:
     lora_dropout: float = 0.0
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] | str | None = None
+    target_parameters: list[str] | None = None
     bias: Literal["none", "all", "lora_only"] = "none"
     modules_to_save: list[str] | None = None
     fan_in_fan_out: bool = False
@@ -102,6 +109,8 @@ class LoraConfig:
     def __post_init__(self) -> None:
         if isinstance(self.target_modules, (set, tuple)):
             self.target_modules = sorted(self.target_modules)
+        if isinstance(self.target_parameters, (set, tuple)):
+            self.target_parameters = sorted(self.target_parameters)
         if isinstance(self.exclude_modules, (set, tuple)):
             self.exclude_modules = sorted(self.exclude_modules)
         if isinstance(self.modules_to_save, (set, tuple)):
@@ -139,11 +148,29 @@ class LoraConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"LoraConfig rank/alpha pattern {pattern!r} is not a valid regex: {err}") from None
+        self._validate_parameters()
         if isinstance(self.target_modules, str) and self.target_modules != "all-linear":
             try:
                 re.compile(self.target_modules)
             except re.error as err:
                 raise ValueError(f"LoraConfig.target_modules regex {self.target_modules!r} is invalid: {err}") from None
+
+    def _validate_parameters(self) -> None:
+        """``target_parameters``: a list of names, and none of the features PEFT refuses there."""
+        spec = self.target_parameters
+        if spec is None:
+            return
+        if not isinstance(spec, list) or not all(isinstance(t, str) and t for t in spec):
+            raise ValueError(f"LoraConfig.target_parameters must be a list of parameter names such as "
+                             f"['mlp.experts.gate_up_proj', 'mlp.experts.down_proj'], got {spec!r}")
+        if not spec:
+            return
+        why = ("lora_dropout must be 0" if self.lora_dropout else "use_dora must be false" if self.use_dora
+               else f"init_lora_weights={self.init_lora_weights!r} applies to linear layers only"
+               if inits.is_structured(self.init_lora_weights) else None)
+        if why:
+            raise ValueError(f"LoraConfig.target_parameters is set, so {why} (an expert weight's update "
+                             f"is added to the weight itself, as in PEFT); change it or drop target_parameters")
 
     # -- per-module values -------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from transformers.pytorch_utils import Conv1D
 
 from lorakit import inits
 from lorakit.config import DEFAULT_TARGETS, LoraConfig
+from lorakit.experts import LoraExperts, ParamLora, unwrap_empty
 from lorakit.layers import (
     SUPPORTED_TYPES,
     LoraLayer,
@@ -41,12 +42,13 @@ SEQ_CLS_HEADS = ("classifier", "score")
 
 
 def base_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` without the adapters' own sub-modules (lora_A, modules_to_save copies)."""
+    """``named_modules`` without the adapters' own sub-modules (lora_A, modules_to_save copies, the
+    ``lora_params`` of a module whose parameters carry adapters)."""
     skip: list[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(s) for s in skip):
             continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
+        if isinstance(module, (LoraLayer, ModulesToSave, LoraExperts)):
             skip.append(f"{name}." if name else "")
         yield name, module
 
@@ -120,8 +122,10 @@ def _kernel_read_projections(model: nn.Module) -> set[str]:
 def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """Full names of the modules ``config`` wraps in ``model``; raises when nothing matches."""
     spec = config.target_modules
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if config.target_parameters and (spec == [] or (spec is None and model_type not in DEFAULT_TARGETS)):
+        return []  # parameters only (PEFT's rule: an unset target_modules still takes the type's default)
     if spec is None:
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in DEFAULT_TARGETS:
             raise ValueError(
                 f"LoraConfig.target_modules is not set and there is no default for model type "
@@ -139,11 +143,13 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if skipped:
             warnings.warn(f"all-linear skips {len(skipped)} nn.Linear subclasses whose forward computes more than "
                           f"x Wᵀ + b: {', '.join(skipped[:3])}{', …' if len(skipped) > 3 else ''}", stacklevel=3)
-        experts = [f"{n}.{p}" for n, m in candidates for p, w in m.named_parameters(recurse=False) if w.ndim == 3]
-        if experts:  # transformers' fused MoE experts: (E, out, in) weights, no nn.Linear
-            warnings.warn(f"all-linear adapts linear layers only: {len(experts)} fused expert weights ({experts[0]}, …) "
-                          f"stay frozen (PEFT adapts them through target_parameters, which lorakit does not support)",
-                          stacklevel=3)
+        experts = [f"{n}.{p}" for n, m in candidates if not isinstance(m, SUPPORTED_TYPES)
+                   for p, w in m.named_parameters(recurse=False) if w.ndim == 3]
+        frozen = sorted({block_pattern(e).rsplit("*.", 1)[-1] for e in experts
+                         if not name_matches(e, config.target_parameters or [])})
+        if frozen:  # transformers' fused MoE experts: (E, out, in) weights, no nn.Linear
+            warnings.warn(f"all-linear adapts linear layers only: {len(experts)} fused expert weights stay frozen; "
+                          f"to adapt them too, set target_parameters: {frozen}", stacklevel=3)
     else:
         names = [n for n, _ in candidates if name_matches(n, spec)]
     if config.exclude_modules:
@@ -174,6 +180,42 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         if unmatched:
             warnings.warn(f"target_modules entries {unmatched} matched no module and were ignored", stacklevel=3)
     return names
+
+
+def resolve_parameters(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names (``module.param``) of the parameters ``config.target_parameters`` picks, each
+    held directly by a module that is not a linear layer; raises when an entry picks a linear
+    layer's weight or nothing matches at all (naming what can be picked)."""
+    spec = config.target_parameters or []
+    if not spec:
+        return []
+    found, candidates = [], []
+    for name, module in base_modules(model):
+        for pname, w in module._parameters.items():
+            full = f"{name}.{pname}" if name else pname
+            if w is None or not name_matches(full, spec):
+                if w is not None and w.ndim in (2, 3) and not isinstance(module, (*SUPPORTED_TYPES, ModulesToSave)):
+                    candidates.append(full)
+                continue
+            if isinstance(module, (*SUPPORTED_TYPES, LoraLayer, ModulesToSave)):
+                raise ValueError(f"target_parameters picks {full}, the weight of a {type(module).__name__}; "
+                                 f"put {name.rsplit('.', 1)[-1]!r} in target_modules instead")
+            if w.ndim not in (2, 3) or not w.is_floating_point():
+                raise ValueError(f"target_parameters picks {full}, a {w.ndim}-D {w.dtype} tensor; LoRA adapts "
+                                 f"2-D (out, in) and 3-D (experts, out, in) floating-point weights")
+            found.append(full)
+    if not found:
+        shown = sorted({block_pattern(c).rsplit("*.", 1)[-1] for c in candidates})
+        raise ValueError(f"target_parameters={spec!r} matched no parameter of {type(model).__name__}; "
+                         f"parameters it can take: {', '.join(shown[:12]) or 'none'}")
+    unmatched = [t for t in spec if not any(n == t or n.endswith(f".{t}") for n in found)]
+    if unmatched:
+        warnings.warn(f"target_parameters entries {unmatched} matched no parameter and were ignored", stacklevel=3)
+    if config.layers_to_transform is not None:
+        warnings.warn("layers_to_transform does not restrict target_parameters (as in PEFT): every layer's "
+                      "matching parameters are adapted; list full names (model.layers.0.mlp.experts.down_proj) "
+                      "to pick layers", stacklevel=3)
+    return found
 
 
 # -- adapters --------------------------------------------------------------------------------------
@@ -207,6 +249,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
                              f"compute; adapters saved that way load, new ones use {inits.ACCEPTED}")
         config = dataclasses.replace(config, init_lora_weights=True)
     targets = resolve_targets(model, config)
+    parameters = resolve_parameters(model, config)
     _check_targets(model, targets, config.use_dora, init, adapter_name)
     if not configs:
         for p in model.parameters():
@@ -224,6 +267,17 @@ def add_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "defau
         module.update_layer(adapter_name, rank, alpha, config.scaling(rank, alpha),
                             config.lora_dropout, config.init_lora_weights, config.use_dora)
         for p in module.adapter_parameters(adapter_name):
+            p.requires_grad_(trainable)
+    for full in parameters:
+        owner_name, _, param_name = full.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if not isinstance(owner, LoraExperts):
+            owner = LoraExperts.from_base(owner)
+            replace_module(model, owner_name, owner)
+        lora = owner.param_lora(param_name)
+        rank, alpha = config.rank_for(full), config.alpha_for(full)
+        lora.update_layer(adapter_name, rank, alpha, config.scaling(rank, alpha), 0.0, config.init_lora_weights)
+        for p in lora.adapter_parameters(adapter_name):
             p.requires_grad_(trainable)
     for name, module in list(base_modules(model)):
         if name and config.modules_to_save and name_matches(name, config.modules_to_save):
@@ -304,8 +358,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in getattr(module, "merged_adapters", ()):
             raise ValueError(f"adapter {name!r} is merged into {module_name}; unmerge(model) before deleting it")
         module.remove_adapter(name)
-        if not module.adapter_names:
+        if not module.adapter_names and not isinstance(module, ParamLora):
             replace_module(model, module_name, module.to_base())
+    unwrap_empty(model, replace_module)
     del adapter_configs(model)[name]
 
 

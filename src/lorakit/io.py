@@ -2,7 +2,8 @@
 
 Keys are PEFT's: ``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight`` (adapter name
 stripped), ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings, ``lora_magnitude_vector`` for
-DoRA's magnitudes, ``<module>.base_layer.bias`` for
+DoRA's magnitudes, ``<module>[.base_layer…].lora_A.weight`` for ``target_parameters`` (one
+``.base_layer`` per later targeted parameter of the module: ``lorakit.experts``), ``<module>.base_layer.bias`` for
 trained biases of wrapped layers, and ``<module>.<param>`` for ``modules_to_save`` copies. So an
 adapter saved here loads with ``peft.PeftModel.from_pretrained`` (and vLLM), and PEFT's load here.
 Only safetensors are read: pickle files can run code and are refused.
@@ -27,6 +28,7 @@ from torch import nn
 from lorakit import inits
 from lorakit.config import LoraConfig
 from lorakit.errors import LorakitError
+from lorakit.experts import LoraExperts
 from lorakit.inject import (
     adapter_configs,
     add_adapter,
@@ -74,6 +76,8 @@ def adapter_state_dict(
                 keys[b_key] = module.lora_B[adapter_name].weight
                 if module.is_dora(adapter_name):
                     keys[f"{path}.lora_magnitude_vector"] = module.lora_magnitude_vector[adapter_name]
+        if isinstance(module, LoraExperts):
+            keys.update(module.adapter_keys(path, adapter_name))
         if isinstance(module, ModulesToSave):
             if adapter_name in module.modules_to_save:
                 for pname, p in module.modules_to_save[adapter_name].named_parameters():
@@ -169,6 +173,8 @@ def saved_targets(model: nn.Module, adapter_name: str = "default") -> list[str] 
     regular expression matching the wrapped modules' full names and nothing else."""
     config = adapter_configs(model)[adapter_name]
     wrapped = sorted(n for n, m in base_modules(model) if isinstance(m, LoraLayer) and adapter_name in m.r)
+    if not wrapped:
+        return []  # target_parameters only ([], not None: PEFT would take the model type's default)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
     try:
         if sorted(resolve_targets(model, dataclasses.replace(config, target_modules=leaves))) == wrapped:

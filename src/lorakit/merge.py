@@ -15,6 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from lorakit.experts import ParamLora, experts_modules
 from lorakit.inject import active_adapters, adapter_configs, replace_module
 from lorakit.layers import LoraLayer, lora_layers
 from lorakit.quant import is_quantized, unload_quantized
@@ -70,6 +71,8 @@ def _refuse_tied(model: nn.Module, layers: list[tuple[str, LoraLayer]], names: S
     for module_name, layer in layers:
         if not any(n in layer.r and n not in layer.merged_adapters for n in names):
             continue
+        if isinstance(layer, ParamLora):  # its weight is its owner's
+            module_name = module_name.rsplit(".lora_params.", 1)[0]
         others = [o.rsplit(".", 1)[0] for o in owners[id(layer.base_weight)] if o.rsplit(".", 1)[0] != module_name]
         if others:
             raise ValueError(
@@ -99,7 +102,10 @@ def merge_and_unload(model: nn.Module, *, safe_merge: bool = False, adapter_name
         replace_module(model, module_name, plain)
     merge(model, names, safe_merge=safe_merge)
     for module_name, layer in lora_layers(model):
-        replace_module(model, module_name, layer.to_base())
+        if not isinstance(layer, ParamLora):  # (those go with their module, below)
+            replace_module(model, module_name, layer.to_base())
+    for module_name, module in experts_modules(model):
+        replace_module(model, module_name, module.to_base())
     for module_name, module in list(model.named_modules()):
         if is_quantized(module):  # the rest of a QLoRA base: plain float weights for export
             replace_module(model, module_name, unload_quantized(module, []))

@@ -55,6 +55,10 @@ class AdapterPool:
                 f"{path}: init_lora_weights={config.init_lora_weights!r} and not converted, so it is only right on "
                 f"the residual base its initialisation left, not on the base served to everyone; convert it: "
                 f"load_adapter(model, path) on the original base, then save_adapter(model, new_path)")
+        if config.target_parameters:
+            raise AdapterPoolError(
+                f"{path} adapts parameters (target_parameters: {config.target_parameters[0]}, …), which the "
+                f"server's batches, one adapter per row, cannot mix; merge it (lorakit merge) and serve the result")
         probe = "__lorakit_check__"
         load_adapter(self.model, path, adapter_name=probe, activate=False)
         delete_adapter(self.model, probe)

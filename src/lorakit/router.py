@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from lorakit.errors import LorakitError
+from lorakit.experts import ParamLora
 from lorakit.io import load_adapter
 from lorakit.layers import _adapter_dtype, lora_layers
 
@@ -42,6 +43,10 @@ def add_router(model: nn.Module, adapters: list[str]) -> list[str]:
     layers = [(n, layer) for n, layer in lora_layers(model) if any(a in layer.r for a in adapters)]
     if not layers:
         raise RouterError(f"no LoRA layer holds any of {adapters}; load the adapters first")
+    experts = [n for n, layer in layers if isinstance(layer, ParamLora)]
+    if experts:
+        raise RouterError(f"{experts[0].replace('.lora_params.', '.')} carries an adapter through target_parameters; "
+                          f"the router gates adapters on layers only (route adapters without target_parameters)")
     dora = sorted({a for _, layer in layers for a in adapters if layer.is_dora(a)})
     if dora:
         raise RouterError(f"adapter {dora[0]!r} is a DoRA adapter; the router mixes LoRA adapters only "
