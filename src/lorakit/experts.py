@@ -11,10 +11,18 @@ one-expert case, (out, in). An adapter on such a parameter gives every expert e 
 stored in PEFT's layout so that the files are PEFT's: ``lora_A.weight`` (E·r, in) holds A_e in
 rows e·r … e·r + r − 1, ``lora_B.weight`` (out, r·E) holds B_e's column j at column j·E + e.
 
-The experts module keeps running its own forward (whichever transformers implementation it
-dispatches to: a loop over experts, batched or grouped matmuls); while an adapter is active, the
-targeted parameters read as W' for that forward, so autograd carries the gradient through W' to
-A and B. PEFT computes the same thing the same way, so the two train alike.
+Two ways to run it, equal up to rounding (tested in float64):
+
+- Per routed token (``TOKENWISE``, for the experts modules transformers builds with
+  ``use_experts_implementation``: Mixtral, Qwen2/3-MoE, OLMoE, gpt-oss, …): the module's tokens
+  sorted by expert, each expert's rows go through ``x W_eᵀ + s · (x A_eᵀ) B_eᵀ``, then the module's
+  own gate (``_apply_gate``), biases, down projection and routing weights, summed over the top-k
+  as transformers' batched implementation sums them. The adapter costs r·(in + out) per routed
+  token and no weight-sized tensor; backward keeps activations only.
+- Through the module's own forward (any other owner, such as a router's 2-D weight, or with
+  ``TOKENWISE = False``): the targeted parameters read as W' = W + s·B A for that forward, so
+  autograd carries the gradient through W' to A and B. This is how PEFT computes it; it
+  materialises E·out·in values per parameter per forward (kept for backward).
 
 Design: the module owning the parameters becomes a ``LoraExperts`` (a subclass of its own class,
 made on the fly, as a LoRA layer is its base layer) holding one ``ParamLora`` per targeted
@@ -34,6 +42,10 @@ import torch
 from torch import nn
 
 from lorakit.layers import LoraLayer, adopt, find_modules
+
+# Run the experts' adapters per routed token where the module allows it (see the module docstring);
+# False always runs the module's own forward on W + s·B A (the reference path, PEFT's way).
+TOKENWISE = True
 
 
 class ParamLora(LoraLayer, nn.Module):
@@ -151,22 +163,83 @@ class LoraExperts:
         return keys
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        swaps = {}
+        live = []
         for param_name, lora in self.lora_params.items():
             if "row_adapters" in lora.__dict__:
                 raise ValueError(f"a batch with an adapter per row cannot run adapters on {param_name} "
                                  f"(target_parameters); run one adapter at a time")
-            adapted = lora.adapted_weight()
-            if adapted is not None:
-                swaps[param_name] = adapted
-        if not swaps:
+            if lora.live_names():
+                live.append(param_name)
+        if not live:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
+        if self._routable(live, args, kwargs):
+            return self._routed_forward(*args)
+        swaps = {p: self.lora_params[p].adapted_weight() for p in live}
         originals = {k: self._parameters[k] for k in swaps}
         self._parameters.update(swaps)  # the forward reads W' (a tensor, not a Parameter) under W's name
         try:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         finally:
             self._parameters.update(originals)
+
+
+    # -- per routed token --------------------------------------------------------------------------
+
+    def _routable(self, live: list[str], args: tuple, kwargs: dict) -> bool:
+        """Whether ``_routed_forward`` computes this module's forward: one of transformers' experts
+        modules (it declares its layout: ``has_gate``, ``is_transposed``, ``has_bias``…), called as
+        ``(hidden (T, H), top-k expert ids (T, K), top-k weights (T, K))``, with adapters only on
+        its up (gate-up) and down projections, and not split across devices (expert parallelism)."""
+        if not TOKENWISE or kwargs or len(args) != 3 or getattr(self, "_is_expert_parallel", True):
+            return False
+        if not all(hasattr(self, a) for a in ("has_gate", "has_bias", "is_transposed", "has_post_expert_norm")):
+            return False
+        up = "gate_up_proj" if self.has_gate else "up_proj"
+        hidden, index, weights = args
+        return (set(live) <= {up, "down_proj"} and hidden.dim() == 2 and index.dim() == 2
+                and weights.shape == index.shape and index.shape[0] == hidden.shape[0])
+
+    def _routed_forward(self, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Σ_k w_tk · down_e(gate(up_e(x_t))) over token t's top-k experts e = index[t, k], with each
+        projection ``x W_eᵀ + b_e + Σ_a s_a (x A_aeᵀ) B_aeᵀ``; (T, H) → (T, H)."""
+        tokens, top_k = index.shape
+        flat = index.reshape(-1)
+        order = torch.argsort(flat, stable=True)  # the (token, k) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()  # type: ignore[attr-defined]
+        x = hidden[order // top_k]
+        h = self._expert_products("gate_up_proj" if self.has_gate else "up_proj", x, counts)  # type: ignore[attr-defined]
+        h = self._apply_gate(h) if self.has_gate else self.act_fn(h)  # type: ignore[attr-defined]
+        y = self._expert_products("down_proj", h, counts)
+        if self.has_post_expert_norm:  # type: ignore[attr-defined]
+            y = self.post_expert_norm(y)  # type: ignore[attr-defined]
+        y = y * weights.reshape(-1)[order].unsqueeze(-1)
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)
+        return y[back].view(tokens, top_k, -1).sum(dim=1).to(hidden.dtype)
+
+    def _expert_products(self, name: str, x: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows of ``x`` (sorted by expert, ``counts[e]`` rows for expert e) through parameter
+        ``name`` of their expert, its bias and its live adapters."""
+        weight = self._parameters[name]
+        bias = self._parameters.get(f"{name}_bias") if self.has_bias else None  # type: ignore[attr-defined]
+        lora = self.lora_params._modules.get(name)
+        terms = [(*lora.factors(a), lora.scaling[a]) for a in lora.live_names()] if lora is not None else []
+        outs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            rows = x[start:start + n]
+            start += n
+            out = rows @ weight[e] if self.is_transposed else rows @ weight[e].T  # type: ignore[attr-defined]
+            if bias is not None:
+                out = out + bias[e]
+            for a, b, s in terms:
+                out = out + (s * ((rows.to(a.dtype) @ a[e].T) @ b[e].T)).to(out.dtype)
+            outs.append(out)
+        if not outs:
+            size = weight.shape[2] if self.is_transposed else weight.shape[1]  # type: ignore[attr-defined]
+            return x.new_zeros(0, size)
+        return torch.cat(outs)
 
 
 _EXPERTS_CLASSES: dict[type[nn.Module], type[LoraExperts]] = {}
