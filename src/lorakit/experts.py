@@ -115,6 +115,12 @@ class ParamLora(LoraLayer, nn.Module):
         if not names:
             return None
         weight = self.base_weight
+        if weight.ndim == 3:  # W + s·B_e A_e per expert in one batched product each (no separate delta)
+            for name in names:
+                a, b = (t.to(weight.dtype) for t in self.factors(name))
+                lhs, rhs = (a.transpose(1, 2), b.transpose(1, 2)) if self.transposed else (b, a)
+                weight = torch.baddbmm(weight, lhs, rhs, alpha=self.scaling[name])
+            return weight
         delta = self.delta_weight(names[0])
         for name in names[1:]:
             delta = delta + self.delta_weight(name)
