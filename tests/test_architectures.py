@@ -199,8 +199,8 @@ def test_models_with_attention_features_padding_free_lacks_say_why():
 @pytest.mark.parametrize("name", list(ARCHITECTURES))
 def test_all_linear_wraps_what_peft_wraps_and_the_adapter_loads_in_peft(name, tmp_path):
     """``all-linear`` picks PEFT's modules on every family (fused qkv / gate-up projections, Conv1D
-    included; on MoE models PEFT also adapts the fused expert weights, which lorakit warns it does
-    not), and PEFT loads the saved adapter to the same logits."""
+    included; on MoE models PEFT also adapts the fused expert weights, which lorakit leaves to
+    ``target_parameters`` and names in a warning), and PEFT loads the saved adapter to the same logits."""
     import contextlib
     import copy
 
@@ -222,7 +222,8 @@ def test_all_linear_wraps_what_peft_wraps_and_the_adapter_loads_in_peft(name, tm
     theirs = get_peft_model(copy.deepcopy(base), PeftLoraConfig(r=4, target_modules=spec))
     trained = sorted(n for n, p in ours.named_parameters() if p.requires_grad)
     peft_trained = sorted(n.removeprefix("base_model.model.") for n, p in theirs.named_parameters() if p.requires_grad)
-    if name in MOE:  # PEFT also adapts the fused 3-D expert weights (target_parameters): lorakit warns it does not
+    if name in MOE:  # PEFT's all-linear also adapts the fused 3-D expert weights; lorakit's names them in a warning
+        # (target_parameters then adapts them: tests/test_experts.py)
         peft_trained = [n for n in peft_trained if ".experts." not in n and ".mlp.gate." not in n and "router" not in n]
         trained = [n for n in trained if ".mlp.gate." not in n and ".router." not in n]
     assert trained == peft_trained
