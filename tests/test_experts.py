@@ -258,9 +258,13 @@ def test_errors_name_the_problem_and_the_fix():
         _adapted(base, target_parameters=["q_proj.weight"])
     with pytest.warns(UserWarning, match=r"matched no parameter and were ignored"):
         _adapted(base, target_parameters=[*EXPERTS, "experts.up_proj"])
-    with pytest.warns(UserWarning, match=r"stay frozen; .*set target_parameters: \['mlp.experts.down_proj', "
-                                         r"'mlp.experts.gate_up_proj'\]"):
+    with pytest.warns(UserWarning, match=r"4 fused expert weights stay frozen; .*set target_parameters: "
+                                         r"\['mlp.experts.down_proj', 'mlp.experts.gate_up_proj'\]"):
         get_lora_model(copy.deepcopy(base), LoraConfig(target_modules="all-linear"))
+    with pytest.warns(UserWarning, match=r"all-linear adapts linear layers only: 2 fused expert weights stay "
+                                         r"frozen; .*set target_parameters: \['mlp.experts.gate_up_proj'\]"):
+        get_lora_model(copy.deepcopy(base), LoraConfig(target_modules="all-linear",
+                                                       target_parameters=["experts.down_proj"]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # both taken: nothing to warn about
         get_lora_model(copy.deepcopy(base), LoraConfig(target_modules="all-linear", target_parameters=EXPERTS))
@@ -274,6 +278,20 @@ def test_mixed_adapter_batches_and_the_server_refuse_them(tmp_path):
     model = _adapted(base)
     with pytest.raises(ValueError, match="target_parameters.*cannot mix"), adapter_batch(model, ["default", None]):
         pass
+    # an adapter on linear layers beside it mixes as usual: the experts' adapter stays out of those rows
+    add_adapter(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False), "x")
+    ids = _ids()
+    with torch.no_grad():
+        set_adapter(model, "x")
+        alone = model(ids).logits
+        plain = base(ids).logits
+        set_adapter(model, ["default", "x"])
+        with adapter_batch(model, ["x", None]):
+            mixed = model(ids).logits
+    torch.testing.assert_close(mixed[0], alone[0], rtol=0, atol=1e-12)
+    torch.testing.assert_close(mixed[1], plain[1], rtol=0, atol=1e-12)
+    assert (alone[0] - plain[0]).abs().max() > 1e-3
+    delete_adapter(model, "x")
     save_adapter(model, tmp_path)
     with pytest.raises(AdapterPoolError, match="target_parameters.*lorakit merge"):
         AdapterPool(copy.deepcopy(base)).register("moe", tmp_path)

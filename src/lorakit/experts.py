@@ -104,8 +104,10 @@ class ParamLora(LoraLayer, nn.Module):
         return delta.transpose(1, 2) if self.transposed else delta
 
     def live_names(self) -> list[str]:
-        """The adapters that add to this parameter in a forward now (active, not merged, not disabled)."""
-        if self.adapters_disabled:
+        """The adapters that add to this parameter in a forward now (active, not merged, not disabled);
+        none in a batch with an adapter per row (``adapter_batch``, which refuses rows that name one of
+        this parameter's adapters, so the rows' adapters are all elsewhere)."""
+        if self.adapters_disabled or "row_adapters" in self.__dict__:
             return []
         return [n for n in self.active_adapters if n in self.r and n not in self.merged_adapters]
 
@@ -169,13 +171,7 @@ class LoraExperts:
         return keys
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        live = []
-        for param_name, lora in self.lora_params.items():
-            if "row_adapters" in lora.__dict__:
-                raise ValueError(f"a batch with an adapter per row cannot run adapters on {param_name} "
-                                 f"(target_parameters); run one adapter at a time")
-            if lora.live_names():
-                live.append(param_name)
+        live = [param_name for param_name, lora in self.lora_params.items() if lora.live_names()]
         if not live:
             return super().forward(*args, **kwargs)  # type: ignore[misc]
         if self._routable(live, args, kwargs):

@@ -85,6 +85,12 @@ def block_pattern(name: str) -> str:
     return re.sub(r"\.\d+(?=\.|$)", ".*", name)
 
 
+def block_suffix(name: str) -> str:
+    """The part of a name after its block index: ``model.layers.3.mlp.experts.down_proj`` →
+    ``mlp.experts.down_proj`` (the name itself where there is no index)."""
+    return block_pattern(name).rsplit("*.", 1)[-1]
+
+
 def group_module_names(model: nn.Module) -> list[tuple[str, str, int]]:
     """(name pattern with block indices as ``*``, type name, count), in model order."""
     groups: dict[tuple[str, str], int] = {}
@@ -145,11 +151,11 @@ def resolve_targets(model: nn.Module, config: LoraConfig) -> list[str]:
                           f"x Wᵀ + b: {', '.join(skipped[:3])}{', …' if len(skipped) > 3 else ''}", stacklevel=3)
         experts = [f"{n}.{p}" for n, m in candidates if not isinstance(m, SUPPORTED_TYPES)
                    for p, w in m.named_parameters(recurse=False) if w.ndim == 3]
-        frozen = sorted({block_pattern(e).rsplit("*.", 1)[-1] for e in experts
-                         if not name_matches(e, config.target_parameters or [])})
+        frozen = [e for e in experts if not name_matches(e, config.target_parameters or [])]
         if frozen:  # transformers' fused MoE experts: (E, out, in) weights, no nn.Linear
-            warnings.warn(f"all-linear adapts linear layers only: {len(experts)} fused expert weights stay frozen; "
-                          f"to adapt them too, set target_parameters: {frozen}", stacklevel=3)
+            warnings.warn(f"all-linear adapts linear layers only: {len(frozen)} fused expert weights stay frozen; "
+                          f"to adapt them too, set target_parameters: {sorted({block_suffix(e) for e in frozen})}",
+                          stacklevel=3)
     else:
         names = [n for n, _ in candidates if name_matches(n, spec)]
     if config.exclude_modules:
@@ -205,10 +211,10 @@ def resolve_parameters(model: nn.Module, config: LoraConfig) -> list[str]:
                                  f"2-D (out, in) and 3-D (experts, out, in) floating-point weights")
             found.append(full)
     if not found:
-        shown = sorted({block_pattern(c).rsplit("*.", 1)[-1] for c in candidates})
+        shown = sorted({block_suffix(c) for c in candidates})
         raise ValueError(f"target_parameters={spec!r} matched no parameter of {type(model).__name__}; "
                          f"parameters it can take: {', '.join(shown[:12]) or 'none'}")
-    unmatched = [t for t in spec if not any(n == t or n.endswith(f".{t}") for n in found)]
+    unmatched = [t for t in spec if not any(name_matches(n, [t]) for n in found)]
     if unmatched:
         warnings.warn(f"target_parameters entries {unmatched} matched no parameter and were ignored", stacklevel=3)
     if config.layers_to_transform is not None:
