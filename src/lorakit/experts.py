@@ -41,7 +41,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lorakit.layers import LoraLayer, adopt, find_modules
+from lorakit.layers import LoraLayer, adopt, find_modules, release
 
 # Run the experts' adapters per routed token where the module allows it (see the module docstring);
 # False always runs the module's own forward on W + s·B A (the reference path, PEFT's way).
@@ -73,11 +73,7 @@ class ParamLora(LoraLayer, nn.Module):
                 weight.shape[2], weight.shape[1])
         else:
             self.num_experts, (self.out_features, self.in_features) = 1, weight.shape
-        self.lora_dropout = nn.ModuleDict()
-        self.r, self.lora_alpha, self.scaling = {}, {}, {}
-        self.active_adapters, self.merged_adapters = [], []
-        self.adapters_disabled = False
-        self._init_adapter_containers()
+        self._init_lora_state()
 
     @property
     def base_weight(self) -> torch.Tensor:
@@ -146,11 +142,7 @@ class LoraExperts:
 
     def to_base(self) -> nn.Module:
         """A plain object of the original class with this one's parameters (adapters dropped)."""
-        plain = self.base_class.__new__(self.base_class)
-        state = dict(self.__dict__)
-        state["_modules"] = type(state["_modules"])((k, v) for k, v in state["_modules"].items() if k != "lora_params")
-        plain.__dict__.update(state)
-        return plain
+        return release(self, self.base_class, ("lora_params",))  # type: ignore[arg-type]
 
     def param_lora(self, param_name: str) -> ParamLora:
         """The ``ParamLora`` of ``param_name``, made on first use."""

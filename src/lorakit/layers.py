@@ -58,6 +58,16 @@ def adopt(cls: type, base: nn.Module) -> Any:
     return obj
 
 
+def release(obj: nn.Module, cls: type[nn.Module], modules: tuple[str, ...], attrs: tuple[str, ...] = ()) -> nn.Module:
+    """``adopt``'s inverse: a plain ``cls`` object owning ``obj``'s parameters, buffers and hooks, without
+    the sub-modules named in ``modules`` and the attributes in ``attrs`` (what a wrapper added)."""
+    plain = cls.__new__(cls)
+    state = {k: v for k, v in obj.__dict__.items() if k not in attrs}
+    state["_modules"] = type(state["_modules"])((k, v) for k, v in state["_modules"].items() if k not in modules)
+    plain.__dict__.update(state)
+    return plain
+
+
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Adapters train in fp32 on a low-precision or quantized base, in the base dtype otherwise."""
     return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -85,12 +95,16 @@ class LoraLayer:
         """A LoRA layer that owns ``base``'s parameters, buffers and hooks (no copies)."""
         layer = adopt(cls, base)
         keep_4bit_layout(layer)
-        nn.Module.__setattr__(layer, "lora_dropout", nn.ModuleDict())
-        layer.r, layer.lora_alpha, layer.scaling = {}, {}, {}
-        layer.active_adapters, layer.merged_adapters = [], []
-        layer.adapters_disabled = False
-        layer._init_adapter_containers()
+        layer._init_lora_state()
         return layer
+
+    def _init_lora_state(self) -> None:
+        """No adapters yet: empty dropout and factor containers, rank/alpha/scale tables and lists."""
+        nn.Module.__setattr__(self, "lora_dropout", nn.ModuleDict())
+        self.r, self.lora_alpha, self.scaling = {}, {}, {}
+        self.active_adapters, self.merged_adapters = [], []
+        self.adapters_disabled = False
+        self._init_adapter_containers()
 
     def _init_adapter_containers(self) -> None:
         self.lora_A = nn.ModuleDict()
@@ -98,13 +112,7 @@ class LoraLayer:
 
     def to_base(self) -> nn.Module:
         """A plain ``base_class`` object with this layer's base parameters (adapters dropped)."""
-        plain = self.base_class.__new__(self.base_class)
-        state = {k: v for k, v in self.__dict__.items() if k not in _LORA_ATTRS}
-        state["_modules"] = type(state["_modules"])(
-            (k, v) for k, v in state["_modules"].items() if k not in _LORA_MODULES
-        )
-        plain.__dict__.update(state)
-        return plain
+        return release(self, self.base_class, _LORA_MODULES, _LORA_ATTRS)  # type: ignore[arg-type]
 
     def update_layer(
         self, name: str, r: int, alpha: float, scaling: float, dropout: float, init: bool | str,

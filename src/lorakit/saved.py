@@ -13,7 +13,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from lorakit.layers import adopt, find_modules
+from lorakit.layers import adopt, find_modules, release
 
 
 class ModulesToSave:
@@ -46,13 +46,8 @@ class ModulesToSave:
         """The plain original module, or adapter ``adapter``'s trained copy."""
         if adapter is not None:
             return self.modules_to_save[adapter]
-        plain = self.base_class.__new__(self.base_class)
-        state = {k: v for k, v in self.__dict__.items() if k not in ("active_adapters", "adapters_disabled")}
-        state["_modules"] = type(state["_modules"])(
-            (k, v) for k, v in state["_modules"].items() if k != "modules_to_save"
-        )
-        plain.__dict__.update(state)
-        return plain
+        return release(self, self.base_class, ("modules_to_save",),  # type: ignore[arg-type]
+                       ("active_adapters", "adapters_disabled"))
 
     def remove_adapter(self, name: str) -> None:
         if name in self.modules_to_save:
